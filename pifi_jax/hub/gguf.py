@@ -1,0 +1,201 @@
+"""Reading llama.cpp GGUF checkpoints (architecture `llama`) as if they were Hugging Face ones.
+
+A GGUF file holds the config (as `llama.*` metadata), the tokenizer (`tokenizer.ggml.*`) and the
+tensors, often quantized. `GGUFCheckpoint` offers the same `keys()` / `get(key)` interface as
+files.CheckpointReader under Hugging Face tensor names, so hub/convert.py loads it unchanged:
+  - names: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`, etc. (_NAMES);
+  - values: dequantized to float32 by the `gguf` package (gguf.quants.dequantize), one tensor at a
+    time, when asked for (memory-mapped: the rest of the file is never read);
+  - layout: llama.cpp permutes the rows of q and k for its adjacent-pairs RoPE; `get` undoes it,
+    giving the rotate-half layout of transformers (and layers/rotary.py).
+The values are what the file holds: a Q4 file gives dequantized 4-bit weights, not the originals.
+
+The tokenizer is not read here; transformers builds it offline from the same file:
+`AutoTokenizer.from_pretrained(directory, gguf_file=filename)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pifi_jax import assets
+
+# llama.cpp tensor name -> Hugging Face name ({} = layer index).
+_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+# `llama.<key>` metadata -> Hugging Face config field.
+_CONFIG_KEYS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.key_length": "head_dim",
+    "rope.freq_base": "rope_theta",
+    "vocab_size": "vocab_size",
+}
+# `llama.<key>` metadata checked against the config rather than copied.
+_CHECKED_KEYS = (
+    "rope.dimension_count",
+    "attention.value_length",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+)
+_TOKEN_IDS = {"bos_token_id": "bos", "eos_token_id": "eos", "pad_token_id": "padding"}
+
+
+def find_gguf(path_or_hub_id: str | os.PathLike) -> Path | None:
+    """The GGUF file a name points at: a `.gguf` file, an `asset:` resolving to one, or a directory
+    with exactly one `.gguf` and no config.json. None for anything else (a HF checkpoint)."""
+    name = str(path_or_hub_id)
+    path = assets.locate(name) if name.startswith(assets.PREFIX) else Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) > 1:
+            raise ValueError(
+                f"{path} holds several GGUF files; pass one: {[f.name for f in files]}"
+            )
+        if files:
+            return files[0]
+    return None
+
+
+def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row order: per head, [pairs, 2] rows -> [2, pairs] (rotate-half)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+class GGUFCheckpoint:
+    """Hugging Face-named, dequantized view of a GGUF file (same interface as CheckpointReader).
+
+    Attributes:
+      hf_config: the Hugging Face config dict built from the metadata.
+      opened_files: {file name}; a GGUF checkpoint is one memory-mapped file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            import gguf
+        except ImportError as err:
+            raise ImportError(
+                "reading GGUF files needs the `gguf` package (pip install gguf)"
+            ) from err
+        self._gguf = gguf
+        self.path = Path(path)
+        self.directory = self.path  # named in error messages, as a reader's directory is
+        stat = self.path.stat()
+        self._reader = _open_reader(str(self.path.resolve()), stat.st_mtime_ns, stat.st_size)
+        self.opened_files = {self.path.name}
+        self._tensors = {}
+        unknown = []
+        for tensor in self._reader.tensors:
+            hf_name = _hf_name(tensor.name)
+            if hf_name is None:
+                unknown.append(tensor.name)
+            else:
+                self._tensors[hf_name] = tensor
+        if unknown:
+            raise ValueError(f"GGUF tensors not supported (llama architecture only): {unknown[:8]}")
+        self.hf_config = self._config()
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def get(self, key: str) -> np.ndarray:
+        """One tensor, dequantized to float32, in Hugging Face's shape and row order."""
+        tensor = self._tensors[key]
+        array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        array = np.asarray(array, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        if key.endswith("self_attn.q_proj.weight"):
+            array = unpermute_rows(array, self.hf_config["num_attention_heads"])
+        elif key.endswith("self_attn.k_proj.weight"):
+            array = unpermute_rows(array, self.hf_config["num_key_value_heads"])
+        return array
+
+    def _field(self, key: str) -> Any:
+        field = self._reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    def _config(self) -> dict[str, Any]:
+        arch = self._field("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+        prefix = "llama."
+        meta = {
+            k[len(prefix) :]: self._field(k) for k in self._reader.fields if k.startswith(prefix)
+        }
+        unknown = sorted(set(meta) - set(_CONFIG_KEYS) - set(_CHECKED_KEYS))
+        if unknown:
+            raise ValueError(f"GGUF metadata not supported: {[prefix + k for k in unknown]}")
+        config: dict[str, Any] = {"model_type": "llama", "hidden_act": "silu"}
+        config.update({_CONFIG_KEYS[k]: v for k, v in meta.items() if k in _CONFIG_KEYS})
+        config.setdefault("num_key_value_heads", config["num_attention_heads"])
+        config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+        if "vocab_size" not in config:
+            config["vocab_size"] = int(self._tensors["model.embed_tokens.weight"].shape[1])
+        for key in ("rope.dimension_count", "attention.value_length"):
+            if meta.get(key, config["head_dim"]) != config["head_dim"]:
+                raise ValueError(
+                    f"GGUF llama.{key}={meta[key]} differs from head_dim {config['head_dim']} "
+                    "(partial rotary / different value width are not supported)"
+                )
+        scaling = meta.get("rope.scaling.type", "none")
+        if scaling == "linear":
+            config["rope_scaling"] = {"rope_type": "linear", "factor": meta["rope.scaling.factor"]}
+        elif scaling != "none":
+            raise ValueError(f"GGUF rope scaling {scaling!r} is not supported (none, linear)")
+        config["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        for field, name in _TOKEN_IDS.items():
+            value = self._field(f"tokenizer.ggml.{name}_token_id")
+            if value is not None:
+                config[field] = int(value)
+        return config
+
+
+@functools.lru_cache(maxsize=4)
+def _open_reader(path: str, mtime_ns: int, size: int):
+    """GGUFReader parses every metadata field on open (the tokenizer's ~100k strings: seconds even
+    for a small model), so the last few files stay open, memory-mapped read-only; a changed file
+    (mtime, size) is opened anew. load_layer after from_pretrained reuses the parse."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    block = _BLOCK.fullmatch(gguf_name)
+    if block is None:
+        return _NAMES.get(gguf_name)
+    pattern = _NAMES.get(f"blk.{{}}.{block.group(2)}")
+    return None if pattern is None else pattern.format(block.group(1))

@@ -1,0 +1,164 @@
+"""`from_pretrained` and `save_pretrained`: Hugging Face checkpoints in, Hugging Face checkpoints out."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from pifi_jax import parallel
+from pifi_jax.hub import convert, gguf
+from pifi_jax.hub.files import CheckpointReader, read_config, resolve_checkpoint
+from pifi_jax.models import registry
+
+TASKS = ("classification", "encoder", "causal_lm", "decoder")
+# Tasks whose module is the bare base model, saved without the base-model prefix.
+_BARE_TASKS = ("encoder", "decoder")
+
+
+def abstract_params(module: nn.Module, length: int = 8) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {path: ShapeDtypeStruct} of a module's parameters, without allocating them."""
+    ids = jnp.zeros((1, length), jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, deterministic=True))
+    return _flatten(shapes["params"])
+
+
+def _flatten(tree) -> dict[str, Any]:
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def base_model_prefix(family, config) -> str:
+    """Where task checkpoints nest the base model (HF's `base_model_prefix`): the model_type unless
+    the family module names it in `BASE_MODEL_PREFIX` (both DeBERTa types use `deberta`)."""
+    return getattr(family, "BASE_MODEL_PREFIX", config.model_type)
+
+
+def in_out_kernels(family) -> tuple[str, ...]:
+    """HF keys of the family's linear weights stored [in, out], kept untransposed (GPT-2's Conv1D)."""
+    return tuple(getattr(family, "IN_OUT_KERNELS", ()))
+
+
+def hf_key(family, path: str) -> tuple[str, bool]:
+    """The HF tensor name of one of our parameter paths, and whether to transpose it."""
+    literal = getattr(family, "LITERAL_NAMES", ())
+    return convert.path_to_hf_key(path, in_out_kernels(family), literal)
+
+
+def open_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None):
+    """(tensor reader, Hugging Face config dict) for a checkpoint directory, hub id, `asset:` name,
+    or llama.cpp GGUF file (or a directory holding one GGUF file and no config.json)."""
+    gguf_file = gguf.find_gguf(path_or_hub_id)
+    if gguf_file is not None:
+        reader = gguf.GGUFCheckpoint(gguf_file)
+        return reader, reader.hf_config
+    directory = resolve_checkpoint(path_or_hub_id, revision)
+    hf_config = read_config(directory)
+    return CheckpointReader(directory), hf_config
+
+
+def from_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    task: str = "classification",
+    num_labels: int = 2,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    logical_axis_rules=parallel.DEFAULT_RULES,
+    seed: int = 0,
+    revision: str | None = None,
+    peft=None,
+    log=print,
+) -> tuple[nn.Module, dict]:
+    """Builds the model for `task` and loads its weights from a Hugging Face checkpoint.
+
+    Args:
+      path_or_hub_id: a local checkpoint directory (config.json + safetensors / index / .bin), a
+        hub id (needs the network), an `asset:` name, or a llama.cpp GGUF file (dequantized).
+      task: "classification" (logits [batch, num_labels]; num_labels == 1 is regression),
+        "encoder" (last hidden state), "causal_lm" (decoders: float32 logits [batch, length,
+        vocab]) or "decoder" (a decoder's bare stack: last hidden state).
+      dtype: computation dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of the weights.
+      mesh: when given, each tensor is placed straight into its sharding as it is read.
+      seed: initialises a head the checkpoint lacks (and PEFT leaves).
+      peft: a pifi_jax.peft config (LoraConfig, IA3Config, ...): the model is built with its
+        leaves, initialised as the method prescribes (a PeftModel).
+    Returns:
+      (module, params): `module.apply({"params": params}, input_ids=..., attention_mask=...,
+      token_type_ids=...)`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not supported; choose one of {TASKS}")
+    if task == "classification" and num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1 (1 = regression), got {num_labels}")
+    reader, hf_config = open_checkpoint(path_or_hub_id, revision)
+    config = registry.config_from_hf(hf_config)
+    family = registry.family_for(config.model_type)
+    module = family.build(config, task, num_labels, dtype, param_dtype)
+    abstract = abstract_params(module)
+    shardings = None
+    if mesh is not None:
+        shardings = parallel.param_shardings(abstract, family.PARAM_AXES, mesh, logical_axis_rules)
+    flat = convert.load_params(
+        reader,
+        abstract,
+        prefix=base_model_prefix(family, config),
+        ignored=family.IGNORED_SOURCE_KEYS,
+        optional=family.OPTIONAL_SOURCE_KEYS,
+        new=family.NEW_HEAD_PATHS,
+        shardings=shardings,
+        rng=jax.random.PRNGKey(seed),
+        in_out_kernels=in_out_kernels(family),
+        log=log,
+    )
+    params = _unflatten(flat)
+    if peft is not None:
+        from pifi_jax.peft import wrap
+
+        return wrap(module, params, peft, seed=seed)
+    return module, params
+
+
+def save_pretrained(module: nn.Module, params: dict, directory: str | os.PathLike) -> Path:
+    """Writes config.json + model.safetensors that transformers loads into the matching class.
+
+    A classification model becomes `<Family>ForSequenceClassification`, an encoder `<Family>Model`.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = module.config
+    family = registry.family_for(config.model_type)
+    hf_config = dict(config.to_hf_config())
+    hf_config["architectures"] = [family.hf_architecture(config, module.task)]
+    if module.task == "classification":
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(module.num_labels)}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(module.num_labels)}
+        if module.num_labels == 1:
+            hf_config["problem_type"] = "regression"
+    tensors = {}
+    strip = base_model_prefix(family, config) + "." if module.task in _BARE_TASKS else None
+    for path, value in _flatten(params).items():
+        key, transpose = hf_key(family, path)
+        if strip and key.startswith(strip):
+            key = key[len(strip) :]
+        array = np.asarray(jax.device_get(value))
+        if array.dtype == jnp.bfloat16:
+            array = array.astype(np.float32)  # safetensors' numpy writer has no bfloat16
+        tensors[key] = np.ascontiguousarray(array.T if transpose else array)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with open(directory / "config.json", "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    return directory

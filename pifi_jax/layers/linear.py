@@ -1,0 +1,167 @@
+"""The projection every architecture uses: `y = x @ kernel + bias`, kernel stored [in, out].
+
+Hugging Face stores `nn.Linear.weight` as [out, in]; conversion transposes it. Every projection of
+every architecture is this one module, so parameter-efficient methods that act on projections
+(LoRA, DoRA, IA3) are implemented once, here. When a model runs inside `adapter_scope(plan)` (which
+`pifi_jax.peft` does for a model built with a PEFT config), each Linear looks its own path up in the
+plan and, if targeted, creates and applies its extra leaves:
+
+    lora_a [in, r], lora_b [r, out]      y += scaling * dropout(x) @ lora_a @ lora_b
+    lora_magnitude [out]                 DoRA: y = m * (W + s A B) x / ||W + s A B||_col + b
+    ia3_l [out] (or [in] for FFN-out)    y *= l   (or x *= l before the projection)
+
+A Linear that is not targeted has no extra leaves and does no extra work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAdapter:
+    """What a targeted Linear adds. lora_r == 0: no LoRA; ia3 None: no IA3."""
+
+    lora_r: int = 0
+    lora_scaling: float = 1.0
+    lora_dropout: float = 0.0
+    lora_init: str = "kaiming"  # A's init; "gaussian": N(0, 1/r); "random": B random too
+    dora: bool = False
+    ia3: str | None = None  # "output" (scale y) or "input" (scale x: feed-forward modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterPlan:
+    """Module path ("/"-joined, as in the parameter tree) -> LinearAdapter. Hashable."""
+
+    adapters: tuple[tuple[str, LinearAdapter], ...] = ()
+
+    def get(self, path: str) -> LinearAdapter | None:
+        return dict(self.adapters).get(path)
+
+
+_SCOPE: contextvars.ContextVar[tuple[AdapterPlan, bool] | None] = contextvars.ContextVar(
+    "pifi_jax_adapter_scope", default=None
+)
+
+
+@contextlib.contextmanager
+def adapter_scope(plan: AdapterPlan, deterministic: bool):
+    """Linear modules called inside this context attach the plan's adapters."""
+    token = _SCOPE.set((plan, deterministic))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def _kaiming_uniform_a(key, shape, dtype):
+    # PyTorch's default nn.Linear init with a=sqrt(5), which HF PEFT uses for lora_A:
+    # bound = 1 / sqrt(fan_in); our lora_a is [in, r], fan_in = in.
+    bound = 1.0 / (shape[0] ** 0.5)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Linear(nn.Module):
+    """A dense projection over the last axis.
+
+    Attributes:
+      features: output size.
+      use_bias: whether a bias leaf exists.
+      dtype: computation dtype (inputs and kernel are cast to it).
+      param_dtype: storage dtype of new parameters.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
+        )
+        scope = _SCOPE.get()
+        adapter = scope[0].get("/".join(self.path)) if scope else None
+        if adapter is None:
+            return self._project(x, kernel)
+        deterministic = scope[1]
+        if adapter.ia3 == "input":
+            scale = self.param("ia3_l", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+            x = x * scale.astype(self.dtype)
+        if adapter.lora_r and adapter.dora:
+            y = self._dora(x, kernel, adapter, deterministic)
+        else:
+            y = self._project(x, kernel)
+            if adapter.lora_r:
+                y = y + self._lora(x, adapter, deterministic)
+        if adapter.ia3 == "output":
+            scale = self.param("ia3_l", nn.initializers.ones, (self.features,), self.param_dtype)
+            y = y * scale.astype(self.dtype)
+        return y
+
+    def _project(self, x, kernel, add_bias: bool = True):
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + self._bias() if add_bias else y
+
+    def _lora_factors(self, in_features: int, adapter: LinearAdapter):
+        r = adapter.lora_r
+        if adapter.lora_init == "gaussian":
+            a_init = nn.initializers.normal(stddev=1.0 / r)
+        else:
+            a_init = _kaiming_uniform_a
+        lora_a = self.param("lora_a", a_init, (in_features, r), self.param_dtype)
+        b_init = _kaiming_uniform_a if adapter.lora_init == "random" else nn.initializers.zeros
+        lora_b = self.param("lora_b", b_init, (r, self.features), self.param_dtype)
+        return lora_a, lora_b
+
+    def _dropout(self, x, adapter: LinearAdapter, deterministic: bool):
+        if adapter.lora_dropout > 0.0 and not deterministic:
+            return nn.Dropout(adapter.lora_dropout)(x, deterministic=False)
+        return x
+
+    def _lora_delta(self, x, lora_a, lora_b, adapter: LinearAdapter):
+        h = jnp.einsum("...i,ir->...r", x.astype(self.dtype), lora_a.astype(self.dtype))  # [..., r]
+        return adapter.lora_scaling * jnp.einsum("...r,ro->...o", h, lora_b.astype(self.dtype))
+
+    def _lora(self, x, adapter: LinearAdapter, deterministic: bool):
+        lora_a, lora_b = self._lora_factors(x.shape[-1], adapter)
+        return self._lora_delta(self._dropout(x, adapter, deterministic), lora_a, lora_b, adapter)
+
+    def _dora(self, x, kernel, adapter: LinearAdapter, deterministic: bool):
+        lora_a, lora_b = self._lora_factors(x.shape[-1], adapter)
+        # m starts as the column norms of W ([in, out] layout: the norm runs over axis 0).
+        magnitude = self.param(
+            "lora_magnitude",
+            lambda *_: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(self.param_dtype),
+        )
+        delta = adapter.lora_scaling * (lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
+        # The norm is a constant in the backward pass (DoRA paper, section 4.3), as in HF PEFT.
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(kernel.astype(jnp.float32) + delta, axis=0))
+        ratio = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)  # [out]
+        base = self._project(x, kernel, add_bias=False)
+        y = base + self._bias()
+        dropped = self._dropout(x, adapter, deterministic)
+        if dropped is not x:
+            base = self._project(dropped, kernel, add_bias=False)
+        # Written as HF PEFT does, so that training with dropout matches too:
+        # y = W x + b + (ratio - 1) W dropout(x) + ratio * s B A dropout(x).
+        return y + (ratio - 1) * base + ratio * self._lora_delta(dropped, lora_a, lora_b, adapter)
+
+    def _bias(self):
+        if not self.use_bias:
+            return 0.0
+        return self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
+            self.dtype
+        )

@@ -1,0 +1,55 @@
+"""Parameter-efficient fine-tuning as leaves of the parameter tree.
+
+    cfg = pifi_jax.peft.LoraConfig(r=8, lora_alpha=16, target_modules=("query", "value"))
+    module, params = pifi_jax.from_pretrained("asset:minilm", num_labels=2, peft=cfg)
+    print(pifi_jax.peft.summary(module, params))               # trainable vs total
+    ... train with pifi_jax.peft.trainable_rules(module, params) ...
+    pifi_jax.peft.save_adapter(module, params, "adapter/")       # loads in Hugging Face PEFT
+    base_module, merged, undo = pifi_jax.peft.merge(module, params)
+
+Methods: full fine-tuning, top-k layers, BitFit, LoRA (rsLoRA, dropout, bias), DoRA, IA3.
+"""
+
+from pifi_jax.peft.config import (
+    METHODS,
+    BitFitConfig,
+    DoraConfig,
+    FullConfig,
+    IA3Config,
+    LoraConfig,
+    TopKConfig,
+)
+from pifi_jax.peft.core import (
+    PeftModel,
+    adapter_params,
+    make_plan,
+    merge,
+    summary,
+    trainable_mask,
+    trainable_rules,
+    unmerge,
+    wrap,
+)
+from pifi_jax.peft.files import load_adapter, read_adapter_config, save_adapter
+
+__all__ = [
+    "METHODS",
+    "BitFitConfig",
+    "DoraConfig",
+    "FullConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PeftModel",
+    "TopKConfig",
+    "adapter_params",
+    "load_adapter",
+    "make_plan",
+    "merge",
+    "read_adapter_config",
+    "save_adapter",
+    "summary",
+    "trainable_mask",
+    "trainable_rules",
+    "unmerge",
+    "wrap",
+]

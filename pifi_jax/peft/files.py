@@ -1,0 +1,172 @@
+"""Adapter files: the trainable leaves alone, natively or in Hugging Face PEFT's format.
+
+native ("pifi_adapter.json" + "adapter.safetensors"): our paths as keys, any method (LoRA, DoRA,
+  IA3, BitFit, top-k, ...); the JSON records the method config and the base model type.
+peft (adapter_config.json + adapter_model.safetensors): what `peft.PeftModel.from_pretrained`
+  reads. Keys are `base_model.model.<HF module name>.<leaf>` with PEFT's layouts:
+    lora_a [in, r]  <-> lora_A.weight [r, in]        lora_b [r, out] <-> lora_B.weight [out, r]
+    lora_magnitude  <-> lora_magnitude_vector [out]
+    ia3_l [out]     <-> ia3_l [out, 1]               ia3_l [in] (feed-forward) <-> ia3_l [1, in]
+  modules_to_save (the head) are written under their HF names (`base_model.model.classifier.weight`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pifi_jax.hub.pretrained import hf_key
+from pifi_jax.models import registry
+from pifi_jax.peft import config as peft_config
+from pifi_jax.peft.core import PeftModel, _flat, _unflat, adapter_params
+from pifi_jax.peft.targets import hf_module_name
+
+NATIVE_CONFIG, NATIVE_WEIGHTS = "pifi_adapter.json", "adapter.safetensors"
+HF_CONFIG, HF_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_TASK_TYPES = {
+    "classification": "SEQ_CLS",
+    "encoder": "FEATURE_EXTRACTION",
+    "causal_lm": "CAUSAL_LM",
+}
+
+
+def _numpy(x) -> np.ndarray:
+    array = np.asarray(jax.device_get(x))
+    return array.astype(np.float32) if array.dtype == jnp.bfloat16 else array
+
+
+def _hf_key(module: PeftModel, path: str) -> tuple[str, bool]:
+    """PEFT key and whether to transpose, for one of our adapter or head leaves."""
+    owner, _, leaf = path.rpartition("/")
+    name = hf_module_name(owner)
+    if leaf == "lora_a":
+        return f"{_PREFIX}{name}.lora_A.weight", True
+    if leaf == "lora_b":
+        return f"{_PREFIX}{name}.lora_B.weight", True
+    if leaf == "lora_magnitude":
+        return f"{_PREFIX}{name}.lora_magnitude_vector", False
+    if leaf == "ia3_l":
+        return f"{_PREFIX}{name}.ia3_l", False
+    key, transpose = hf_key(registry.family_for(module.config.model_type), path)
+    return _PREFIX + key, transpose
+
+
+def _ia3_kind(module: PeftModel, path: str) -> str | None:
+    adapter = module.plan.get(path.rpartition("/")[0])
+    return adapter.ia3 if adapter else None
+
+
+def save_adapter(
+    module: PeftModel, params: dict, directory: str | os.PathLike, format: str = "peft"
+) -> Path:
+    """Writes the trainable leaves of `params` (adapters + modules_to_save) to `directory`."""
+    from safetensors.numpy import save_file
+
+    if format not in ("peft", "native"):
+        raise ValueError(f"format must be 'peft' or 'native', got {format!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = module.peft_config
+    leaves = _flat(adapter_params(module, params))
+    if format == "native":
+        save_file({p: _numpy(v) for p, v in leaves.items()}, str(directory / NATIVE_WEIGHTS))
+        meta = {
+            "method": config.method,
+            "config": dataclasses.asdict(config),
+            "model_type": module.config.model_type,
+        }
+        (directory / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
+        return directory
+    if config.method not in ("lora", "ia3"):
+        raise ValueError(
+            f"Hugging Face PEFT has no format for {config.method!r}; use format='native'"
+        )
+    tensors = {}
+    for path, value in leaves.items():
+        key, transpose = _hf_key(module, path)
+        array = _numpy(value)
+        if path.endswith("/ia3_l"):
+            array = array[:, None] if _ia3_kind(module, path) == "output" else array[None, :]
+        tensors[key] = np.ascontiguousarray(array.T if transpose else array)
+    save_file(tensors, str(directory / HF_WEIGHTS), metadata={"format": "pt"})
+    hf = peft_config.to_hf_dict(config, _TASK_TYPES.get(module.task))
+    # The exact module names chosen, so PEFT selects the same modules whatever its defaults.
+    hf["target_modules"] = sorted(hf_module_name(p) for p, _ in module.plan.adapters)
+    if config.method == "ia3":
+        hf["feedforward_modules"] = sorted(
+            hf_module_name(p) for p, a in module.plan.adapters if a.ia3 == "input"
+        )
+    if config.modules_to_save is None:
+        hf["modules_to_save"] = None  # PEFT adds the task head itself
+    (directory / HF_CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike):
+    """The method config stored in an adapter directory (either format)."""
+    directory = Path(directory)
+    if (directory / NATIVE_CONFIG).is_file():
+        meta = json.loads((directory / NATIVE_CONFIG).read_text())
+        cls = peft_config.METHODS[meta["method"]]
+        if meta["method"] == "lora":
+            cls = peft_config.LoraConfig
+        return cls(**meta["config"])
+    if (directory / HF_CONFIG).is_file():
+        return peft_config.from_hf_dict(json.loads((directory / HF_CONFIG).read_text()))
+    raise FileNotFoundError(f"{directory} has neither {NATIVE_CONFIG} nor {HF_CONFIG}")
+
+
+def load_adapter(module: PeftModel, params: dict, directory: str | os.PathLike) -> dict:
+    """`params` with its adapter (and head) leaves replaced by those saved in `directory`.
+
+    Strict: every stored tensor must land on a leaf of the same shape, and every trainable leaf of
+    the model must be in the file.
+    """
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    flat = _flat(params)
+    wanted = _flat(adapter_params(module, params))
+    if (directory / NATIVE_WEIGHTS).is_file():
+        stored = dict(load_file(str(directory / NATIVE_WEIGHTS)))
+        by_key = {p: (p, False) for p in wanted}
+    elif (directory / HF_WEIGHTS).is_file():
+        stored = dict(load_file(str(directory / HF_WEIGHTS)))
+        by_key = {}
+        for path in wanted:
+            key, transpose = _hf_key(module, path)
+            by_key[key] = (path, transpose)
+    else:
+        raise FileNotFoundError(f"no adapter weights in {directory}")
+    unknown = sorted(set(stored) - set(by_key))
+    if unknown:
+        raise ValueError(
+            f"adapter tensors in {directory} with no place in the model: {unknown[:8]}"
+        )
+    missing = sorted(by_key[k][0] for k in set(by_key) - set(stored))
+    if missing:
+        raise ValueError(
+            f"adapter in {directory} lacks {len(missing)} leaves of the model: {missing[:8]}"
+        )
+    for key, array in stored.items():
+        path, transpose = by_key[key]
+        if path.endswith("/ia3_l"):
+            array = array.reshape(-1)
+        if transpose:
+            array = array.T
+        target = flat[path]
+        if tuple(array.shape) != tuple(target.shape):
+            raise ValueError(
+                f"adapter tensor {key} has shape {array.shape}; {path} needs {target.shape}"
+            )
+        flat[path] = jax.device_put(
+            jnp.asarray(array, dtype=target.dtype), getattr(target, "sharding", None)
+        )
+    return _unflat(flat)

@@ -1,0 +1,109 @@
+"""Which modules a PEFT method attaches to, by Hugging Face PEFT's rules, so adapters interoperate.
+
+Module names are Hugging Face's dotted names (`bert.encoder.layer.0.attention.self.query`), derived
+mechanically from our parameter paths (`bert/encoder/layer_0/attention/self/query`).
+- target_modules as a string: regex full match on the name;
+- as a list: a name equal to an entry, or ending with "." + entry;
+- exclude_modules: the same rules, removing matches;
+- layers_to_transform: keep names whose layer index (after `layers_pattern`, default one of
+  layer/layers/h/block/blocks) is listed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_INDEX = re.compile(r"_(\d+)(?=/|$)")
+DEFAULT_LAYER_PATTERNS = ("layer", "layers", "h", "block", "blocks")
+
+# Defaults per Hugging Face model_type, as Hugging Face PEFT defines them. Where PEFT has none
+# (LoRA: albert; IA3: electra, albert) these are pifi_jax's choice, by analogy with BERT; an
+# export always names its targets explicitly, so PEFT loads it all the same.
+LORA_TARGETS = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "albert": ("query", "value"),
+    "deberta": ("in_proj",),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "falcon": ("query_key_value",),
+    "gpt2": ("c_attn",),
+    "t5": ("q", "v"),
+}
+IA3_TARGETS = {
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
+    "electra": (("key", "value", "output.dense"), ("output.dense",)),
+    "albert": (("key", "value", "ffn_output"), ("ffn_output",)),
+    "deberta": (("in_proj", "output.dense"), ("output.dense",)),
+    "deberta-v2": (("key_proj", "value_proj", "output.dense"), ("output.dense",)),
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+}
+# The task heads Hugging Face PEFT trains fully for sequence classification.
+HEAD_MODULES = ("classifier", "score")
+
+
+def hf_module_name(path: str) -> str:
+    """`bert/encoder/layer_0/attention/self/query` -> `bert.encoder.layer.0.attention.self.query`."""
+    return _INDEX.sub(r".\1", path).replace("/", ".")
+
+
+def name_matches(name: str, spec) -> bool:
+    """Hugging Face PEFT's module-name test for one spec (str regex or list of names/suffixes)."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(name: str, patterns: Iterable[str] | None) -> int | None:
+    for pattern in patterns or DEFAULT_LAYER_PATTERNS:
+        match = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def select_targets(
+    linear_paths: Iterable[str], config, model_type: str, defaults: dict
+) -> tuple[str, ...]:
+    """The paths (ours) of the Linear modules `config` targets; error if none."""
+    targets = config.target_modules
+    if targets is None:
+        if model_type not in defaults:
+            raise ValueError(
+                f"no default target_modules for model_type {model_type!r}; set target_modules"
+            )
+        targets = defaults[model_type]
+        if isinstance(targets[0], tuple):  # IA3 entries are (targets, feedforward)
+            targets = targets[0]
+    layers_pattern = config.layers_pattern
+    if isinstance(layers_pattern, str):
+        layers_pattern = (layers_pattern,)
+    chosen = []
+    for path in linear_paths:
+        name = hf_module_name(path)
+        if not name_matches(name, targets) or name_matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None:
+            if layer_index(name, layers_pattern) not in config.layers_to_transform:
+                continue
+        chosen.append(path)
+    if not chosen:
+        raise ValueError(
+            f"target_modules={targets!r} matched no module of this {model_type} model; module names "
+            f"look like {hf_module_name(next(iter(linear_paths), ''))!r}"
+        )
+    return tuple(chosen)

@@ -1,0 +1,137 @@
+"""Losses (jax.numpy, inside the train step) and evaluation metrics (numpy, on the host).
+
+Batches are padded to fixed shapes so the step compiles once; padding rows carry weight 0.
+Losses are weighted means, defined as 0 for a batch whose weights sum to 0 (an all-padding batch
+on one data shard must not turn the step's loss into NaN). Metrics use the weights only as a mask:
+rows with weight 0 are dropped, the others count equally.
+
+Undefined correlations (a constant prediction or label column, fewer than two rows) are reported
+as 0 rather than NaN, the convention scikit-learn uses for the Matthews correlation, so that model
+selection on these metrics never compares against NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+METRICS = ("accuracy", "f1_macro", "mcc", "pearson", "spearman")
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    total = jnp.sum(weights)
+    # Dividing by a guarded denominator (not jnp.where on the quotient) keeps gradients finite.
+    safe_total = jnp.where(total > 0, total, 1.0)
+    return jnp.where(total > 0, jnp.sum(values * weights) / safe_total, 0.0)
+
+
+def cross_entropy_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    label_smoothing: float = 0.0,
+    num_classes: int | None = None,
+) -> jax.Array:
+    """Weighted mean cross-entropy, with label smoothing as in PyTorch's ``CrossEntropyLoss``.
+
+    The target of a row with label ``y`` is ``(1 - eps) * onehot(y) + eps / num_classes``.
+    logits: [..., num_classes]; labels (int) and weights: [...]. Computed in float32.
+    """
+    num_classes = logits.shape[-1] if num_classes is None else num_classes
+    if logits.shape[-1] != num_classes:
+        raise ValueError(f"logits have {logits.shape[-1]} classes, expected {num_classes}.")
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [..., classes]
+    targets = (1.0 - label_smoothing) * jax.nn.one_hot(labels, num_classes) + (
+        label_smoothing / num_classes
+    )  # [..., classes]
+    per_row = -jnp.sum(targets * log_probs, axis=-1)  # [...]
+    return _weighted_mean(per_row, weights.astype(jnp.float32))
+
+
+def mse_loss(preds: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted mean squared error; ``preds`` may carry a regression head's trailing axis of 1."""
+    if preds.ndim == labels.ndim + 1 and preds.shape[-1] == 1:
+        preds = preds[..., 0]
+    if preds.shape != labels.shape:
+        # Refused rather than broadcast: [batch] - [batch, 1] would silently give [batch, batch].
+        raise ValueError(f"preds shape {preds.shape} does not match labels shape {labels.shape}.")
+    errors = (preds.astype(jnp.float32) - labels.astype(jnp.float32)) ** 2
+    return _weighted_mean(errors, weights.astype(jnp.float32))
+
+
+def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels))
+
+
+def _confusion(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[true class, predicted class] counts over the classes seen in either array."""
+    classes, codes = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+    n = len(labels)
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.float64)
+    np.add.at(matrix, (codes[:n], codes[n:]), 1.0)
+    return matrix
+
+
+def _f1_macro(predictions: np.ndarray, labels: np.ndarray) -> float:
+    matrix = _confusion(predictions, labels)
+    true_pos = np.diag(matrix)
+    # Every class here was seen as a label or a prediction, so 2tp + fp + fn > 0.
+    per_class = 2 * true_pos / (matrix.sum(axis=0) + matrix.sum(axis=1))
+    return float(np.mean(per_class))
+
+
+def _mcc(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Multiclass Matthews correlation (Gorodkin's R_K); 2 classes give the usual MCC."""
+    matrix = _confusion(predictions, labels)
+    true_count, pred_count = matrix.sum(axis=1), matrix.sum(axis=0)
+    total, correct = matrix.sum(), np.trace(matrix)
+    numerator = correct * total - pred_count @ true_count
+    denominator = np.sqrt(
+        (total**2 - pred_count @ pred_count) * (total**2 - true_count @ true_count)
+    )
+    return float(numerator / denominator) if denominator > 0 else 0.0
+
+
+def _correlation(fn, predictions: np.ndarray, labels: np.ndarray) -> float:
+    if len(labels) < 2 or np.ptp(predictions) == 0 or np.ptp(labels) == 0:
+        return 0.0
+    return float(fn(predictions.astype(np.float64), labels.astype(np.float64)).statistic)
+
+
+_METRIC_FNS = {
+    "accuracy": _accuracy,
+    "f1_macro": _f1_macro,
+    "mcc": _mcc,
+    "pearson": lambda p, y: _correlation(stats.pearsonr, p, y),
+    "spearman": lambda p, y: _correlation(stats.spearmanr, p, y),
+}
+
+
+def compute_metrics(
+    names: Sequence[str],
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> dict[str, float]:
+    """``{name: value}`` over the rows with nonzero weight.
+
+    predictions: class ids (classification) or floats (regression), same shape as labels.
+    """
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric(s) {unknown}; choose from {METRICS}.")
+    predictions, labels = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
+    if predictions.shape != labels.shape:
+        raise ValueError(
+            f"{predictions.size} predictions for {labels.size} labels; they must match."
+        )
+    if weights is not None:
+        keep = np.asarray(weights).ravel() != 0
+        predictions, labels = predictions[keep], labels[keep]
+    if labels.size == 0:
+        raise ValueError("No rows with nonzero weight to compute metrics on.")
+    return {name: _METRIC_FNS[name](predictions, labels) for name in names}

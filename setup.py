@@ -1,0 +1,50 @@
+"""pifi_jax: PiFi, PEFT, IST and PEFT transfer for language models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pifi_jax",
+    version="0.1.0",
+    description=(
+        "Plug frozen LLM layers into small encoders, parameter-efficient fine-tuning and sparse "
+        "tuning, in JAX/Flax."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pifi_jax", "pifi_jax.*"]),
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6",
+        "chex>=0.1.86",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "absl-py>=2.0",
+        "ml-collections>=0.1.1",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        # llama.cpp GGUF checkpoints (numpy only).
+        "gguf>=0.10",
+        "datasets>=2.19",
+        "pandas>=2.0",
+        "tqdm>=4.60",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # PyTorch reference models for parity tests and pytorch_model.bin checkpoints.
+        "torch": ["torch>=2.1"],
+        "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "torch>=2.1",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+        ],
+    },
+)

@@ -1,0 +1,136 @@
+"""Shared fixtures: a tiny random BERT checkpoint with its own tokenizer, and a tiny local task.
+
+Both are made on the spot (no download, no asset needed) and are small enough that a training
+step takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]
+FILLER = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "plot",
+    "was",
+    "is",
+    "very",
+    "quite",
+    "and",
+    "story",
+    "acting",
+]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_tiny_bert(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random BERT with a word-level WordPiece tokenizer over a tiny vocabulary."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + POSITIVE + NEGATIVE + FILLER)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def write_tiny_task(
+    directory: Path, sizes=(("train", 96), ("validation", 32), ("test", 32)), seed=0
+) -> dict:
+    """sst2-shaped csv files (text,label): the label is whether a positive word is present."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in sizes:
+        path = directory / f"{split}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            for _ in range(n):
+                label = rng.randint(0, 1)
+                words = rng.choices(FILLER, k=rng.randint(2, 9)) + [
+                    rng.choice(POSITIVE if label else NEGATIVE)
+                ]
+                rng.shuffle(words)
+                writer.writerow([" ".join(words), label])
+        files[split] = str(path)
+    return files
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_task_files(tmp_path_factory) -> dict:
+    return write_tiny_task(tmp_path_factory.mktemp("tiny_task"))
+
+
+def tiny_overrides(model_dir, files: dict) -> list[str]:
+    """Command-line overrides that point configs/classify.py:runlocal at the tiny model and task."""
+    out = [f"--config.model.path={model_dir}", "--config.task=sst2", "--config.data.source=local"]
+    out += [f"--config.data.data_files.{split}={path}" for split, path in files.items()]
+    return out
+
+
+def subprocess_env(devices: int = 1) -> dict:
+    """Environment for a child python: the repo importable and `devices` fake CPU devices."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def load_config(spec: str, overrides: list[str] = ()):
+    """`--config=spec` plus `--config.x.y=v` overrides, parsed exactly as the launcher does."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    argv = ["launch", f"--config={spec}", *overrides]
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config

@@ -1,0 +1,68 @@
+"""Tiny random transformers (PyTorch) models used as parity references. No download."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+)
+
+
+def tiny_encoder(model_type: str, task: str = "classification", num_labels: int = 3, seed: int = 0):
+    """A random transformers model of `model_type` ("bert", "roberta", "electra")."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg_cls = {
+        "bert": transformers.BertConfig,
+        "roberta": transformers.RobertaConfig,
+        "electra": transformers.ElectraConfig,
+    }[model_type]
+    extra = {"embedding_size": 16} if model_type == "electra" else {}
+    if model_type == "roberta":
+        extra.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    config = cfg_cls(**TINY, num_labels=num_labels, **extra)
+    prefix = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra"}[model_type]
+    suffix = "ForSequenceClassification" if task == "classification" else "Model"
+    model = getattr(transformers, prefix + suffix)(config)
+    # Non-trivial LayerNorm and bias values, so a mapping error cannot hide behind ones and zeros.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_batch(
+    model_type: str, batch: int = 3, length: int = 10, pair: bool = False, seed: int = 0
+):
+    """input_ids / attention_mask / token_type_ids with right padding of different lengths."""
+    rng = np.random.default_rng(seed)
+    pad = 1 if model_type == "roberta" else 0
+    ids = rng.integers(3, 99, size=(batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    types = np.zeros((batch, length), np.int32)
+    for b in range(batch):
+        real = length - 2 * b
+        mask[b, real:] = 0
+        ids[b, real:] = pad
+        if pair:
+            types[b, real // 2 : real] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def torch_logits(model, batch) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(**{k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()})
+    value = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return value.numpy()

@@ -1,0 +1,318 @@
+"""PEFT methods: the method x architecture matrix, identity at init, merge, and interoperability
+with Hugging Face PEFT (PyTorch) in both directions."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pifi_jax
+from pifi_jax import peft
+from pifi_jax.train import partition
+from pifi_jax.train.step import TrainState, make_train_step
+from tests import hf_reference as ref
+
+torch = pytest.importorskip("torch")
+hf_peft = pytest.importorskip("peft")
+
+ARCHS = ["bert", "roberta", "electra"]
+H, FFN, LAYERS, LABELS = ref.TINY["hidden_size"], ref.TINY["intermediate_size"], 2, 3
+HEAD = {  # parameters of the task head each family trains with every method
+    "bert": H * LABELS + LABELS,
+    "roberta": H * H + H + H * LABELS + LABELS,
+    "electra": H * H + H + H * LABELS + LABELS,
+}
+
+
+def _biases(model_type):
+    per_layer = 3 * H + H + H + FFN + H + H  # q,k,v, attn out, attn LN, intermediate, out, out LN
+    # embeddings LayerNorm (ELECTRA: over its 16-wide embeddings, then the projection to H)
+    emb = 16 + H if model_type == "electra" else H
+    pooler = H if model_type == "bert" else 0
+    return LAYERS * per_layer + emb + pooler
+
+
+METHODS = {
+    # name: (config, trainable parameter count excluding the head, leaves that must change)
+    "lora": (
+        peft.LoraConfig(r=4, lora_alpha=8),
+        lambda t: LAYERS * 2 * (H * 4 + 4 * H),
+        r"/lora_(a|b)$",
+    ),
+    "dora": (
+        peft.DoraConfig(r=4, lora_alpha=8),
+        lambda t: LAYERS * 2 * (H * 4 + 4 * H + H),
+        r"/lora_(a|b|magnitude)$",
+    ),
+    "rslora_bias": (
+        peft.LoraConfig(r=4, use_rslora=True, bias="all", lora_dropout=0.1),
+        lambda t: LAYERS * 2 * (H * 4 + 4 * H) + _biases(t),
+        r"/(lora_(a|b)|bias)$",
+    ),
+    "ia3": (peft.IA3Config(), lambda t: LAYERS * (H + H + H + FFN), r"/ia3_l$"),
+    "bitfit": (peft.BitFitConfig(), lambda t: _biases(t), r"/bias$"),
+    "topk": (
+        peft.TopKConfig(k=1),
+        lambda t: (4 * H * H + 2 * H * FFN) + (4 * H + FFN + H + 4 * H),
+        r"layer_1/",
+    ),
+}
+
+
+def _load(tmp_path, model_type, config):
+    model = ref.tiny_encoder(model_type, num_labels=LABELS)
+    model.save_pretrained(tmp_path / "base")
+    module, params = pifi_jax.from_pretrained(
+        tmp_path / "base", num_labels=LABELS, peft=config, log=lambda *_: None
+    )
+    return model, module, params
+
+
+def _logits(module, params, batch):
+    return np.asarray(module.apply({"params": params}, **batch))
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_matrix(tmp_path, model_type, method):
+    config, count, changing = METHODS[method]
+    model, module, params = _load(tmp_path, model_type, config)
+    batch = ref.random_batch(model_type, pair=True)
+    # Identity at initialisation: the PEFT model computes exactly the base model.
+    np.testing.assert_allclose(
+        _logits(module, params, batch), ref.torch_logits(model, batch), atol=1e-5
+    )
+
+    rules = peft.trainable_rules(module, params)
+    trainable, frozen = partition.split_params(params, rules)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    assert n_trainable == count(model_type) + HEAD[model_type]
+
+    optimizer = optax.adam(1e-2)
+    state = TrainState.create(trainable, frozen, optimizer)
+    step = jax.jit(make_train_step(module, optimizer, num_labels=LABELS))
+    train_batch = dict(batch, labels=jnp.array([0, 1, 2]), weights=jnp.ones(3))
+    for _ in range(3):
+        state, metrics = step(state, train_batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(metrics["loss"]))
+    before, after = partition.flatten(trainable), partition.flatten(state.params)
+    for path in before:
+        moved = not np.array_equal(np.asarray(before[path]), np.asarray(after[path]))
+        if re.search(changing, path) or path.startswith("classifier/"):
+            assert moved, f"{path} should train under {method}"
+    # Frozen leaves are not in the optimizer's hands at all.
+    assert set(partition.flatten(state.frozen)) == set(partition.flatten(frozen))
+    opt_leaves = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    assert opt_leaves == 2 * n_trainable  # adam: mu and nu for trainable leaves only
+
+
+def _randomize_adapters(module, params, seed=1):
+    """Non-trivial adapter values (B != 0, IA3 != 1, DoRA m != |W|) so tests cannot pass by identity."""
+    flat = partition.flatten(params)
+    rng = np.random.default_rng(seed)
+    for path, value in flat.items():
+        if path.rsplit("/", 1)[-1] in peft.core.ADAPTER_LEAVES:
+            flat[path] = jnp.asarray(
+                np.asarray(value) + 0.3 * rng.standard_normal(value.shape), value.dtype
+            )
+    return partition.unflatten(flat)
+
+
+INTEROP = {
+    "lora": peft.LoraConfig(r=4, lora_alpha=8),
+    "rslora": peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=("query", "key", "attention.output.dense"),
+    ),
+    "dora": peft.DoraConfig(r=4, lora_alpha=8),
+    "ia3": peft.IA3Config(),
+}
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("name", sorted(INTEROP))
+def test_export_loads_in_hf_peft_with_same_logits(tmp_path, model_type, name):
+    model, module, params = _load(tmp_path, model_type, INTEROP[name])
+    params = _randomize_adapters(module, params)
+    peft.save_adapter(module, params, tmp_path / "adapter", format="peft")
+    torch_model = hf_peft.PeftModel.from_pretrained(
+        ref.tiny_encoder(model_type, num_labels=LABELS), tmp_path / "adapter"
+    )
+    torch_model.eval()
+    batch = ref.random_batch(model_type, pair=True)
+    ours = _logits(module, params, batch)
+    assert np.abs(ours - ref.torch_logits(model, batch)).max() > 1e-4  # the adapter matters
+    np.testing.assert_allclose(ours, ref.torch_logits(torch_model, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
+def test_hf_peft_adapter_imports_with_same_logits(tmp_path, model_type, name):
+    base = ref.tiny_encoder(model_type, num_labels=LABELS)
+    base.save_pretrained(tmp_path / "base")
+    if name == "ia3":
+        # (HF PEFT has no IA3 default targets for ELECTRA: name the usual ones.)
+        hf_config = hf_peft.IA3Config(
+            task_type="SEQ_CLS",
+            init_ia3_weights=False,
+            target_modules=["key", "value", "output.dense"],
+            feedforward_modules=["output.dense"],
+        )
+    else:
+        hf_config = hf_peft.LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False, use_dora=name == "dora"
+        )
+    torch_model = hf_peft.get_peft_model(ref.tiny_encoder(model_type, num_labels=LABELS), hf_config)
+    with torch.no_grad():  # a trained-looking head too
+        for n, p in torch_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    torch_model.eval()
+    torch_model.save_pretrained(tmp_path / "adapter")
+    config = peft.read_adapter_config(tmp_path / "adapter")
+    module, params = pifi_jax.from_pretrained(
+        tmp_path / "base", num_labels=LABELS, peft=config, log=lambda *_: None
+    )
+    params = peft.load_adapter(module, params, tmp_path / "adapter")
+    batch = ref.random_batch(model_type, pair=True)
+    np.testing.assert_allclose(
+        _logits(module, params, batch), ref.torch_logits(torch_model, batch), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
+def test_merge_equals_unmerged_and_unmerge_restores_bitwise(tmp_path, name):
+    _, module, params = _load(tmp_path, "bert", INTEROP[name])
+    params = _randomize_adapters(module, params)
+    base_module, merged, undo = peft.merge(module, params)
+    assert not any(
+        k.rsplit("/", 1)[-1] in peft.core.ADAPTER_LEAVES for k in partition.flatten(merged)
+    )
+    batch = ref.random_batch("bert", pair=True)
+    np.testing.assert_allclose(
+        _logits(base_module, merged, batch), _logits(module, params, batch), atol=1e-5
+    )
+    restored = peft.unmerge(module, merged, undo)
+    flat_a, flat_b = partition.flatten(params), partition.flatten(restored)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        assert np.array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key])), key
+    # The merged model exports as a plain transformers checkpoint with the same logits.
+    pifi_jax.save_pretrained(base_module, merged, tmp_path / "merged")
+    import transformers
+
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "merged"
+    ).eval()
+    np.testing.assert_allclose(
+        ref.torch_logits(reloaded, batch), _logits(module, params, batch), atol=1e-5
+    )
+
+
+def test_native_adapter_round_trip_for_every_method(tmp_path):
+    for name, (config, _, _) in METHODS.items():
+        _, module, params = _load(tmp_path / name, "bert", config)
+        params = _randomize_adapters(module, params)
+        peft.save_adapter(module, params, tmp_path / name / "adapter", format="native")
+        assert peft.read_adapter_config(tmp_path / name / "adapter") == config
+        _, fresh_module, fresh = _load(tmp_path / name, "bert", config)
+        loaded = peft.load_adapter(fresh_module, fresh, tmp_path / name / "adapter")
+        batch = ref.random_batch("bert")
+        np.testing.assert_array_equal(
+            _logits(fresh_module, loaded, batch), _logits(module, params, batch)
+        )
+
+
+def test_targeting_rules_follow_hf_peft():
+    from pifi_jax.peft.targets import hf_module_name, name_matches
+
+    assert (
+        hf_module_name("bert/encoder/layer_10/attention/self/query")
+        == "bert.encoder.layer.10.attention.self.query"
+    )
+    assert name_matches("bert.encoder.layer.0.attention.output.dense", ("output.dense",))
+    assert not name_matches("bert.encoder.layer.0.attention.self.query", ("uery",))
+    assert name_matches("bert.encoder.layer.0.attention.self.query", r".*layer\.0.*query")
+    assert not name_matches("bert.encoder.layer.1.attention.self.query", r"layer\.0.*query")
+
+
+def test_layers_to_transform_exclude_and_errors(tmp_path):
+    config = peft.LoraConfig(
+        r=2,
+        target_modules=("query", "value", "key"),
+        exclude_modules=("key",),
+        layers_to_transform=(1,),
+    )
+    _, module, params = _load(tmp_path, "bert", config)
+    targeted = [p for p, _ in module.plan.adapters]
+    assert targeted == [
+        "bert/encoder/layer_1/attention/self/query",
+        "bert/encoder/layer_1/attention/self/value",
+    ]
+    with pytest.raises(ValueError, match="matched no module"):
+        _load(tmp_path / "x", "bert", peft.LoraConfig(target_modules=("nonexistent",)))
+    with pytest.raises(ValueError, match="bias"):
+        peft.LoraConfig(bias="some")
+    with pytest.raises(ValueError, match="use_qalora"):
+        peft.config.from_hf_dict({"peft_type": "LORA", "r": 2, "use_qalora": True})
+
+
+def test_lora_run_through_the_trainer(tiny_bert_dir, tiny_task_files, tmp_path):
+    """configs/classify.py with peft.method=lora: adapter-only checkpoints, an exported adapter
+    that reproduces the run's results, and evaluate_run agreeing with the run."""
+    import json
+
+    from pifi_jax.train import evaluate_run, train_and_evaluate
+    from pifi_jax.train.checkpoint import Checkpointer
+    from tests.conftest import load_config, tiny_overrides
+
+    overrides = tiny_overrides(tiny_bert_dir, tiny_task_files) + [
+        "--config.peft.method=lora",
+        "--config.peft.r=4",
+        "--config.peft.target_modules=query,key,value",
+    ]
+    config = load_config("configs/classify.py:runlocal", overrides)
+    results = train_and_evaluate(config, tmp_path / "run")
+    assert results == json.loads((tmp_path / "run" / "results.json").read_text())
+
+    # The resumable checkpoint holds the trainable leaves only: LoRA factors and the head.
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    state, _ = ckpt.restore(None)
+    stored = set(partition.flatten(state["params"]))
+    assert stored and all(
+        re.search(r"/lora_(a|b)$", p) or p.startswith("classifier/") for p in stored
+    )
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["r"] == 4
+    assert len(saved["target_modules"]) == 2 * 3  # 2 layers x (query, key, value)
+    ckpt.close()
+
+    again = evaluate_run(config, tmp_path / "run")
+    for key, value in again.items():
+        assert value == pytest.approx(results[key], abs=1e-9), key
+
+    # The exported adapter loads onto a fresh model, on exactly the modules trained.
+    module, params = pifi_jax.from_pretrained(
+        tiny_bert_dir,
+        num_labels=2,
+        peft=peft.read_adapter_config(tmp_path / "run" / "adapter"),
+        log=lambda *_: None,
+    )
+    loaded = partition.flatten(peft.load_adapter(module, params, tmp_path / "run" / "adapter"))
+    best_ckpt = Checkpointer(tmp_path / "run" / "checkpoints", best_metric="validation/accuracy")
+    best = partition.flatten(best_ckpt.restore_best(None)[0]["params"])
+    best_ckpt.close()
+    for path, value in best.items():
+        np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(value))
+    assert sorted(p for p, _ in module.plan.adapters) == sorted(
+        f"bert/encoder/layer_{i}/attention/self/{m}"
+        for i in range(2)
+        for m in ("query", "key", "value")
+    )

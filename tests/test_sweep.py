@@ -1,0 +1,46 @@
+"""launch.sweep / run_sweep on the tiny setting: one run per value, CSV + plot, resumable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pifi_jax.train.sweep import read_csv
+from tests.conftest import REPO, subprocess_env, tiny_overrides
+
+
+def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_task_files, tmp_path):
+    argv = [
+        sys.executable,
+        "-m",
+        "launch.sweep",
+        "--config=configs/classify.py:runlocal",
+        *tiny_overrides(tiny_bert_dir, tiny_task_files),
+        "--config.peft.method=lora",
+        "--config.train.num_steps=1",
+        "--sweep=peft.r,peft.lora_alpha=1,4",
+        f"--workdir={tmp_path}",
+    ]
+    done = subprocess.run(
+        argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_csv(tmp_path / "sweep.csv")
+    assert [row["peft.r,peft.lora_alpha"] for row in rows] == [1, 4]
+    # LoRA on query,value of 2 layers of width 32: 2 * 2 * (32 r + r 32) + the 2-way head (66).
+    assert [row["trainable_params"] for row in rows] == [2 * 2 * 64 * r + 66 for r in (1, 4)]
+    assert all(
+        0.0 <= row["validation/accuracy"] <= 1.0 and row["adapter_bytes"] > 0 for row in rows
+    )
+    png = (tmp_path / "sweep.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+    # A second invocation finds every results.json and trains nothing.
+    (tmp_path / "sweep.png").unlink()
+    again = subprocess.run(
+        argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "steps/epoch" not in again.stdout  # train_and_evaluate prints this when it starts
+    assert read_csv(tmp_path / "sweep.csv") == rows
+    assert (tmp_path / "sweep.png").exists()
