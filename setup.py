@@ -42,6 +42,9 @@ setup(
             "pytest>=8",
             "ruff>=0.6",
             "torch>=2.1",
+            # Parity references: Hugging Face PEFT adapters and scikit-learn metrics.
+            "peft>=0.13",
+            "scikit-learn>=1.3",
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.29",

@@ -316,6 +316,26 @@ def test_regression_trains_one_step_and_reports_correlations(tiny_bert_dir, stsb
     assert len(train_loss) == 1 and math.isfinite(train_loss[0]) and train_loss[0] > 0
 
 
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(
+    tiny_bert_dir, tiny_task_files, tmp_path
+):
+    # lr 0: the validation accuracy never moves, so the first evaluation is the best and every
+    # later one counts against the patience of 2: training stops at the third evaluation.
+    config = _tiny_config(tiny_bert_dir, tiny_task_files)
+    config.train.num_steps = 10
+    config.train.eval_every_steps = 1
+    config.train.early_stopping_patience = 2
+    config.optim.lr = 0.0
+    results = train_and_evaluate(config, tmp_path / "run")
+    assert results["steps"] == 3
+    evaluations = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "validation/accuracy" in line and "final/" not in line
+    ]
+    assert [e["step"] for e in evaluations] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming after SIGKILL
 
