@@ -41,22 +41,50 @@ def tiny_encoder(model_type: str, task: str = "classification", num_labels: int 
     return model.eval()
 
 
-def random_batch(
-    model_type: str, batch: int = 3, length: int = 10, pair: bool = False, seed: int = 0
+def scale_up(model, weight_std: float = 0.2):
+    """Weights ten times the usual init, so attention is far from uniform and every term (relative
+    positions, talking heads, ...) moves the logits well beyond the tolerance; non-trivial
+    LayerNorm and bias values, so a mapping error cannot hide behind ones and zeros."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, weight_std)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def padded_batch(
+    batch: int = 3,
+    length: int = 10,
+    pair: bool = False,
+    seed: int = 0,
+    step: int = 2,
+    pad_id: int = 0,
 ):
-    """input_ids / attention_mask / token_type_ids with right padding of different lengths."""
+    """input_ids / attention_mask / token_type_ids, right-padded: row b has `length - step*b`
+    real tokens (the second half of them type 1 when `pair`)."""
     rng = np.random.default_rng(seed)
-    pad = 1 if model_type == "roberta" else 0
     ids = rng.integers(3, 99, size=(batch, length)).astype(np.int32)
     mask = np.ones((batch, length), np.int32)
     types = np.zeros((batch, length), np.int32)
     for b in range(batch):
-        real = length - 2 * b
+        real = length - step * b
         mask[b, real:] = 0
-        ids[b, real:] = pad
+        ids[b, real:] = pad_id
         if pair:
             types[b, real // 2 : real] = 1
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def random_batch(
+    model_type: str, batch: int = 3, length: int = 10, pair: bool = False, seed: int = 0
+):
+    """padded_batch with the family's padding id (RoBERTa pads with 1)."""
+    pad = 1 if model_type == "roberta" else 0
+    return padded_batch(batch, length, pair, seed, step=2, pad_id=pad)
 
 
 def torch_logits(model, batch) -> np.ndarray:

@@ -7,6 +7,7 @@ import pytest
 
 import pifi_jax
 from pifi_jax.models import deberta
+from tests import hf_reference as ref
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -102,37 +103,16 @@ def tiny_deberta(variant, task="classification", num_labels=3, seed=0):
         else transformers.AutoModel
     )
     model = auto.from_config(config)
-    # Weights ten times the usual init, so attention is far from uniform and every term (relative
-    # positions, talking heads, ...) moves the logits well beyond the tolerance; non-trivial
-    # LayerNorm and bias values, so a mapping error cannot hide behind ones and zeros.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            else:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return ref.scale_up(model)
 
 
 def batch_of(pair=False, batch=3, length=LENGTH, seed=0):
-    """Right-padded input_ids / attention_mask / token_type_ids of different lengths."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 99, size=(batch, length)).astype(np.int32)
-    mask = np.ones((batch, length), np.int32)
-    types = np.zeros((batch, length), np.int32)
-    for b in range(batch):
-        real = length - 4 * b
-        mask[b, real:] = 0
-        ids[b, real:] = 0
-        if pair:
-            types[b, real // 2 : real] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    """Right-padded inputs of different lengths (see tests/hf_reference.py)."""
+    return ref.padded_batch(batch, length, pair, seed, step=4)
 
 
 def torch_output(model, batch):
-    with torch.no_grad():
-        out = model(**{k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()})
-    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+    return ref.torch_logits(model, batch)
 
 
 def run(module, params, batch):
