@@ -40,6 +40,8 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15"],
         "test": [
             "pytest>=8",
+            # The suite runs on two workers (-n 2).
+            "pytest-xdist>=3.5",
             "ruff>=0.6",
             "torch>=2.1",
             # Parity references: Hugging Face PEFT adapters and scikit-learn metrics.

@@ -8,6 +8,9 @@
 - a family whose linear weights are already stored [in, out] (GPT-2's Conv1D) names them in
   `in_out_kernels`, and those are not transposed, either way; module names that end in `_<digits>`
   without being list indices (GPT-2's `ln_1`) are named in `literal_names`.
+- a scanned layer stack keeps one leaf per tensor name with a leading layers axis
+  (`model/layers/mlp/up_proj/kernel` [layers, in, out]); `stack_layers` / `unstack_layers` convert
+  between that and the per-layer paths above, on load and on save.
 """
 
 from __future__ import annotations
@@ -154,3 +157,57 @@ def load_params(
     if missing:
         log(f"newly initialised (not in the checkpoint): {', '.join(missing)}")
     return params
+
+
+def _stack_pattern(stack: str) -> re.Pattern:
+    """`<prefix>/{stack}_{i}/<rest>`: group 1 the prefix (with its slash), 2 the index, 3 the rest."""
+    return re.compile(rf"((?:.*/)?){re.escape(stack)}_(\d+)/(.+)")
+
+
+def stack_layers(
+    flat: dict[str, Any],
+    stack: str,
+    shardings: dict[str, jax.sharding.Sharding] | None = None,
+) -> dict[str, Any]:
+    """Per-layer leaves `model/{stack}_3/<rest>` -> one leaf `model/{stack}/<rest>` [layers, ...],
+    the layout of a scanned stack (models/llama.py `scan_layers`). Other leaves pass through.
+
+    Consumes `flat` (its per-layer entries are removed as each stacked leaf is built), so device
+    memory holds one leaf's layers twice at most, not the whole model. `shardings`: of the
+    stacked paths; each stacked leaf is built directly in its sharding.
+    """
+    pattern = _stack_pattern(stack)
+    groups: dict[str, dict[int, str]] = {}
+    for path in flat:
+        match = pattern.fullmatch(path)
+        if match:
+            stacked = f"{match.group(1)}{stack}/{match.group(3)}"
+            groups.setdefault(stacked, {})[int(match.group(2))] = path
+    out = {p: v for p, v in flat.items() if not pattern.fullmatch(p)}
+    for stacked, by_index in groups.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"{stacked}: layers {sorted(by_index)} are not 0..n-1")
+        pieces = [flat.pop(by_index[i]) for i in range(len(by_index))]
+        if shardings is None:
+            out[stacked] = jnp.stack(pieces)
+        else:
+            out[stacked] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=shardings[stacked])(
+                *pieces
+            )
+        del pieces
+    return out
+
+
+def unstack_layers(flat: dict[str, Any], stack: str) -> dict[str, Any]:
+    """The inverse of stack_layers: `model/{stack}/<rest>` [layers, ...] -> `model/{stack}_i/<rest>`.
+    Paths without a `{stack}` segment (an unrolled model) pass through unchanged."""
+    pattern = re.compile(rf"((?:.*/)?){re.escape(stack)}/(.+)")
+    out = {}
+    for path, value in flat.items():
+        match = pattern.fullmatch(path)
+        if match is None:
+            out[path] = value
+            continue
+        for i in range(value.shape[0]):
+            out[f"{match.group(1)}{stack}_{i}/{match.group(2)}"] = value[i]
+    return out

@@ -79,6 +79,8 @@ def from_pretrained(
     seed: int = 0,
     revision: str | None = None,
     peft=None,
+    scan_layers: bool = False,
+    remat_policy: str = "none",
     log=print,
 ) -> tuple[nn.Module, dict]:
     """Builds the model for `task` and loads its weights from a Hugging Face checkpoint.
@@ -94,6 +96,10 @@ def from_pretrained(
       seed: initialises a head the checkpoint lacks (and PEFT leaves).
       peft: a pifi_jax.peft config (LoraConfig, IA3Config, ...): the model is built with its
         leaves, initialised as the method prescribes (a PeftModel).
+      scan_layers: decoders only: one scanned layer module, its parameters stacked along a
+        leading layers axis (the checkpoint's per-layer tensors are stacked as they load).
+      remat_policy: decoders only: gradient checkpointing of each layer ("none", "full", "dots",
+        "dots_no_batch"; models/llama.py REMAT_POLICIES).
     Returns:
       (module, params): `module.apply({"params": params}, input_ids=..., attention_mask=...,
       token_type_ids=...)`.
@@ -106,10 +112,21 @@ def from_pretrained(
     config = registry.config_from_hf(hf_config)
     family = registry.family_for(config.model_type)
     module = family.build(config, task, num_labels, dtype, param_dtype)
-    abstract = abstract_params(module)
-    shardings = None
+    if scan_layers or remat_policy != "none":
+        if not hasattr(module, "scan_layers"):
+            raise ValueError(f"scan_layers / remat_policy: {config.model_type} is not a decoder")
+        if peft is not None and scan_layers:
+            raise ValueError("PEFT adapters target unrolled layers; load with scan_layers=False")
+        module = module.clone(scan_layers=scan_layers, remat_policy=remat_policy)
+    # A scanned stack loads layer by layer into the unrolled layout, then stacks (see convert.py).
+    abstract = abstract_params(module.clone(scan_layers=False) if scan_layers else module)
+    shardings = stacked_shardings = None
     if mesh is not None:
         shardings = parallel.param_shardings(abstract, family.PARAM_AXES, mesh, logical_axis_rules)
+        if scan_layers:
+            stacked_shardings = parallel.param_shardings(
+                abstract_params(module), family.PARAM_AXES, mesh, logical_axis_rules
+            )
     flat = convert.load_params(
         reader,
         abstract,
@@ -122,6 +139,8 @@ def from_pretrained(
         in_out_kernels=in_out_kernels(family),
         log=log,
     )
+    if scan_layers:
+        flat = convert.stack_layers(flat, family.LAYER_STACK, stacked_shardings)
     params = _unflatten(flat)
     if peft is not None:
         from pifi_jax.peft import wrap
@@ -150,7 +169,10 @@ def save_pretrained(module: nn.Module, params: dict, directory: str | os.PathLik
             hf_config["problem_type"] = "regression"
     tensors = {}
     strip = base_model_prefix(family, config) + "." if module.task in _BARE_TASKS else None
-    for path, value in _flatten(params).items():
+    flat = _flatten(params)
+    if hasattr(family, "LAYER_STACK"):  # a scanned stack is saved layer by layer
+        flat = convert.unstack_layers(flat, family.LAYER_STACK)
+    for path, value in flat.items():
         key, transpose = hf_key(family, path)
         if strip and key.startswith(strip):
             key = key[len(strip) :]

@@ -2,7 +2,9 @@
 
 from pifi_jax.layers.activations import activation
 from pifi_jax.layers.attention import (
+    KVCache,
     attention_bias,
+    cached_attention_inputs,
     dot_product_attention,
     padding_bias,
     positions_from_mask,
@@ -13,11 +15,13 @@ from pifi_jax.layers.rotary import SUPPORTED_ROPE_TYPES, Rope
 
 __all__ = [
     "SUPPORTED_ROPE_TYPES",
+    "KVCache",
     "Linear",
     "RMSNorm",
     "Rope",
     "activation",
     "attention_bias",
+    "cached_attention_inputs",
     "dot_product_attention",
     "padding_bias",
     "positions_from_mask",

@@ -5,13 +5,16 @@ decoder families share one implementation, plus what decoders add: causal and sl
 and tanh soft-capping of the logits (Gemma-2).
 
 Masks are additive biases built from booleans in one step (never two large negatives added), in
-slot indices: query i sits at slot `q_offset + i` among the key slots, so a key/value cache can later
-pass the cached length as `q_offset` without changing the mask code.
+slot indices: query i sits at slot `q_offset + i` among the key slots, so a key/value cache passes
+the cached length as `q_offset` without changing the mask code.
+
+`KVCache` is the decoders' key/value cache (see its docstring for why it is a plain pytree).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 
 def padding_bias(attention_mask: jax.Array, dtype) -> jax.Array:
@@ -119,3 +122,124 @@ def dot_product_attention(
     if dropout_module is not None and dropout_rate > 0.0 and not deterministic:
         probs = dropout_module(probs, deterministic=deterministic)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # [batch, q, heads, head_dim]
+
+
+# ---------------------------------------------------------------------------------------------
+# Key/value cache for decoding.
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of past tokens, passed into a decoder call and returned updated (a pytree).
+
+    Functional rather than Flax's mutable "cache" collection: the cache is an ordinary argument and
+    result, so generation loops carry it through `jax.lax.while_loop` like any other state, beam
+    search reorders its rows with a gather, a scanned layer stack reads and writes its slice by index,
+    and the model's call stays pure (no `mutable=` plumbing, no init pass to create the collection).
+
+    key, value: [batch, max_length, kv_heads, head_dim] for one layer; a whole stack holds them as
+        [layers, batch, max_length, kv_heads, head_dim] and hands `layer(i)` to layer i.
+    mask: [batch, max_length] int32, 1 where a real token was written (0: padding or not yet used).
+    index: int32 scalar, the number of slots written so far (the same for every row: prompts are
+        padded on the left, so every row's next token goes to slot `index`).
+    """
+
+    key: jax.Array
+    value: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(
+        cls,
+        batch: int,
+        max_length: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        layers: int | None = None,
+        dtype=jnp.float32,
+    ) -> "KVCache":
+        """An empty cache; `layers` given: one for a whole stack ([layers, ...] keys and values)."""
+        shape = (batch, max_length, kv_heads, head_dim)
+        if layers is not None:
+            shape = (layers, *shape)
+        return cls(
+            key=jnp.zeros(shape, dtype),
+            value=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch, max_length), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.mask.shape[1]
+
+    def layer(self, i: int | jax.Array) -> "KVCache":
+        """Layer i's view of a stack's cache (i may be traced: a scanned stack)."""
+        return self.replace(key=self.key[i], value=self.value[i])
+
+    def set_layer(self, i: int | jax.Array, layer_cache: "KVCache") -> "KVCache":
+        """The stack's cache with layer i's keys and values replaced (mask and index unchanged)."""
+        return self.replace(
+            key=self.key.at[i].set(layer_cache.key), value=self.value.at[i].set(layer_cache.value)
+        )
+
+    def advance(self, attention_mask: jax.Array | None, length: int) -> "KVCache":
+        """Marks `length` new slots as written, with their padding mask [batch, length] (None: all
+        real tokens)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones((self.mask.shape[0], length), jnp.int32)
+        mask = jax.lax.dynamic_update_slice(
+            self.mask, attention_mask.astype(jnp.int32), (jnp.int32(0), self.index)
+        )
+        return self.replace(mask=mask, index=self.index + length)
+
+    def append(self, key: jax.Array, value: jax.Array, attention_mask: jax.Array | None):
+        """One layer's cache with the new key/value [batch, length, kv_heads, head_dim] written at
+        `index`, and the slots advanced."""
+        start = (jnp.int32(0), self.index, jnp.int32(0), jnp.int32(0))
+        return self.replace(
+            key=jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start),
+            value=jax.lax.dynamic_update_slice(self.value, value.astype(self.value.dtype), start),
+        ).advance(attention_mask, key.shape[1])
+
+    def positions(self, attention_mask: jax.Array | None, length: int) -> jax.Array:
+        """Positions [batch, length] of `length` new tokens: each row counts its real tokens, the
+        cached ones included (as `positions_from_mask` does over the whole sequence)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones((self.mask.shape[0], length), jnp.int32)
+        mask = attention_mask.astype(jnp.int32)
+        before = jnp.sum(self.mask, axis=1, keepdims=True)  # [batch, 1]
+        slots = self.index + jnp.arange(length, dtype=jnp.int32)[None, :]
+        return jnp.where(mask > 0, before + jnp.cumsum(mask, axis=1) - 1, slots)
+
+
+def cached_attention_inputs(
+    cache: KVCache,
+    key: jax.Array,
+    value: jax.Array,
+    attention_mask: jax.Array | None,
+    *,
+    causal: bool,
+    sliding_window: int | jax.Array | None = None,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
+    """Writes the new key/value into one layer's cache; returns what attention reads.
+
+    Returns (keys, values) [batch, max_length, kv_heads, head_dim] in `dtype`, the additive bias
+    [batch, 1, length, max_length] (queries sit at slots index .. index + length - 1; unwritten and
+    padding slots are masked) and the updated cache.
+    """
+    length = key.shape[1]
+    cache = cache.append(key, value, attention_mask)
+    bias = attention_bias(
+        cache.mask,
+        length,
+        causal=causal,
+        sliding_window=sliding_window,
+        q_offset=cache.index - length,
+        kv_length=cache.max_length,
+        dtype=dtype,
+    )
+    return cache.key.astype(dtype), cache.value.astype(dtype), bias, cache

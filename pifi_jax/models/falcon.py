@@ -12,7 +12,8 @@ Not implemented, and refused when a config asks for them: ALiBi (`alibi`), the 4
 (`new_decoder_architecture`), residuals after the norm (`apply_residual_connection_post_layernorm`).
 
 Paths mirror Hugging Face names: `transformer.h.3.self_attention.query_key_value.weight` is
-`transformer/h_3/self_attention/query_key_value/kernel`.
+`transformer/h_3/self_attention/query_key_value/kernel`. Decoding with a KVCache (one key/value
+head per layer under multi_query), scan_layers and remat_policy work as in llama.py.
 """
 
 from __future__ import annotations
@@ -23,9 +24,23 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pifi_jax.layers import Linear, Rope, activation, attention_bias, dot_product_attention
+from pifi_jax.layers import (
+    KVCache,
+    Linear,
+    Rope,
+    activation,
+    attention_bias,
+    cached_attention_inputs,
+    dot_product_attention,
+)
 from pifi_jax.models import config_utils
-from pifi_jax.models.llama import default_positions, read_rope
+from pifi_jax.models.llama import (
+    default_positions,
+    make_layers,
+    read_rope,
+    run_layers,
+    stacked_param_axes,
+)
 
 MODEL_TYPES = ("falcon",)
 
@@ -102,6 +117,10 @@ class FalconConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def cache_kv_heads(self) -> int:
+        return 1 if self.multi_query else self.num_attention_heads
+
 
 class FalconAttention(nn.Module):
     """Fused query_key_value, RoPE, (multi-query) attention, dense. [b, s, hidden] -> same."""
@@ -111,7 +130,7 @@ class FalconAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask, positions, *, causal: bool):
+    def __call__(self, x, attention_mask, positions, *, causal: bool, cache=None):
         cfg = self.config
         batch, length, hidden = x.shape
         heads, dim = cfg.num_attention_heads, cfg.head_dim
@@ -125,9 +144,15 @@ class FalconAttention(nn.Module):
             fused = fused.reshape(batch, length, heads, 3, dim)  # [b, s, heads, 3, head_dim]
             query, key, value = fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
         query, key = cfg.rope.apply(query, positions), cfg.rope.apply(key, positions)
-        bias = attention_bias(attention_mask, length, causal=causal, dtype=self.dtype)
+        if cache is None:
+            bias = attention_bias(attention_mask, length, causal=causal, dtype=self.dtype)
+        else:  # keys/values: [batch, max_length, kv_heads, head_dim]
+            key, value, bias, cache = cached_attention_inputs(
+                cache, key, value, attention_mask, causal=causal, dtype=self.dtype
+            )
         out = dot_product_attention(query, key, value, bias)  # [batch, length, heads, head_dim]
-        return Linear(hidden, **kw, name="dense")(out.reshape(batch, length, hidden))
+        out = Linear(hidden, **kw, name="dense")(out.reshape(batch, length, hidden))
+        return out if cache is None else (out, cache)
 
 
 class FalconMLP(nn.Module):
@@ -152,9 +177,19 @@ class FalconDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask=None, positions=None, causal=True, deterministic=True):
+    def __call__(
+        self,
+        x,
+        attention_mask=None,
+        positions=None,
+        causal=True,
+        deterministic=True,
+        *,
+        cache: KVCache | None = None,
+        layer_index=None,  # every Falcon layer is the same: unused
+    ):
         cfg = self.config
-        positions = default_positions(x, attention_mask, positions)
+        positions = default_positions(x, attention_mask, positions, cache)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def norm(name):
@@ -162,23 +197,29 @@ class FalconDecoderLayer(nn.Module):
 
         y = norm("input_layernorm")(x)
         attn = FalconAttention(cfg, **kw, name="self_attention")(
-            y, attention_mask, positions, causal=causal
+            y, attention_mask, positions, causal=causal, cache=cache
         )
+        if cache is not None:
+            attn, cache = attn
         mlp = FalconMLP(cfg, **kw, name="mlp")
         if cfg.parallel_attn:
             out = mlp(y) + attn
         else:
             x = x + nn.Dropout(cfg.attention_dropout)(attn, deterministic=deterministic)
             out = mlp(norm("post_attention_layernorm")(x))
-        return x + nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+        x = x + nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+        return x if cache is None else (x, cache)
 
 
 class FalconModel(nn.Module):
-    """word_embeddings -> h_i -> ln_f; returns the last hidden state."""
+    """word_embeddings -> h_i -> ln_f; returns the last hidden state (and the updated cache when
+    one is given)."""
 
     config: FalconConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         cfg = self.config
@@ -186,28 +227,44 @@ class FalconModel(nn.Module):
         self.word_embeddings = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), **kw
         )
-        self.h = [FalconDecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers)]
+        self.h = make_layers(
+            FalconDecoderLayer, cfg, scan=self.scan_layers, remat_policy=self.remat_policy, **kw
+        )
         self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, **kw)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
         x = self.word_embeddings(input_ids)  # [batch, length, hidden]
-        positions = default_positions(x, attention_mask, positions)
-        for layer in self.h:
-            x = layer(x, attention_mask, positions, True, deterministic)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return self.ln_f(x)
+        positions = default_positions(x, attention_mask, positions, cache)
+        x, cache = run_layers(
+            self.h,
+            x,
+            attention_mask,
+            positions,
+            deterministic=deterministic,
+            cache=cache,
+            num_layers=self.config.num_hidden_layers,
+        )
+        x = self.ln_f(x)
+        return x if cache is None else (x, cache)
 
 
 class FalconForCausalLM(nn.Module):
-    """Decoder + lm_head (tied by default); float32 logits [batch, length, vocab]."""
+    """Decoder + lm_head (tied by default); float32 logits [batch, length, vocab]. `cache` and
+    `last_logits_only` as in LlamaForCausalLM."""
 
     task: ClassVar[str] = "causal_lm"
     config: FalconConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
-        self.transformer = FalconModel(self.config, self.dtype, self.param_dtype)
+        self.transformer = FalconModel(
+            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
+        )
         if not self.config.tie_word_embeddings:
             self.lm_head = Linear(
                 self.config.vocab_size,
@@ -216,11 +273,28 @@ class FalconForCausalLM(nn.Module):
                 param_dtype=self.param_dtype,
             )
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        h = self.transformer(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        *,
+        deterministic=True,
+        cache=None,
+        last_logits_only=False,
+    ):
+        h = self.transformer(
+            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
+        )
+        if cache is not None:
+            h, cache = h
+        if last_logits_only:
+            h = h[:, -1:]
         if self.config.tie_word_embeddings:
-            return self.transformer.word_embeddings.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+            logits = self.transformer.word_embeddings.attend(h).astype(jnp.float32)
+        else:
+            logits = self.lm_head(h).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
 
 
 class FalconDecoder(nn.Module):
@@ -230,11 +304,22 @@ class FalconDecoder(nn.Module):
     config: FalconConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        model = FalconModel(self.config, self.dtype, self.param_dtype, name="transformer")
-        return model(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
+        model = FalconModel(
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.scan_layers,
+            self.remat_policy,
+            name="transformer",
+        )
+        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,17 +327,21 @@ class FalconDecoder(nn.Module):
 
 BASE_MODEL_PREFIX = "transformer"
 LAYER_KEYS = r"(?:transformer\.)?h\.(\d+)\.(.+)"
+LAYER_STACK = "h"
 IGNORED_SOURCE_KEYS = (r".*rotary_emb\.inv_freq",)
 OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
 NEW_HEAD_PATHS = ()
+LAYER_PARAM_AXES = (
+    (r"self_attention/query_key_value/kernel", ("embed", "heads")),
+    (r"self_attention/query_key_value/bias", ("heads",)),
+    (r"self_attention/dense/kernel", ("heads", "embed")),
+    (r"mlp/dense_h_to_4h/kernel", ("embed", "mlp")),
+    (r"mlp/dense_h_to_4h/bias", ("mlp",)),
+    (r"mlp/dense_4h_to_h/kernel", ("mlp", "embed")),
+)
 PARAM_AXES = (
     (r"(.*/)?word_embeddings/embedding", ("vocab", "embed")),
-    (r"(.*/)?self_attention/query_key_value/kernel", ("embed", "heads")),
-    (r"(.*/)?self_attention/query_key_value/bias", ("heads",)),
-    (r"(.*/)?self_attention/dense/kernel", ("heads", "embed")),
-    (r"(.*/)?mlp/dense_h_to_4h/kernel", ("embed", "mlp")),
-    (r"(.*/)?mlp/dense_h_to_4h/bias", ("mlp",)),
-    (r"(.*/)?mlp/dense_4h_to_h/kernel", ("mlp", "embed")),
+    *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
 )
 

@@ -12,6 +12,8 @@
 - the MLP activation is `hidden_activation` (gelu with the tanh approximation).
 
 Paths mirror Hugging Face names, as in llama.py: `model/layers_3/pre_feedforward_layernorm/scale`.
+Decoding with a KVCache, scan_layers and remat_policy work as in llama.py (a scanned stack looks up
+each layer's window, local or global, by its traced index).
 """
 
 from __future__ import annotations
@@ -23,9 +25,19 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pifi_jax.layers import Linear, RMSNorm, Rope
+from pifi_jax.layers import KVCache, Linear, RMSNorm, Rope
 from pifi_jax.models import config_utils
-from pifi_jax.models.llama import LAYER_TYPES, Attention, GatedMLP, default_positions, read_rope
+from pifi_jax.models.llama import (
+    LAYER_TYPES,
+    Attention,
+    GatedMLP,
+    default_positions,
+    make_layers,
+    read_rope,
+    run_layers,
+    stacked_param_axes,
+    window_of,
+)
 
 MODEL_TYPES = ("gemma2",)
 
@@ -113,6 +125,10 @@ class Gemma2Config:
     def num_layers(self) -> int:
         return self.num_hidden_layers
 
+    @property
+    def cache_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
     def layer_window(self, index: int) -> int | None:
         return self.sliding_window if self.layer_types[index] == "sliding_attention" else None
 
@@ -126,9 +142,19 @@ class Gemma2DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask=None, positions=None, causal=True, deterministic=True):
+    def __call__(
+        self,
+        x,
+        attention_mask=None,
+        positions=None,
+        causal=True,
+        deterministic=True,
+        *,
+        cache: KVCache | None = None,
+        layer_index=None,
+    ):
         cfg = self.config
-        positions = default_positions(x, attention_mask, positions)
+        positions = default_positions(x, attention_mask, positions, cache)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def norm(name):
@@ -143,7 +169,6 @@ class Gemma2DecoderLayer(nn.Module):
             out_bias=cfg.attention_bias,
             scale=cfg.query_pre_attn_scalar**-0.5,
             logit_softcap=cfg.attn_logit_softcapping,
-            sliding_window=cfg.layer_window(self.layer_index),
             dropout_rate=cfg.attention_dropout,
             **kw,
             name="self_attn",
@@ -154,19 +179,27 @@ class Gemma2DecoderLayer(nn.Module):
             positions,
             causal=causal,
             deterministic=deterministic,
+            sliding_window=window_of(cfg, self.layer_index, layer_index),
+            cache=cache,
         )
+        if cache is not None:
+            h, cache = h
         x = x + norm("post_attention_layernorm")(h)
         mlp = GatedMLP(cfg.intermediate_size, cfg.hidden_activation, **kw, name="mlp")
         h = mlp(norm("pre_feedforward_layernorm")(x))
-        return x + norm("post_feedforward_layernorm")(h)  # [batch, length, hidden]
+        x = x + norm("post_feedforward_layernorm")(h)  # [batch, length, hidden]
+        return x if cache is None else (x, cache)
 
 
 class Gemma2Model(nn.Module):
-    """embed_tokens (scaled by sqrt(hidden)) -> layers -> norm; returns the last hidden state."""
+    """embed_tokens (scaled by sqrt(hidden)) -> layers -> norm; returns the last hidden state (and
+    the updated cache when one is given)."""
 
     config: Gemma2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         cfg = self.config
@@ -174,30 +207,46 @@ class Gemma2Model(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), **kw
         )
-        self.layers = [Gemma2DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers)]
+        self.layers = make_layers(
+            Gemma2DecoderLayer, cfg, scan=self.scan_layers, remat_policy=self.remat_policy, **kw
+        )
         self.norm = RMSNorm(cfg.rms_norm_eps, unit_offset=True, **kw)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
         # transformers rounds the multiplier to the weights' dtype (sqrt(3584) is 60.0 in bf16).
         normalizer = jnp.asarray(math.sqrt(self.config.hidden_size), self.param_dtype)
         x = self.embed_tokens(input_ids) * normalizer.astype(self.dtype)  # [batch, length, hidden]
-        positions = default_positions(x, attention_mask, positions)
-        for layer in self.layers:
-            x = layer(x, attention_mask, positions, True, deterministic)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return self.norm(x)
+        positions = default_positions(x, attention_mask, positions, cache)
+        x, cache = run_layers(
+            self.layers,
+            x,
+            attention_mask,
+            positions,
+            deterministic=deterministic,
+            cache=cache,
+            num_layers=self.config.num_hidden_layers,
+        )
+        x = self.norm(x)
+        return x if cache is None else (x, cache)
 
 
 class Gemma2ForCausalLM(nn.Module):
-    """Decoder + (tied) lm_head + final soft-capping; float32 logits [batch, length, vocab]."""
+    """Decoder + (tied) lm_head + final soft-capping; float32 logits [batch, length, vocab].
+    `cache` and `last_logits_only` as in LlamaForCausalLM."""
 
     task: ClassVar[str] = "causal_lm"
     config: Gemma2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
-        self.model = Gemma2Model(self.config, self.dtype, self.param_dtype)
+        self.model = Gemma2Model(
+            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
+        )
         if not self.config.tie_word_embeddings:
             self.lm_head = Linear(
                 self.config.vocab_size,
@@ -206,15 +255,32 @@ class Gemma2ForCausalLM(nn.Module):
                 param_dtype=self.param_dtype,
             )
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        h = self.model(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        *,
+        deterministic=True,
+        cache=None,
+        last_logits_only=False,
+    ):
+        h = self.model(
+            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
+        )
+        if cache is not None:
+            h, cache = h
+        if last_logits_only:
+            h = h[:, -1:]
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
         logits = logits.astype(jnp.float32)
         cap = self.config.final_logit_softcapping
-        return logits if cap is None else jnp.tanh(logits / cap) * cap
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits if cache is None else (logits, cache)
 
 
 class Gemma2Decoder(nn.Module):
@@ -224,11 +290,22 @@ class Gemma2Decoder(nn.Module):
     config: Gemma2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        model = Gemma2Model(self.config, self.dtype, self.param_dtype, name="model")
-        return model(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
+        model = Gemma2Model(
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.scan_layers,
+            self.remat_policy,
+            name="model",
+        )
+        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,18 +313,22 @@ class Gemma2Decoder(nn.Module):
 
 BASE_MODEL_PREFIX = "model"
 LAYER_KEYS = r"(?:model\.)?layers\.(\d+)\.(.+)"
+LAYER_STACK = "layers"
 IGNORED_SOURCE_KEYS = (r".*rotary_emb\.inv_freq",)
 OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
 NEW_HEAD_PATHS = ()
+LAYER_PARAM_AXES = (
+    (r"self_attn/q_proj/kernel", ("embed", "heads")),
+    (r"self_attn/q_proj/bias", ("heads",)),
+    (r"self_attn/(k|v)_proj/kernel", ("embed", "kv")),
+    (r"self_attn/(k|v)_proj/bias", ("kv",)),
+    (r"self_attn/o_proj/kernel", ("heads", "embed")),
+    (r"mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
+    (r"mlp/down_proj/kernel", ("mlp", "embed")),
+)
 PARAM_AXES = (
     (r"(.*/)?embed_tokens/embedding", ("vocab", "embed")),
-    (r"(.*/)?self_attn/q_proj/kernel", ("embed", "heads")),
-    (r"(.*/)?self_attn/q_proj/bias", ("heads",)),
-    (r"(.*/)?self_attn/(k|v)_proj/kernel", ("embed", "kv")),
-    (r"(.*/)?self_attn/(k|v)_proj/bias", ("kv",)),
-    (r"(.*/)?self_attn/o_proj/kernel", ("heads", "embed")),
-    (r"(.*/)?mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
-    (r"(.*/)?mlp/down_proj/kernel", ("mlp", "embed")),
+    *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
 )
 

@@ -10,6 +10,7 @@ side ([hidden, 3 * hidden]). Positions of left-padded rows come from the padding
 
 Paths mirror Hugging Face names: `transformer.h.3.attn.c_attn.weight` is
 `transformer/h_3/attn/c_attn/kernel`. Hub checkpoints of the original GPT-2 omit `transformer.`.
+Decoding with a KVCache, scan_layers and remat_policy work as in llama.py.
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pifi_jax.layers import Linear, activation, attention_bias, dot_product_attention
+from pifi_jax.layers import (
+    KVCache,
+    Linear,
+    activation,
+    attention_bias,
+    cached_attention_inputs,
+    dot_product_attention,
+)
 from pifi_jax.models import config_utils
-from pifi_jax.models.llama import default_positions
+from pifi_jax.models.llama import default_positions, make_layers, run_layers, stacked_param_axes
 
 MODEL_TYPES = ("gpt2",)
 
@@ -100,9 +108,14 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def cache_kv_heads(self) -> int:
+        return self.n_head
+
 
 class GPT2Attention(nn.Module):
-    """c_attn (q|k|v) -> causal attention -> c_proj -> dropout. [b, s, hidden] -> same."""
+    """c_attn (q|k|v) -> causal attention -> c_proj -> dropout. [b, s, hidden] -> same.
+    layer_index (call): a traced index replacing the attribute (scanned stack)."""
 
     config: GPT2Config
     layer_index: int = 0
@@ -110,7 +123,9 @@ class GPT2Attention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask, *, causal: bool, deterministic: bool):
+    def __call__(
+        self, x, attention_mask, *, causal: bool, deterministic: bool, cache=None, layer_index=None
+    ):
         cfg = self.config
         batch, length, hidden = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -120,19 +135,26 @@ class GPT2Attention(nn.Module):
         )
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= self.layer_index + 1
+            scale /= (self.layer_index if layer_index is None else layer_index) + 1
+        if cache is None:
+            bias = attention_bias(attention_mask, length, causal=causal, dtype=self.dtype)
+        else:  # keys/values: [batch, max_length, heads, head_dim]
+            key, value, bias, cache = cached_attention_inputs(
+                cache, key, value, attention_mask, causal=causal, dtype=self.dtype
+            )
         out = dot_product_attention(
             query,
             key,
             value,
-            attention_bias(attention_mask, length, causal=causal, dtype=self.dtype),
+            bias,
             dropout_rate=cfg.attn_pdrop,
             deterministic=deterministic,
             dropout_module=nn.Dropout(cfg.attn_pdrop),
             scale=scale,
         )  # [batch, length, heads, head_dim]
         out = Linear(hidden, **kw, name="c_proj")(out.reshape(batch, length, hidden))
-        return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        return out if cache is None else (out, cache)
 
 
 class GPT2MLP(nn.Module):
@@ -159,22 +181,46 @@ class GPT2Block(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask=None, positions=None, causal=True, deterministic=True):
+    def __call__(
+        self,
+        x,
+        attention_mask=None,
+        positions=None,
+        causal=True,
+        deterministic=True,
+        *,
+        cache: KVCache | None = None,
+        layer_index=None,
+    ):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln_1 = nn.LayerNorm(cfg.layer_norm_epsilon, **kw, name="ln_1")
         attn = GPT2Attention(cfg, self.layer_index, **kw, name="attn")
-        x = x + attn(ln_1(x), attention_mask, causal=causal, deterministic=deterministic)
+        h = attn(
+            ln_1(x),
+            attention_mask,
+            causal=causal,
+            deterministic=deterministic,
+            cache=cache,
+            layer_index=layer_index,
+        )
+        if cache is not None:
+            h, cache = h
+        x = x + h
         ln_2 = nn.LayerNorm(cfg.layer_norm_epsilon, **kw, name="ln_2")
-        return x + GPT2MLP(cfg, **kw, name="mlp")(ln_2(x), deterministic)
+        x = x + GPT2MLP(cfg, **kw, name="mlp")(ln_2(x), deterministic)
+        return x if cache is None else (x, cache)
 
 
 class GPT2Model(nn.Module):
-    """wte + wpe -> h_i -> ln_f; returns the last hidden state."""
+    """wte + wpe -> h_i -> ln_f; returns the last hidden state (and the updated cache when one is
+    given)."""
 
     config: GPT2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         cfg = self.config
@@ -183,29 +229,45 @@ class GPT2Model(nn.Module):
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, **kw)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, **kw)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = [GPT2Block(cfg, i, **kw) for i in range(cfg.n_layer)]
+        self.h = make_layers(
+            GPT2Block, cfg, scan=self.scan_layers, remat_policy=self.remat_policy, **kw
+        )
         self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, **kw)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
         x = self.wte(input_ids)  # [batch, length, hidden]
-        x = x + self.wpe(default_positions(x, attention_mask, positions))
+        x = x + self.wpe(default_positions(x, attention_mask, positions, cache))
         x = self.drop(x, deterministic=deterministic)
-        for layer in self.h:
-            x = layer(x, attention_mask, None, True, deterministic)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return self.ln_f(x)
+        x, cache = run_layers(
+            self.h,
+            x,
+            attention_mask,
+            None,
+            deterministic=deterministic,
+            cache=cache,
+            num_layers=self.config.n_layer,
+        )
+        x = self.ln_f(x)
+        return x if cache is None else (x, cache)
 
 
 class GPT2LMHeadModel(nn.Module):
-    """Decoder + lm_head (tied to wte by default); float32 logits [batch, length, vocab]."""
+    """Decoder + lm_head (tied to wte by default); float32 logits [batch, length, vocab]. `cache`
+    and `last_logits_only` as in LlamaForCausalLM."""
 
     task: ClassVar[str] = "causal_lm"
     config: GPT2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
-        self.transformer = GPT2Model(self.config, self.dtype, self.param_dtype)
+        self.transformer = GPT2Model(
+            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
+        )
         if not self.config.tie_word_embeddings:
             self.lm_head = Linear(
                 self.config.vocab_size,
@@ -214,11 +276,28 @@ class GPT2LMHeadModel(nn.Module):
                 param_dtype=self.param_dtype,
             )
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        h = self.transformer(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        *,
+        deterministic=True,
+        cache=None,
+        last_logits_only=False,
+    ):
+        h = self.transformer(
+            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
+        )
+        if cache is not None:
+            h, cache = h
+        if last_logits_only:
+            h = h[:, -1:]
         if self.config.tie_word_embeddings:
-            return self.transformer.wte.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+            logits = self.transformer.wte.attend(h).astype(jnp.float32)
+        else:
+            logits = self.lm_head(h).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
 
 
 class GPT2Decoder(nn.Module):
@@ -228,11 +307,22 @@ class GPT2Decoder(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        model = GPT2Model(self.config, self.dtype, self.param_dtype, name="transformer")
-        return model(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
+        model = GPT2Model(
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.scan_layers,
+            self.remat_policy,
+            name="transformer",
+        )
+        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +330,7 @@ class GPT2Decoder(nn.Module):
 
 BASE_MODEL_PREFIX = "transformer"
 LAYER_KEYS = r"(?:transformer\.)?h\.(\d+)\.(.+)"
+LAYER_STACK = "h"
 # Conv1D weights are stored [in, out]: no transpose, in either direction.
 IN_OUT_KERNELS = (r"(.+\.)?(c_attn|c_proj|c_fc)\.weight",)
 # Module names ending in _<digits> that are not list indices (our `h_3` is HF's `h.3`).
@@ -248,15 +339,18 @@ LITERAL_NAMES = ("ln_1", "ln_2")
 IGNORED_SOURCE_KEYS = (r"(.+\.)?attn\.(masked_)?bias",)
 OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
 NEW_HEAD_PATHS = ()
+LAYER_PARAM_AXES = (
+    (r"attn/c_attn/kernel", ("embed", "heads")),
+    (r"attn/c_attn/bias", ("heads",)),
+    (r"attn/c_proj/kernel", ("heads", "embed")),
+    (r"mlp/c_fc/kernel", ("embed", "mlp")),
+    (r"mlp/c_fc/bias", ("mlp",)),
+    (r"mlp/c_proj/kernel", ("mlp", "embed")),
+)
 PARAM_AXES = (
     (r"(.*/)?wte/embedding", ("vocab", "embed")),
     (r"(.*/)?wpe/embedding", (None, "embed")),
-    (r"(.*/)?attn/c_attn/kernel", ("embed", "heads")),
-    (r"(.*/)?attn/c_attn/bias", ("heads",)),
-    (r"(.*/)?attn/c_proj/kernel", ("heads", "embed")),
-    (r"(.*/)?mlp/c_fc/kernel", ("embed", "mlp")),
-    (r"(.*/)?mlp/c_fc/bias", ("mlp",)),
-    (r"(.*/)?mlp/c_proj/kernel", ("mlp", "embed")),
+    *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
 )
 

@@ -17,6 +17,19 @@ Parameter paths mirror Hugging Face names: `model.layers.3.self_attn.q_proj.weig
 A decoder layer is usable on its own (PiFi plugs one into a small encoder):
 `LlamaDecoderLayer(config, index).apply({"params": p}, x, attention_mask=None, positions=None,
 causal=True)` with x [batch, length, hidden]. `Attention` and `GatedMLP` are shared with gemma2.py.
+
+Decoding: every model and layer also takes `cache=` (a layers.KVCache) and then returns
+`(output, updated_cache)`; pifi_jax.generate drives it.
+
+Big models (the same options in gemma2.py, falcon.py, gpt2.py, through the helpers below):
+  scan_layers=True   one layer module under `nn.scan`: its parameters are stacked along a leading
+                     "layers" axis (`model/layers/self_attn/q_proj/kernel` [layers, in, out]), so
+                     compile time no longer grows with depth. Layers that differ (sliding vs global
+                     attention) get their index as a traced argument and look their window up.
+                     Loading stacks the per-layer checkpoint tensors, saving unstacks them
+                     (hub/convert.py); PARAM_AXES gives the stacked leaves a leading "layers" axis.
+  remat_policy       "none" | "full" | "dots" | "dots_no_batch": gradient checkpointing of each layer
+                     (nn.remat) with jax.checkpoint_policies (REMAT_POLICIES), scanned or not.
 """
 
 from __future__ import annotations
@@ -27,13 +40,16 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pifi_jax.layers import (
+    KVCache,
     Linear,
     RMSNorm,
     Rope,
     activation,
     attention_bias,
+    cached_attention_inputs,
     dot_product_attention,
     positions_from_mask,
 )
@@ -186,6 +202,11 @@ class LlamaConfig:
     def num_layers(self) -> int:
         return self.num_hidden_layers
 
+    @property
+    def cache_kv_heads(self) -> int:
+        """Key/value heads per layer, as a KVCache stores them."""
+        return self.num_key_value_heads
+
     def layer_window(self, index: int) -> int | None:
         """The sliding window of layer `index` (None = full attention)."""
         if self.model_type == "qwen2" and self.layer_types[index] != "sliding_attention":
@@ -201,7 +222,8 @@ class Attention(nn.Module):
       rope: how positions rotate q and k.
       qkv_bias / out_bias: bias leaves on q, k, v / on o.
       scale: logit scale (default head_dim^-0.5); logit_softcap: Gemma-2's tanh cap.
-      sliding_window: keys further back than this are masked (None = all).
+    Call: sliding_window masks keys further back than this (None = all; an array in a scanned
+    stack); with `cache` the result is (output, updated cache).
     """
 
     num_heads: int
@@ -212,13 +234,22 @@ class Attention(nn.Module):
     out_bias: bool = False
     scale: float | None = None
     logit_softcap: float | None = None
-    sliding_window: int | None = None
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask, positions, *, causal: bool, deterministic: bool):
+    def __call__(
+        self,
+        x,
+        attention_mask,
+        positions,
+        *,
+        causal: bool,
+        deterministic: bool,
+        sliding_window=None,
+        cache: KVCache | None = None,
+    ):
         batch, length, hidden = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -230,13 +261,24 @@ class Attention(nn.Module):
         query = self.rope.apply(project("q_proj", self.num_heads), positions)
         key = self.rope.apply(project("k_proj", self.num_kv_heads), positions)
         value = project("v_proj", self.num_kv_heads)  # [batch, length, kv_heads, head_dim]
-        bias = attention_bias(
-            attention_mask,
-            length,
-            causal=causal,
-            sliding_window=self.sliding_window,
-            dtype=self.dtype,
-        )  # [batch | 1, 1, length, length] or None
+        if cache is None:
+            bias = attention_bias(
+                attention_mask,
+                length,
+                causal=causal,
+                sliding_window=sliding_window,
+                dtype=self.dtype,
+            )  # [batch | 1, 1, length, length] or None
+        else:  # keys/values: [batch, max_length, kv_heads, head_dim]
+            key, value, bias, cache = cached_attention_inputs(
+                cache,
+                key,
+                value,
+                attention_mask,
+                causal=causal,
+                sliding_window=sliding_window,
+                dtype=self.dtype,
+            )
         out = dot_product_attention(
             query,
             key,
@@ -249,7 +291,8 @@ class Attention(nn.Module):
             logit_softcap=self.logit_softcap,
         )  # [batch, length, heads, head_dim]
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
-        return Linear(hidden, use_bias=self.out_bias, **kw, name="o_proj")(out)
+        out = Linear(hidden, use_bias=self.out_bias, **kw, name="o_proj")(out)
+        return out if cache is None else (out, cache)
 
 
 class GatedMLP(nn.Module):
@@ -269,13 +312,117 @@ class GatedMLP(nn.Module):
         return Linear(x.shape[-1], **kw, name="down_proj")(activation(self.hidden_act)(gate) * up)
 
 
-def default_positions(x: jax.Array, attention_mask, positions) -> jax.Array:
-    """`positions` if given, else from the padding mask, else 0..length-1: [batch, length]."""
+def default_positions(x: jax.Array, attention_mask, positions, cache=None) -> jax.Array:
+    """`positions` if given, else counted on from the cache, else from the padding mask, else
+    0..length-1: [batch, length]."""
     if positions is not None:
         return positions
+    if cache is not None:
+        return cache.positions(attention_mask, x.shape[1])
     if attention_mask is None:
         return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     return positions_from_mask(attention_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer stacks: unrolled or scanned, with optional rematerialisation. Shared by every decoder.
+
+# remat_policy -> what a layer keeps for the backward pass (None: everything is recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# A window no query-key distance reaches: layers without one, in a scanned stack's window table.
+NO_WINDOW = np.iinfo(np.int32).max
+
+
+def make_layers(layer_cls, config, *, scan: bool, remat_policy: str, **kw):
+    """The layers of a stack, built in a parent's setup(): a list of `num_layers` modules, or
+    (scan) one module whose parameters `run_layers` stacks. remat_policy wraps the layer class
+    in nn.remat (causal and deterministic, positional arguments 4 and 5, stay static)."""
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    if remat_policy != "none":
+        layer_cls = nn.remat(
+            layer_cls,
+            static_argnums=(4, 5),
+            policy=REMAT_POLICIES[remat_policy],
+            prevent_cse=not scan,  # scan already keeps XLA from merging the recomputation away
+        )
+    if scan:
+        return layer_cls(config, 0, **kw)
+    return [layer_cls(config, i, **kw) for i in range(config.num_layers)]
+
+
+def run_layers(layers, x, attention_mask, positions, *, deterministic: bool, cache, num_layers):
+    """Runs a stack from `make_layers` over x [batch, length, hidden]; returns (x, cache).
+
+    Unrolled: layer i reads and writes `cache.layer(i)`. Scanned: the same, with i a traced
+    index and the whole cache in the scan carry (each layer writes its slice back, so the scan
+    does not build a second cache as its output), and the layer's parameters sliced from the
+    stacked leaves by nn.scan.
+    """
+
+    def call(layer, x, cache, i):
+        layer_cache = None if cache is None else cache.layer(i)
+        layer_index = None if isinstance(layers, (list, tuple)) else i
+        out = layer(
+            x,
+            attention_mask,
+            positions,
+            True,
+            deterministic,
+            cache=layer_cache,
+            layer_index=layer_index,
+        )
+        if cache is not None:
+            out, layer_cache = out
+            cache = cache.set_layer(i, layer_cache)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed")), cache
+
+    if isinstance(layers, (list, tuple)):
+        for i, layer in enumerate(layers):
+            x, cache = call(layer, x, cache, i)
+    else:
+
+        def body(layer, carry, i):
+            return call(layer, *carry, i), None
+
+        scan = nn.scan(
+            body,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            length=num_layers,
+        )
+        (x, cache), _ = scan(layers, (x, cache), jnp.arange(num_layers, dtype=jnp.int32))
+    if cache is not None:
+        cache = cache.advance(attention_mask, x.shape[1])
+    return x, cache
+
+
+def window_of(config, layer_index: int, traced_index=None):
+    """Layer `layer_index`'s sliding window; in a scanned stack (`traced_index` given) looked up
+    in a per-layer table, or a constant when every layer has the same one."""
+    if traced_index is None:
+        return config.layer_window(layer_index)
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    if len(set(windows)) == 1:
+        return windows[0]
+    table = np.array([NO_WINDOW if w is None else w for w in windows], np.int32)
+    return jnp.asarray(table)[traced_index]
+
+
+def stacked_param_axes(stack: str, layer_axes) -> tuple:
+    """PARAM_AXES rules for a scanned stack's leaves (`.../{stack}/<leaf>`, one leading "layers"
+    axis) and for unrolled layers (`.../{stack}_3/<leaf>`, or a layer loaded alone), from rules
+    written relative to one layer."""
+    scanned = tuple((rf"(.*/)?{stack}/{p}", ("layers", *axes)) for p, axes in layer_axes)
+    return scanned + tuple((rf"(.*/)?{p}", axes) for p, axes in layer_axes)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -283,6 +430,8 @@ class LlamaDecoderLayer(nn.Module):
 
     attention_mask: [batch, length] 0/1 (None = no padding); positions: [batch, length] (None =
     from the mask, see layers.positions_from_mask); causal=False attends both ways (PiFi).
+    cache: this layer's KVCache; then the result is (x, updated cache). layer_index: a traced
+    index that replaces the `layer_index` attribute (a scanned stack).
     """
 
     config: LlamaConfig
@@ -291,9 +440,19 @@ class LlamaDecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask=None, positions=None, causal=True, deterministic=True):
+    def __call__(
+        self,
+        x,
+        attention_mask=None,
+        positions=None,
+        causal=True,
+        deterministic=True,
+        *,
+        cache: KVCache | None = None,
+        layer_index=None,
+    ):
         cfg = self.config
-        positions = default_positions(x, attention_mask, positions)
+        positions = default_positions(x, attention_mask, positions, cache)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = Attention(
             cfg.num_attention_heads,
@@ -302,24 +461,38 @@ class LlamaDecoderLayer(nn.Module):
             cfg.rope,
             qkv_bias=cfg.attention_bias or cfg.model_type == "qwen2",
             out_bias=cfg.attention_bias,
-            sliding_window=cfg.layer_window(self.layer_index),
             dropout_rate=cfg.attention_dropout,
             **kw,
             name="self_attn",
         )
         h = RMSNorm(cfg.rms_norm_eps, **kw, name="input_layernorm")(x)
-        x = x + attn(h, attention_mask, positions, causal=causal, deterministic=deterministic)
+        h = attn(
+            h,
+            attention_mask,
+            positions,
+            causal=causal,
+            deterministic=deterministic,
+            sliding_window=window_of(cfg, self.layer_index, layer_index),
+            cache=cache,
+        )
+        if cache is not None:
+            h, cache = h
+        x = x + h
         h = RMSNorm(cfg.rms_norm_eps, **kw, name="post_attention_layernorm")(x)
         mlp = GatedMLP(cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, **kw, name="mlp")
-        return x + mlp(h)  # [batch, length, hidden]
+        x = x + mlp(h)  # [batch, length, hidden]
+        return x if cache is None else (x, cache)
 
 
 class LlamaModel(nn.Module):
-    """HF's LlamaModel: embed_tokens -> layers -> norm. Returns the last hidden state."""
+    """HF's LlamaModel: embed_tokens -> layers -> norm. Returns the last hidden state (and the
+    updated cache when one is given)."""
 
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         cfg = self.config
@@ -327,31 +500,49 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), **kw
         )
-        self.layers = [LlamaDecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers)]
+        self.layers = make_layers(
+            LlamaDecoderLayer, cfg, scan=self.scan_layers, remat_policy=self.remat_policy, **kw
+        )
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
         x = self.embed_tokens(input_ids)  # [batch, length, hidden]
-        positions = default_positions(x, attention_mask, positions)
-        for layer in self.layers:
-            x = layer(x, attention_mask, positions, True, deterministic)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return self.norm(x)
+        positions = default_positions(x, attention_mask, positions, cache)
+        x, cache = run_layers(
+            self.layers,
+            x,
+            attention_mask,
+            positions,
+            deterministic=deterministic,
+            cache=cache,
+            num_layers=self.config.num_hidden_layers,
+        )
+        x = self.norm(x)
+        return x if cache is None else (x, cache)
 
 
 class LlamaForCausalLM(nn.Module):
     """Decoder + lm_head (or the tied embedding). Returns float32 logits [batch, length, vocab].
 
-    Call: `module.apply({"params": params}, input_ids, attention_mask=None, positions=None)`.
+    Call: `module.apply({"params": params}, input_ids, attention_mask=None, positions=None)`;
+    with `cache=` (a KVCache) it returns (logits, updated cache); `last_logits_only=True` computes
+    the logits of the last slot only ([batch, 1, vocab]: a prompt's next token, without the
+    [batch, length, vocab] tensor).
     """
 
     task: ClassVar[str] = "causal_lm"
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
-        self.model = LlamaModel(self.config, self.dtype, self.param_dtype)
+        self.model = LlamaModel(
+            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
+        )
         if not self.config.tie_word_embeddings:
             self.lm_head = Linear(
                 self.config.vocab_size,
@@ -360,11 +551,28 @@ class LlamaForCausalLM(nn.Module):
                 param_dtype=self.param_dtype,
             )
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        h = self.model(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        *,
+        deterministic=True,
+        cache=None,
+        last_logits_only=False,
+    ):
+        h = self.model(
+            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
+        )
+        if cache is not None:
+            h, cache = h
+        if last_logits_only:
+            h = h[:, -1:]
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+            logits = self.model.embed_tokens.attend(h).astype(jnp.float32)
+        else:
+            logits = self.lm_head(h).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
 
 
 class LlamaDecoder(nn.Module):
@@ -374,11 +582,22 @@ class LlamaDecoder(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, deterministic=True):
-        model = LlamaModel(self.config, self.dtype, self.param_dtype, name="model")
-        return model(input_ids, attention_mask, positions, deterministic=deterministic)
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
+    ):
+        model = LlamaModel(
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.scan_layers,
+            self.remat_policy,
+            name="model",
+        )
+        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,22 +606,27 @@ class LlamaDecoder(nn.Module):
 BASE_MODEL_PREFIX = "model"
 # A layer's tensors, with and without the base prefix: group 1 = index, group 2 = name inside.
 LAYER_KEYS = r"(?:model\.)?layers\.(\d+)\.(.+)"
+# The name of the layer list in the base model (`model/layers_3/...`; scanned: `model/layers/...`).
+LAYER_STACK = "layers"
 # Old checkpoints stored the rotary table as a buffer.
 IGNORED_SOURCE_KEYS = (r".*rotary_emb\.inv_freq",)
 # Tied models and the bare stack have no lm_head; a checkpoint may still carry one.
 OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
 NEW_HEAD_PATHS = ()
 # Key/value projections use "kv" (replicated by default: they are few heads under GQA).
+LAYER_PARAM_AXES = (
+    (r"self_attn/q_proj/kernel", ("embed", "heads")),
+    (r"self_attn/q_proj/bias", ("heads",)),
+    (r"self_attn/(k|v)_proj/kernel", ("embed", "kv")),
+    (r"self_attn/(k|v)_proj/bias", ("kv",)),
+    (r"self_attn/o_proj/kernel", ("heads", "embed")),
+    (r"mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
+    (r"mlp/(gate|up)_proj/bias", ("mlp",)),
+    (r"mlp/down_proj/kernel", ("mlp", "embed")),
+)
 PARAM_AXES = (
     (r"(.*/)?embed_tokens/embedding", ("vocab", "embed")),
-    (r"(.*/)?self_attn/q_proj/kernel", ("embed", "heads")),
-    (r"(.*/)?self_attn/q_proj/bias", ("heads",)),
-    (r"(.*/)?self_attn/(k|v)_proj/kernel", ("embed", "kv")),
-    (r"(.*/)?self_attn/(k|v)_proj/bias", ("kv",)),
-    (r"(.*/)?self_attn/o_proj/kernel", ("heads", "embed")),
-    (r"(.*/)?mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
-    (r"(.*/)?mlp/(gate|up)_proj/bias", ("mlp",)),
-    (r"(.*/)?mlp/down_proj/kernel", ("mlp", "embed")),
+    *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
 )
 _HF_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
