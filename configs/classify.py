@@ -119,8 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.eps = 1e-8
 
     config.peft = ml_collections.ConfigDict()
-    # full | topk | bitfit | lora | dora | ia3. Anything but "full" decides what trains (then
-    # train.trainable_rules is not used).
+    # full | topk | bitfit | lora | dora | ia3 | adapter_houlsby | adapter_pfeiffer | prefix |
+    # prompt. Anything but "full" decides what trains (then train.trainable_rules is not used).
     config.peft.method = "full"
     # Modules the method attaches to: comma-separated names or dotted suffixes, or "re:REGEX"
     # (full match on the dotted module name); empty = the architecture's Hugging Face PEFT
@@ -143,6 +143,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peft.feedforward_modules = ""
     # top-k: number of top layers that train.
     config.peft.k = 1
+    # Adapters: bottleneck width m (each adapter is d -> m -> d). For adapters, target_modules
+    # names the projections an adapter follows (empty = houlsby: attention output and FFN output,
+    # pfeiffer: FFN output).
+    config.peft.bottleneck_size = 64
+    # Adapters: activation between down and up (relu, gelu, gelu_new, silu, tanh).
+    config.peft.non_linearity = "relu"
+    # Adapters: whether every LayerNorm trains too: auto (houlsby yes, pfeiffer no), true, false.
+    config.peft.train_layernorms = "auto"
+    # prefix / prompt: number of virtual tokens P.
+    config.peft.num_virtual_tokens = 20
+    # prefix: train the prefix through an MLP (embedding [P, H] -> encoder_hidden_size -> tanh ->
+    # layers * 2 * H) instead of directly.
+    config.peft.prefix_projection = False
+    # prefix with prefix_projection: the MLP's inner width (0 = the hidden size).
+    config.peft.encoder_hidden_size = 0
+    # prompt: initialisation RANDOM | TEXT (embeddings of prompt_tuning_init_text's tokens) |
+    # SAMPLE_VOCAB (embeddings of random vocabulary tokens).
+    config.peft.prompt_tuning_init = "RANDOM"
+    # prompt with TEXT: the text.
+    config.peft.prompt_tuning_init_text = ""
+    # prompt with TEXT: the tokenizer that splits the text (a directory or hub id).
+    config.peft.tokenizer_name_or_path = ""
 
     # Device mesh over (data, fsdp, tensor); -1 = all remaining devices.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

@@ -75,12 +75,15 @@ def param_logical_axes(flat_shapes: Mapping[str, object], param_axes) -> dict[st
 
     PEFT leaves of a Linear follow its kernel [in, out]: lora_a [in, r] takes the input axis,
     lora_b [r, out] and lora_magnitude [out] the output axis, the rank stays replicated; an IA3
-    vector takes the axis of the dimension it scales.
+    vector takes the axis of the dimension it scales. Bottleneck adapters shard their hidden-size
+    side like the residual stream they sit on ("embed"); the bottleneck stays whole. Prefix and
+    prompt tables (`prefix_encoder/*`, `prompt_encoder/*`, small) stay replicated.
     """
+    rules = (*param_axes, *_BOTTLENECK_AXES)
     out = {}
     for path, leaf in flat_shapes.items():
         ndim = len(leaf.shape)
-        axes = next((ax for pattern, ax in param_axes if re.fullmatch(pattern, path)), None)
+        axes = next((ax for pattern, ax in rules if re.fullmatch(pattern, path)), None)
         if axes is None or len(axes) != ndim:
             axes = (None,) * ndim
         out[path] = tuple(axes)
@@ -97,6 +100,12 @@ def param_logical_axes(flat_shapes: Mapping[str, object], param_axes) -> dict[st
     return out
 
 
+# pifi_jax.peft.adapters: down [d, m] and up [m, d] (+ bias [d]) around a [..., d] activation.
+_BOTTLENECK_AXES = (
+    (r".*/adapter_down/kernel", ("embed", None)),
+    (r".*/adapter_up/kernel", (None, "embed")),
+    (r".*/adapter_up/bias", ("embed",)),
+)
 _ADAPTER_AXES = {
     "lora_a": lambda k_in, k_out: (k_in, None),
     "lora_b": lambda k_in, k_out: (None, k_out),

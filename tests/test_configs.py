@@ -143,9 +143,22 @@ def test_docstring_gives_the_launch_command(path):
     assert f"python -m launch.train --config=configs/{path.name}" in docstring
 
 
+def _extra_tiny_overrides(name: str, tmp_path_factory) -> list[str]:
+    """Overrides a config needs beyond tiny_overrides: its other checkpoints, made tiny."""
+    if name == "pifi.py":  # the LLM whose layer is plugged in
+        from tests.test_pifi import write_tiny_llm
+
+        llm_dir = write_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+        return [f"--config.pifi.llm={llm_dir}"]
+    return []
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=CONFIG_IDS)
-def test_config_runs_one_step_on_its_tiny_setting(path, tiny_bert_dir, tiny_task_files, tmp_path):
+def test_config_runs_one_step_on_its_tiny_setting(
+    path, tiny_bert_dir, tiny_task_files, tmp_path, tmp_path_factory
+):
     overrides = tiny_overrides(tiny_bert_dir, tiny_task_files) + ["--config.train.num_steps=1"]
+    overrides += _extra_tiny_overrides(path.name, tmp_path_factory)
     config = load_config(f"configs/{path.name}:runlocal", overrides)
     results = train_and_evaluate(config, tmp_path)
     assert results["steps"] == 1

@@ -11,6 +11,17 @@ plan and, if targeted, creates and applies its extra leaves:
     ia3_l [out] (or [in] for FFN-out)    y *= l   (or x *= l before the projection)
 
 A Linear that is not targeted has no extra leaves and does no extra work.
+
+The same scope carries the methods that act around projections rather than on them. A family
+module calls one hook at the place the method acts; outside a PEFT scope every hook returns its
+input unchanged:
+    bottleneck_adapter(self, h)      Houlsby / Pfeiffer: h + up(act(down(h))) when the plan names
+                                     this module (leaves `adapter_down/*`, `adapter_up/*` here)
+    attention_prefix(self, k, v, b)  prefix tuning: this attention's P prefix keys/values in front
+    prompt_inputs / prepend_prompt   prompt tuning: P soft tokens in front of the sequence
+    virtual_tokens()                 (prompt tokens, prefix tokens), for position numbering
+The prompt and prefix values themselves are computed once per call by `pifi_jax.peft.PeftModel`
+(which owns their leaves) and handed to the scope.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from pifi_jax.layers.activations import activation
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
@@ -40,28 +53,133 @@ class LinearAdapter:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bottleneck:
+    """A bottleneck adapter on a module's output: h + up(act(down(h))), up starting at zero."""
+
+    size: int
+    non_linearity: str = "relu"
+
+
+@dataclasses.dataclass(frozen=True)
 class AdapterPlan:
-    """Module path ("/"-joined, as in the parameter tree) -> LinearAdapter. Hashable."""
+    """Where PEFT leaves attach, by module path ("/"-joined, as in the parameter tree). Hashable.
+
+    adapters: Linear path -> LinearAdapter (LoRA, DoRA, IA3).
+    bottlenecks: path of a module that calls `bottleneck_adapter` -> Bottleneck.
+    prefix_layers: paths of the self-attention modules that take prefix keys/values, in the order
+      of their blocks in the prefix table (prefix tuning).
+    """
 
     adapters: tuple[tuple[str, LinearAdapter], ...] = ()
+    bottlenecks: tuple[tuple[str, Bottleneck], ...] = ()
+    prefix_layers: tuple[str, ...] = ()
 
     def get(self, path: str) -> LinearAdapter | None:
         return dict(self.adapters).get(path)
 
+    def bottleneck(self, path: str) -> Bottleneck | None:
+        return dict(self.bottlenecks).get(path)
 
-_SCOPE: contextvars.ContextVar[tuple[AdapterPlan, bool] | None] = contextvars.ContextVar(
+
+@dataclasses.dataclass(frozen=True)
+class _Active:
+    plan: AdapterPlan
+    deterministic: bool
+    prompt: jax.Array | None  # [P, width] soft token embeddings
+    prefix: jax.Array | None  # [P, layers * 2 * hidden]: per layer, keys then values
+
+
+_SCOPE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
     "pifi_jax_adapter_scope", default=None
 )
 
 
 @contextlib.contextmanager
-def adapter_scope(plan: AdapterPlan, deterministic: bool):
-    """Linear modules called inside this context attach the plan's adapters."""
-    token = _SCOPE.set((plan, deterministic))
+def adapter_scope(
+    plan: AdapterPlan,
+    deterministic: bool,
+    *,
+    prompt: jax.Array | None = None,
+    prefix: jax.Array | None = None,
+):
+    """Modules called inside this context attach the plan's adapters (and prompt / prefix)."""
+    token = _SCOPE.set(_Active(plan, deterministic, prompt, prefix))
     try:
         yield
     finally:
         _SCOPE.reset(token)
+
+
+def virtual_tokens() -> tuple[int, int]:
+    """(prompt tokens, prefix tokens) the active PEFT method adds in front; (0, 0) without one."""
+    active = _SCOPE.get()
+    if active is None:
+        return 0, 0
+    prompt = 0 if active.prompt is None else active.prompt.shape[0]
+    prefix = 0 if active.prefix is None else active.prefix.shape[0]
+    return prompt, prefix
+
+
+def prompt_inputs(attention_mask: jax.Array, token_type_ids: jax.Array):
+    """Prompt tuning: mask [batch, P + length] (1 on the prompt) and token types (0 on it)."""
+    n = virtual_tokens()[0]
+    if not n:
+        return attention_mask, token_type_ids
+    front = ((0, 0), (n, 0))
+    return (
+        jnp.pad(attention_mask, front, constant_values=1),
+        jnp.pad(token_type_ids, front, constant_values=0),
+    )
+
+
+def prepend_prompt(embedded: jax.Array) -> jax.Array:
+    """Prompt tuning: [batch, length, width] word embeddings -> [batch, P + length, width]."""
+    active = _SCOPE.get()
+    if active is None or active.prompt is None:
+        return embedded
+    prompt = active.prompt.astype(embedded.dtype)  # [P, width]
+    prompt = jnp.broadcast_to(prompt, (embedded.shape[0], *prompt.shape))
+    return jnp.concatenate([prompt, embedded], axis=1)
+
+
+def attention_prefix(module: nn.Module, key: jax.Array, value: jax.Array, bias: jax.Array | None):
+    """Prefix tuning: P trained keys/values in front of this attention's own, visible to all.
+
+    key, value: [batch, length, heads, head_dim] -> [batch, P + length, heads, head_dim];
+    bias: [..., length] additive padding bias -> [..., P + length] (0 = attend on the prefix).
+    """
+    active = _SCOPE.get()
+    path = "/".join(module.path)
+    if active is None or active.prefix is None or path not in active.plan.prefix_layers:
+        return key, value, bias
+    layers = active.plan.prefix_layers
+    batch, _, heads, head_dim = key.shape
+    n = active.prefix.shape[0]
+    table = active.prefix.reshape(n, len(layers), 2, heads, head_dim)  # [P, layers, k|v, h, d]
+    block = table[:, layers.index(path)].astype(key.dtype)  # [P, 2, heads, head_dim]
+    block = jnp.broadcast_to(block, (batch, *block.shape))
+    key = jnp.concatenate([block[:, :, 0], key], axis=1)
+    value = jnp.concatenate([block[:, :, 1], value], axis=1)
+    if bias is not None:
+        bias = jnp.pad(bias, ((0, 0),) * (bias.ndim - 1) + ((n, 0),))
+    return key, value, bias
+
+
+def bottleneck_adapter(module: nn.Module, h: jax.Array) -> jax.Array:
+    """h + up(act(down(h))) when the plan puts a bottleneck on `module` (call from its __call__).
+
+    Leaves created under `module`: adapter_down/{kernel [d, m], bias [m]},
+    adapter_up/{kernel [m, d], bias [d]}; up starts at zero, so the module starts unchanged.
+    """
+    active = _SCOPE.get()
+    spec = active.plan.bottleneck("/".join(module.path)) if active else None
+    if spec is None:
+        return h
+    kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    down = Linear(spec.size, name="adapter_down", **kw)(h)  # [..., m]
+    zeros = nn.initializers.zeros
+    up = Linear(h.shape[-1], kernel_init=zeros, name="adapter_up", **kw)
+    return h + up(activation(spec.non_linearity)(down))  # [..., d]
 
 
 def _kaiming_uniform_a(key, shape, dtype):
@@ -92,11 +210,11 @@ class Linear(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
-        scope = _SCOPE.get()
-        adapter = scope[0].get("/".join(self.path)) if scope else None
+        active = _SCOPE.get()
+        adapter = active.plan.get("/".join(self.path)) if active else None
         if adapter is None:
             return self._project(x, kernel)
-        deterministic = scope[1]
+        deterministic = active.deterministic
         if adapter.ia3 == "input":
             scale = self.param("ia3_l", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
             x = x * scale.astype(self.dtype)

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pifi_jax.layers import Linear, activation, dot_product_attention, padding_bias
+from pifi_jax.layers.linear import bottleneck_adapter, prepend_prompt, prompt_inputs
 from pifi_jax.models import config_utils
 
 MODEL_TYPES = ("albert",)
@@ -142,8 +143,9 @@ class AlbertEmbeddings(nn.Module):
                 name=name,
             )
 
-        positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None, :]  # [1, length]
         x = embed(cfg.vocab_size, "word_embeddings")(input_ids)  # [batch, length, embedding_size]
+        x = prepend_prompt(x)  # prompt tuning: [batch, P + length, embedding_size]
+        positions = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]  # [1, length]
         x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
         x = _layer_norm(cfg, self, "LayerNorm")(x)
@@ -179,6 +181,7 @@ class AlbertAttention(nn.Module):
         out = out.reshape(batch, length, cfg.hidden_size)  # [batch, length, hidden]
         out = Linear(cfg.hidden_size, **kw, name="dense")(out)
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+        out = bottleneck_adapter(self, out)  # Houlsby adapters, where planned
         return _layer_norm(cfg, self, "LayerNorm")(x + out)
 
 
@@ -195,6 +198,7 @@ class AlbertLayer(nn.Module):
         h = Linear(cfg.intermediate_size, **kw, name="ffn")(a)  # [batch, length, intermediate]
         h = activation(cfg.hidden_act)(h)
         h = Linear(cfg.hidden_size, **kw, name="ffn_output")(h)  # [batch, length, hidden]
+        h = bottleneck_adapter(self, h)  # Houlsby / Pfeiffer adapters, where planned
         return _layer_norm(cfg, self, "full_layer_layer_norm")(h + a)
 
 
@@ -257,6 +261,7 @@ class AlbertModel(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        attention_mask, token_type_ids = prompt_inputs(attention_mask, token_type_ids)
         x = AlbertEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(
             input_ids, token_type_ids, deterministic
         )

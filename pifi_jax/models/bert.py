@@ -21,6 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from pifi_jax.layers import Linear, activation, dot_product_attention, padding_bias
+from pifi_jax.layers.linear import (
+    attention_prefix,
+    bottleneck_adapter,
+    prepend_prompt,
+    prompt_inputs,
+    virtual_tokens,
+)
 from pifi_jax.models import config_utils
 
 MODEL_TYPES = ("bert", "roberta", "electra")
@@ -125,6 +132,7 @@ class Embeddings(nn.Module):
             )
 
         x = embed(cfg.vocab_size, "word_embeddings")(input_ids)  # [batch, length, width]
+        x = prepend_prompt(x)  # prompt tuning: [batch, P + length, width]
         x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = x + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
         x = nn.LayerNorm(
@@ -149,10 +157,12 @@ class SelfAttention(nn.Module):
             )
             return y.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)  # [b, s, h, d]
 
+        query = project("query")
+        key, value, bias = attention_prefix(self, project("key"), project("value"), bias)
         out = dot_product_attention(
-            project("query"),
-            project("key"),
-            project("value"),
+            query,
+            key,
+            value,
             bias,
             dropout_rate=cfg.attention_probs_dropout_prob,
             deterministic=deterministic,
@@ -173,6 +183,7 @@ class AddAndNorm(nn.Module):
         cfg = self.config
         x = Linear(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = bottleneck_adapter(self, x)  # Houlsby / Pfeiffer adapters, where planned
         norm = nn.LayerNorm(
             cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="LayerNorm"
         )
@@ -235,12 +246,20 @@ class Encoder(nn.Module):
         return x
 
 
-def position_ids_for(config: BertConfig, input_ids: jax.Array) -> jax.Array:
-    """Absolute positions; RoBERTa counts from pad_token_id + 1 and gives padding pad_token_id."""
+def position_ids_for(
+    config: BertConfig, input_ids: jax.Array, prompt: int = 0, prefix: int = 0
+) -> jax.Array:
+    """Absolute positions; RoBERTa counts from pad_token_id + 1 and gives padding pad_token_id.
+
+    PEFT, as Hugging Face numbers it: `prompt` soft tokens in front count as tokens; with a
+    `prefix` of P cached keys, the tokens are numbered from P on.
+    """
     if config.model_type == "roberta":
         not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
-        return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
-    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        not_pad = jnp.pad(not_pad, ((0, 0), (prompt, 0)), constant_values=1)
+        return (jnp.cumsum(not_pad, axis=1) + prefix) * not_pad + config.pad_token_id
+    shape = (input_ids.shape[0], prompt + input_ids.shape[1])
+    return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32) + prefix, shape)
 
 
 class BertModel(nn.Module):
@@ -258,7 +277,8 @@ class BertModel(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        positions = position_ids_for(cfg, input_ids)
+        positions = position_ids_for(cfg, input_ids, *virtual_tokens())
+        attention_mask, token_type_ids = prompt_inputs(attention_mask, token_type_ids)
         x = Embeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(
             input_ids, token_type_ids, positions, deterministic
         )

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pifi_jax.layers import Linear, activation
+from pifi_jax.layers.linear import bottleneck_adapter, prepend_prompt, prompt_inputs
 from pifi_jax.models import config_utils
 
 MODEL_TYPES = ("deberta", "deberta-v2")
@@ -266,8 +267,9 @@ class DebertaEmbeddings(nn.Module):
             )
 
         x = embed(cfg.vocab_size, "word_embeddings")(input_ids)  # [batch, length, width]
+        x = prepend_prompt(x)  # prompt tuning: [batch, P + length, width]
         if cfg.position_biased_input:
-            positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None, :]  # [1, length]
+            positions = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]  # [1, length]
             x = x + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
         if cfg.type_vocab_size > 0:
             x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
@@ -393,6 +395,7 @@ class AddAndNorm(nn.Module):
         cfg = self.config
         x = Linear(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = bottleneck_adapter(self, x)  # Houlsby / Pfeiffer adapters, where planned
         return _layer_norm(cfg, self, "LayerNorm")(x + residual)
 
 
@@ -527,6 +530,7 @@ class DebertaModel(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        attention_mask, token_type_ids = prompt_inputs(attention_mask, token_type_ids)
         x = DebertaEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(
             input_ids, token_type_ids, attention_mask, deterministic
         )

@@ -7,16 +7,21 @@
     pifi_jax.peft.save_adapter(module, params, "adapter/")       # loads in Hugging Face PEFT
     base_module, merged, undo = pifi_jax.peft.merge(module, params)
 
-Methods: full fine-tuning, top-k layers, BitFit, LoRA (rsLoRA, dropout, bias), DoRA, IA3.
+Methods: full fine-tuning, top-k layers, BitFit, LoRA (rsLoRA, dropout, bias), DoRA, IA3,
+bottleneck adapters (Houlsby, Pfeiffer: adapters.py), prefix tuning (prefix.py), prompt tuning
+(prompt.py).
 """
 
 from pifi_jax.peft.config import (
     METHODS,
+    AdapterConfig,
     BitFitConfig,
     DoraConfig,
     FullConfig,
     IA3Config,
     LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
     TopKConfig,
 )
 from pifi_jax.peft.core import (
@@ -34,12 +39,15 @@ from pifi_jax.peft.files import load_adapter, read_adapter_config, save_adapter
 
 __all__ = [
     "METHODS",
+    "AdapterConfig",
     "BitFitConfig",
     "DoraConfig",
     "FullConfig",
     "IA3Config",
     "LoraConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "TopKConfig",
     "adapter_params",
     "load_adapter",

@@ -7,7 +7,10 @@ asks for something else (naming the field) instead of silently computing a diffe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
+
+from pifi_jax.layers.activations import activation
 
 TargetSpec = str | tuple[str, ...] | None
 
@@ -101,6 +104,126 @@ class IA3Config(PeftConfig):
         object.__setattr__(self, "feedforward_modules", _as_targets(self.feedforward_modules))
 
 
+ADAPTER_KINDS = ("houlsby", "pfeiffer")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig(PeftConfig):
+    """Bottleneck adapters: h + up(act(down(h))) on a sub-layer's output, before residual + norm.
+
+    kind: "houlsby" (Houlsby et al. 2019: after the attention-output and the FFN-output
+      projections) or "pfeiffer" (Pfeiffer et al. 2020: after the FFN-output projection only).
+    target_modules: the projections whose output gets an adapter (HF PEFT rules); None = the
+      kind's sites for the architecture (pifi_jax.peft.targets.ADAPTER_TARGETS).
+    bottleneck_size: m in down [d, m] and up [m, d].
+    non_linearity: activation between down and up, by Hugging Face name (relu, gelu, ...).
+    train_layernorms: every LayerNorm trains too; None = the kind's default (houlsby: yes).
+    """
+
+    method: ClassVar[str] = "adapter"
+    kind: str = "houlsby"
+    bottleneck_size: int = 64
+    non_linearity: str = "relu"
+    train_layernorms: bool | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"adapter kind must be one of {ADAPTER_KINDS}, got {self.kind!r}")
+        if self.bottleneck_size < 1:
+            raise ValueError(f"bottleneck_size must be >= 1, got {self.bottleneck_size}")
+        activation(self.non_linearity)  # refuses unknown names
+        if self.train_layernorms is None:
+            object.__setattr__(self, "train_layernorms", self.kind == "houlsby")
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualTokenConfig:
+    """Fields shared by prefix and prompt tuning (names as in HF PEFT's PromptLearningConfig).
+
+    token_dim, num_layers, num_attention_heads: the model's sizes the stored tensors were made
+    for; None = the model's own. When set (an imported adapter) they are checked against it.
+    """
+
+    method: ClassVar[str] = ""
+    num_virtual_tokens: int = 20
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    # Modules trained fully and saved with the adapter (None = the task head, as HF PEFT does).
+    modules_to_save: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.modules_to_save is not None:
+            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningConfig(VirtualTokenConfig):
+    """Prefix tuning (Li & Liang 2021): P trained keys and values in front of every layer's own.
+
+    prefix_projection: reparameterise the prefix as embedding [P, hidden] -> Linear(hidden,
+      encoder_hidden_size) -> tanh -> Linear(num_layers * 2 * hidden) (trained jointly; only its
+      output matters once trained, which is what the Hugging Face PEFT file holds).
+    encoder_hidden_size: the MLP's inner width; None = the model's hidden size.
+    """
+
+    method: ClassVar[str] = "prefix"
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+
+
+PROMPT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuningConfig(VirtualTokenConfig):
+    """Prompt tuning (Lester et al. 2021): P trained token embeddings in front of the input.
+
+    prompt_tuning_init: "RANDOM" (N(0, 1), as HF PEFT), "TEXT" (the word embeddings of a text's
+      tokens, repeated or cut to P) or "SAMPLE_VOCAB" (of P random vocabulary tokens).
+    TEXT takes either prompt_tuning_init_token_ids, or prompt_tuning_init_text split by the
+    tokenizer at tokenizer_name_or_path (special tokens included, as HF PEFT does).
+    """
+
+    method: ClassVar[str] = "prompt"
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    prompt_tuning_init_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prompt_tuning_init not in PROMPT_INITS:
+            raise ValueError(
+                f"prompt_tuning_init must be one of {PROMPT_INITS}, got {self.prompt_tuning_init!r}"
+            )
+        ids = self.prompt_tuning_init_token_ids
+        if ids is not None:
+            object.__setattr__(self, "prompt_tuning_init_token_ids", tuple(int(i) for i in ids))
+        if self.prompt_tuning_init == "TEXT" and not ids:
+            if not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs prompt_tuning_init_token_ids, or "
+                    "prompt_tuning_init_text and tokenizer_name_or_path"
+                )
+
+    def init_token_ids(self) -> tuple[int, ...]:
+        """The TEXT initialisation's token ids, repeated or cut to num_virtual_tokens."""
+        ids = self.prompt_tuning_init_token_ids
+        if not ids:
+            from pifi_jax.data import load_tokenizer
+
+            tokenizer = load_tokenizer(self.tokenizer_name_or_path)
+            ids = tuple(tokenizer(self.prompt_tuning_init_text)["input_ids"])
+        if not ids:
+            raise ValueError("prompt_tuning_init='TEXT': the text has no tokens")
+        reps = -(-self.num_virtual_tokens // len(ids))
+        return (ids * reps)[: self.num_virtual_tokens]
+
+
 @dataclasses.dataclass(frozen=True)
 class BitFitConfig:
     """BitFit (Ben Zaken et al. 2021): only biases (and the task head) train."""
@@ -130,6 +253,7 @@ class FullConfig:
     modules_to_save: tuple[str, ...] | None = None
 
 
+# Method names as the run config (configs/classify.py `peft.method`) spells them.
 METHODS: dict[str, Any] = {
     "full": FullConfig,
     "topk": TopKConfig,
@@ -137,6 +261,24 @@ METHODS: dict[str, Any] = {
     "lora": LoraConfig,
     "dora": DoraConfig,
     "ia3": IA3Config,
+    "adapter_houlsby": functools.partial(AdapterConfig, kind="houlsby"),
+    "adapter_pfeiffer": functools.partial(AdapterConfig, kind="pfeiffer"),
+    "prefix": PrefixTuningConfig,
+    "prompt": PromptTuningConfig,
+}
+# Config class of each `config.method` (what a native adapter file records).
+CONFIG_CLASSES: dict[str, Any] = {
+    cls.method: cls
+    for cls in (
+        FullConfig,
+        TopKConfig,
+        BitFitConfig,
+        LoraConfig,
+        IA3Config,
+        AdapterConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+    )
 }
 
 # adapter_config.json fields that do not change the computation (bookkeeping) or that we check
@@ -178,12 +320,55 @@ _HF_NEUTRAL = {
 }
 
 
+# Prompt-learning fields of adapter_config.json that only say how to initialise for training,
+# which a stored adapter replaces, or that are checked by hand below.
+_HF_VIRTUAL_BOOKKEEPING = {
+    "num_transformer_submodules",
+    "init_weights",
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
+    "prefix_projection",
+    "encoder_hidden_size",
+}
+
+
+def _virtual_from_hf(cls, hf: dict):
+    """PREFIX_TUNING / PROMPT_TUNING: the stored tensor is the prefix (or prompt) itself."""
+    if hf.get("num_transformer_submodules") not in (None, 1):
+        raise ValueError(
+            f"num_transformer_submodules={hf['num_transformer_submodules']} (an encoder-decoder "
+            "adapter) is not supported"
+        )
+    fields = {f.name for f in dataclasses.fields(VirtualTokenConfig)}
+    kwargs = {}
+    for key, value in hf.items():
+        if key in fields:
+            kwargs[key] = value
+        elif key not in _HF_BOOKKEEPING | _HF_VIRTUAL_BOOKKEEPING:
+            raise ValueError(f"adapter_config.json field {key!r} (= {value!r}) is not supported")
+    # A PEFT prefix file holds the prefix, not the MLP that produced it (prefix_projection), and
+    # an initialisation is replaced by the stored values: import as a plain prefix / random init.
+    return cls(**kwargs)
+
+
 def from_hf_dict(hf: dict) -> PeftConfig:
-    """Our config for a Hugging Face PEFT adapter_config.json dict (LORA or IA3)."""
+    """Our config for a Hugging Face PEFT adapter_config.json dict.
+
+    LORA and IA3 as they are; PREFIX_TUNING and PROMPT_TUNING as the tensors the file holds (a
+    prefix made with prefix_projection imports as a plain prefix: the file holds the MLP's output).
+    """
     peft_type = hf.get("peft_type")
+    virtual = {"PREFIX_TUNING": PrefixTuningConfig, "PROMPT_TUNING": PromptTuningConfig}
+    if peft_type in virtual:
+        return _virtual_from_hf(virtual[peft_type], hf)
     cls = {"LORA": LoraConfig, "IA3": IA3Config}.get(peft_type)
     if cls is None:
-        raise ValueError(f"peft_type {peft_type!r} is not supported for import (LORA, IA3)")
+        raise ValueError(
+            f"peft_type {peft_type!r} is not supported for import "
+            "(LORA, IA3, PREFIX_TUNING, PROMPT_TUNING)"
+        )
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in hf.items():
@@ -220,6 +405,52 @@ def to_hf_dict(config: PeftConfig, task_type: str | None) -> dict:
     return out
 
 
+def virtual_to_hf_dict(
+    config: VirtualTokenConfig,
+    task_type: str | None,
+    *,
+    token_dim: int,
+    num_layers: int,
+    num_attention_heads: int,
+    encoder_hidden_size: int | None = None,
+) -> dict:
+    """adapter_config.json contents for prefix or prompt tuning on a model of these sizes."""
+    out = {
+        "peft_type": {"prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[config.method],
+        "task_type": task_type,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": num_layers,
+        "modules_to_save": None if config.modules_to_save is None else list(config.modules_to_save),
+    }
+    if config.method == "prefix":
+        out.update(
+            prefix_projection=config.prefix_projection,
+            encoder_hidden_size=encoder_hidden_size,
+            init_weights=None,
+        )
+    else:
+        # PEFT validates TEXT against a tokenizer (and never uses it when loading); an init from
+        # bare token ids has none to name, so it is recorded as RANDOM there.
+        init = config.prompt_tuning_init
+        if init == "TEXT" and not (
+            config.prompt_tuning_init_text and config.tokenizer_name_or_path
+        ):
+            init = "RANDOM"
+        out.update(
+            prompt_tuning_init=init,
+            prompt_tuning_init_text=config.prompt_tuning_init_text if init == "TEXT" else None,
+            tokenizer_name_or_path=config.tokenizer_name_or_path if init == "TEXT" else None,
+            tokenizer_kwargs=None,
+        )
+    return out
+
+
 def _names(text: str):
     """'' -> None; 'a,b' -> ('a', 'b') (names or suffixes); 're:PATTERN' -> 'PATTERN' (a regex)."""
     text = text.strip()
@@ -241,6 +472,21 @@ def from_flat_config(cfg) -> Any:
         return BitFitConfig(modules_to_save=saved)
     if method == "topk":
         return TopKConfig(k=cfg.k, modules_to_save=saved)
+    if method == "prefix":
+        return PrefixTuningConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prefix_projection=cfg.prefix_projection,
+            encoder_hidden_size=cfg.encoder_hidden_size or None,
+            modules_to_save=saved,
+        )
+    if method == "prompt":
+        return PromptTuningConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prompt_tuning_init=cfg.prompt_tuning_init,
+            prompt_tuning_init_text=cfg.prompt_tuning_init_text or None,
+            tokenizer_name_or_path=cfg.tokenizer_name_or_path or None,
+            modules_to_save=saved,
+        )
     targets = dict(
         target_modules=_names(cfg.target_modules),
         exclude_modules=_names(cfg.exclude_modules),
@@ -248,6 +494,20 @@ def from_flat_config(cfg) -> Any:
     )
     if method == "ia3":
         return IA3Config(feedforward_modules=_names(cfg.feedforward_modules), **targets)
+    if method.startswith("adapter_"):
+        layernorms = {"auto": None, "true": True, "false": False}
+        choice = cfg.train_layernorms.lower()
+        if choice not in layernorms:
+            raise ValueError(
+                f"peft.train_layernorms={cfg.train_layernorms!r}: use auto, true or false"
+            )
+        return AdapterConfig(
+            kind=method.removeprefix("adapter_"),
+            bottleneck_size=cfg.bottleneck_size,
+            non_linearity=cfg.non_linearity,
+            train_layernorms=layernorms[choice],
+            **targets,
+        )
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,

@@ -6,7 +6,11 @@
     params_again = unmerge(module, merged, undo)      # bitwise the PEFT tree again
 
 `PeftModel` wraps a family module without changing its parameter paths (the two share one scope)
-and runs it inside `adapter_scope`, where each targeted `Linear` creates and applies its leaves.
+and runs it inside `adapter_scope`, where each targeted `Linear` creates and applies its leaves, and
+each module named by the plan its bottleneck adapter (adapters.py). For prefix and prompt tuning
+(prefix.py, prompt.py) PeftModel owns the leaves itself, at the root of the tree
+(`prefix_encoder/...`, `prompt_encoder/...`), computes the prefix table or the soft prompt once per
+call and hands it to the scope, where the family's attention and embedding hooks take it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from pifi_jax.layers.linear import AdapterPlan, LinearAdapter, adapter_scope
+from pifi_jax.peft import adapters, prefix, prompt
 from pifi_jax.peft import config as peft_config
 from pifi_jax.peft.targets import (
     HEAD_MODULES,
@@ -45,9 +50,23 @@ class PeftModel(nn.Module):
 
     def setup(self):
         nn.share_scope(self, self.base)
+        method, model_config = self.peft_config.method, self.base.config
+        if method == "prefix":
+            self.prefix_encoder = prefix.encoder_for(
+                self.peft_config, model_config, len(self.plan.prefix_layers), self.base.param_dtype
+            )
+        elif method == "prompt":
+            self.prompt_encoder = prompt.encoder_for(
+                self.peft_config, model_config, self.base.param_dtype
+            )
 
     def __call__(self, *args, deterministic: bool = True, **kwargs):
-        with adapter_scope(self.plan, deterministic):
+        virtual = {}
+        if self.peft_config.method == "prefix":
+            virtual["prefix"] = self.prefix_encoder()  # [P, layers * 2 * hidden]
+        elif self.peft_config.method == "prompt":
+            virtual["prompt"] = self.prompt_encoder()  # [P, width]
+        with adapter_scope(self.plan, deterministic, **virtual):
             return self.base(*args, deterministic=deterministic, **kwargs)
 
     @property
@@ -104,6 +123,12 @@ def make_plan(config, model_type: str, flat_params) -> AdapterPlan:
             kind = "input" if name_matches(hf_module_name(t), feedforward) else "output"
             plan.append((t, LinearAdapter(ia3=kind)))
         return AdapterPlan(tuple(plan))
+    if isinstance(config, peft_config.AdapterConfig):
+        return adapters.plan(config, model_type, linear_paths(flat_params))
+    if isinstance(config, peft_config.PrefixTuningConfig):
+        return AdapterPlan(
+            prefix_layers=prefix.attention_layers(model_type, linear_paths(flat_params))
+        )
     return AdapterPlan()
 
 
@@ -112,14 +137,15 @@ def wrap(module: nn.Module, params: dict, config, *, seed: int = 0) -> tuple[Pef
 
     New leaves are created by running the model once with the base parameters in a mutable
     collection, so initialisers that depend on the loaded weights (DoRA's magnitude) see them.
+    Only the new leaves leave the (jitted) initialiser, so the base weights are not copied.
     """
     plan = make_plan(config, module.config.model_type, _flat(params))
     peft_module = PeftModel(module, plan, config)
-    if not plan.adapters:
+    if not (plan.adapters or plan.bottlenecks or config.method in ("prefix", "prompt")):
         return peft_module, params
     ids = jnp.zeros((1, 4), jnp.int32)
 
-    def init(p):
+    def new_leaves(p):
         _, state = peft_module.apply(
             {"params": p},
             ids,
@@ -127,9 +153,18 @@ def wrap(module: nn.Module, params: dict, config, *, seed: int = 0) -> tuple[Pef
             mutable=["params"],
             rngs={"params": jax.random.PRNGKey(seed)},
         )
-        return state["params"]
+        return {k: v for k, v in _flat(state["params"]).items() if k not in base}
 
-    return peft_module, jax.jit(init)(params)
+    base = _flat(params)
+    # One forward on a [1, 4] input: worth no optimisation, and XLA's CPU backend compiles it
+    # several times faster without.
+    fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    flat = {**base, **jax.jit(new_leaves, compiler_options=fast)(params)}
+    if config.method == "adapter":
+        adapters.check_created(plan, flat)
+    if config.method == "prompt":
+        flat = prompt.initialise_from_vocabulary(config, flat, seed)
+    return peft_module, _unflat(flat)
 
 
 def _module_rule(name: str) -> str:
@@ -170,6 +205,12 @@ def trainable_rules(module: nn.Module, params: dict) -> list[tuple[str, str]]:
             rules += [(re.escape(path) + "/bias", "trainable") for path, _ in module.plan.adapters]
     elif method == "ia3":
         rules.append((r".*/ia3_l", "trainable"))
+    elif method == "adapter":
+        rules += adapters.trainable_rules(config)
+    elif method == "prefix":
+        rules.append((r"prefix_encoder/.*", "trainable"))
+    elif method == "prompt":
+        rules.append((r"prompt_encoder/.*", "trainable"))
     elif method == "bitfit":
         rules.append((_BIAS, "trainable"))
     elif method == "topk":
@@ -222,7 +263,19 @@ def merge(module: PeftModel, params: dict) -> tuple[nn.Module, dict, dict]:
 
     Returns (base_module, merged_params, undo): the plain family module and parameters with no PEFT
     leaves and no extra cost, plus `undo`, the leaves merge replaced or removed, for `unmerge`.
+    Bottleneck adapters and prefix / prompt tuning have no merged form: an error.
     """
+    method = module.peft_config.method
+    if method in ("adapter", "prefix", "prompt"):
+        why = {
+            "adapter": "a bottleneck adapter is a nonlinear function of its input",
+            "prefix": "a prefix adds attention slots",
+            "prompt": "a soft prompt adds tokens",
+        }[method]
+        raise ValueError(
+            f"merge is defined for LoRA, DoRA and IA3; {method!r} cannot be folded into the "
+            f"weights ({why}): keep the PEFT model for inference"
+        )
     flat = _flat(params)
     merged = dict(flat)
     undo = {}

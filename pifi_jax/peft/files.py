@@ -1,13 +1,29 @@
 """Adapter files: the trainable leaves alone, natively or in Hugging Face PEFT's format.
 
-native ("pifi_adapter.json" + "adapter.safetensors"): our paths as keys, any method (LoRA, DoRA,
-  IA3, BitFit, top-k, ...); the JSON records the method config and the base model type.
+native ("pifi_adapter.json" + "adapter.safetensors"): every method (LoRA, DoRA, IA3, BitFit, top-k,
+  bottleneck adapters, prefix and prompt tuning). The safetensors file maps our parameter paths to
+  the trainable leaves exactly as they are in the tree (kernels [in, out]; bfloat16 written as
+  float32), e.g. for Houlsby adapters on BERT
+    bert/encoder/layer_0/attention/output/adapter_down/kernel  [d, m]
+    bert/encoder/layer_0/attention/output/adapter_down/bias    [m]
+    bert/encoder/layer_0/attention/output/adapter_up/kernel    [m, d]
+    bert/encoder/layer_0/attention/output/adapter_up/bias      [d]
+    bert/encoder/layer_0/attention/output/LayerNorm/scale      [d]   (train_layernorms)
+    classifier/kernel, classifier/bias                               (the head)
+  and for prefix tuning with prefix_projection the MLP itself (prefix_encoder/transform_0/...), so
+  training can resume. The JSON is {"method": config.method, "config": the config's fields,
+  "model_type": the base model's}; `read_adapter_config` rebuilds the config from it, and
+  `load_adapter` requires the file's keys and shapes to be exactly the model's trainable leaves.
 peft (adapter_config.json + adapter_model.safetensors): what `peft.PeftModel.from_pretrained`
   reads. Keys are `base_model.model.<HF module name>.<leaf>` with PEFT's layouts:
     lora_a [in, r]  <-> lora_A.weight [r, in]        lora_b [r, out] <-> lora_B.weight [out, r]
     lora_magnitude  <-> lora_magnitude_vector [out]
     ia3_l [out]     <-> ia3_l [out, 1]               ia3_l [in] (feed-forward) <-> ia3_l [1, in]
   modules_to_save (the head) are written under their HF names (`base_model.model.classifier.weight`).
+  Prefix and prompt tuning (PEFT's prompt learning) store one tensor, `prompt_embeddings`: the
+  prefix table [P, layers * 2 * hidden] (with prefix_projection, the MLP's output: PEFT keeps no
+  MLP in a saved adapter) or the prompt [P, width]; the head is `base_model.<HF name>` there.
+  Hugging Face PEFT has no bottleneck adapters: those are native only.
 """
 
 from __future__ import annotations
@@ -24,12 +40,16 @@ import numpy as np
 from pifi_jax.hub.pretrained import hf_key
 from pifi_jax.models import registry
 from pifi_jax.peft import config as peft_config
+from pifi_jax.peft import prefix
 from pifi_jax.peft.core import PeftModel, _flat, _unflat, adapter_params
 from pifi_jax.peft.targets import hf_module_name
 
 NATIVE_CONFIG, NATIVE_WEIGHTS = "pifi_adapter.json", "adapter.safetensors"
 HF_CONFIG, HF_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# Prompt learning in PEFT: one tensor for the prefix / prompt, and the head one level up.
+_VIRTUAL_KEY, _VIRTUAL_PREFIX = "prompt_embeddings", "base_model."
+_VIRTUAL_LEAVES = {"prefix": "prefix_encoder/embedding", "prompt": "prompt_encoder/embedding"}
 _TASK_TYPES = {
     "classification": "SEQ_CLS",
     "encoder": "FEATURE_EXTRACTION",
@@ -44,6 +64,12 @@ def _numpy(x) -> np.ndarray:
 
 def _hf_key(module: PeftModel, path: str) -> tuple[str, bool]:
     """PEFT key and whether to transpose, for one of our adapter or head leaves."""
+    method = module.peft_config.method
+    if method in _VIRTUAL_LEAVES:
+        if path == _VIRTUAL_LEAVES[method]:
+            return _VIRTUAL_KEY, False
+        key, transpose = hf_key(registry.family_for(module.config.model_type), path)
+        return _VIRTUAL_PREFIX + key, transpose
     owner, _, leaf = path.rpartition("/")
     name = hf_module_name(owner)
     if leaf == "lora_a":
@@ -84,6 +110,8 @@ def save_adapter(
         }
         (directory / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
         return directory
+    if config.method in _VIRTUAL_LEAVES:
+        return _save_virtual(module, params, leaves, directory)
     if config.method not in ("lora", "ia3"):
         raise ValueError(
             f"Hugging Face PEFT has no format for {config.method!r}; use format='native'"
@@ -109,15 +137,53 @@ def save_adapter(
     return directory
 
 
+def _prefix_table(module: PeftModel, params: dict) -> np.ndarray:
+    """The prefix table [P, layers * 2 * hidden] the model computes (through its MLP, if any)."""
+    encoder = prefix.encoder_for(
+        module.peft_config, module.config, len(module.plan.prefix_layers), jnp.float32
+    )
+    return _numpy(encoder.apply({"params": params["prefix_encoder"]}))
+
+
+def _save_virtual(module: PeftModel, params: dict, leaves: dict, directory: Path) -> Path:
+    """Prefix / prompt tuning in PEFT's prompt-learning layout."""
+    from safetensors.numpy import save_file
+
+    config, model_config = module.peft_config, module.config
+    tensors = {}
+    for path, value in leaves.items():
+        if path.startswith(("prefix_encoder/", "prompt_encoder/")):
+            continue
+        key, transpose = _hf_key(module, path)
+        array = _numpy(value)
+        tensors[key] = np.ascontiguousarray(array.T if transpose else array)
+    if config.method == "prefix":
+        tensors[_VIRTUAL_KEY] = _prefix_table(module, params)
+        token_dim = model_config.hidden_size
+        num_layers = len(module.plan.prefix_layers)
+    else:
+        tensors[_VIRTUAL_KEY] = _numpy(leaves[_VIRTUAL_LEAVES["prompt"]])
+        token_dim = tensors[_VIRTUAL_KEY].shape[1]
+        num_layers = model_config.num_hidden_layers
+    save_file(tensors, str(directory / HF_WEIGHTS), metadata={"format": "pt"})
+    hf = peft_config.virtual_to_hf_dict(
+        config,
+        _TASK_TYPES.get(module.task),
+        token_dim=token_dim,
+        num_layers=num_layers,
+        num_attention_heads=model_config.num_attention_heads,
+        encoder_hidden_size=getattr(config, "encoder_hidden_size", None) or token_dim,
+    )
+    (directory / HF_CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True))
+    return directory
+
+
 def read_adapter_config(directory: str | os.PathLike):
     """The method config stored in an adapter directory (either format)."""
     directory = Path(directory)
     if (directory / NATIVE_CONFIG).is_file():
         meta = json.loads((directory / NATIVE_CONFIG).read_text())
-        cls = peft_config.METHODS[meta["method"]]
-        if meta["method"] == "lora":
-            cls = peft_config.LoraConfig
-        return cls(**meta["config"])
+        return peft_config.CONFIG_CLASSES[meta["method"]](**meta["config"])
     if (directory / HF_CONFIG).is_file():
         return peft_config.from_hf_dict(json.loads((directory / HF_CONFIG).read_text()))
     raise FileNotFoundError(f"{directory} has neither {NATIVE_CONFIG} nor {HF_CONFIG}")
@@ -138,6 +204,11 @@ def load_adapter(module: PeftModel, params: dict, directory: str | os.PathLike) 
         stored = dict(load_file(str(directory / NATIVE_WEIGHTS)))
         by_key = {p: (p, False) for p in wanted}
     elif (directory / HF_WEIGHTS).is_file():
+        if getattr(module.peft_config, "prefix_projection", False):
+            raise ValueError(
+                "a Hugging Face PEFT prefix file holds the prefix itself, not an MLP: build the "
+                "model with prefix_projection=False (read_adapter_config does)"
+            )
         stored = dict(load_file(str(directory / HF_WEIGHTS)))
         by_key = {}
         for path in wanted:

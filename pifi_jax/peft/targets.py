@@ -50,6 +50,36 @@ IA3_TARGETS = {
     "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
     "t5": (("k", "v", "wo"), ("wo",)),
 }
+# Bottleneck adapters: the projections whose output passes through one (regexes on HF names), per
+# kind. Hugging Face PEFT has no adapters of this kind; these are the sites of the papers:
+# Houlsby after the attention-output and the FFN-output projections, Pfeiffer after the FFN one.
+_BERT_LIKE_ADAPTERS = {
+    "houlsby": r".*\.layer\.\d+\.(attention\.)?output\.dense",
+    "pfeiffer": r".*\.layer\.\d+\.output\.dense",
+}
+ADAPTER_TARGETS = {
+    "bert": _BERT_LIKE_ADAPTERS,
+    "roberta": _BERT_LIKE_ADAPTERS,
+    "electra": _BERT_LIKE_ADAPTERS,
+    "deberta": _BERT_LIKE_ADAPTERS,
+    "deberta-v2": _BERT_LIKE_ADAPTERS,
+    # One set of layer weights serves every depth, and so does its adapter.
+    "albert": {
+        "houlsby": r".*\.albert_layers\.\d+\.(attention\.dense|ffn_output)",
+        "pfeiffer": r".*\.albert_layers\.\d+\.ffn_output",
+    },
+}
+# Families whose self-attention takes prefix keys/values (`layers.linear.attention_prefix`), by
+# the path suffix of that module. Not DeBERTa (its relative-position scores have no place for
+# keys without a position, and transformers' DeBERTa has no cache to hold them) nor ALBERT (one
+# attention module serves every depth; transformers' ALBERT has no cache either).
+PREFIX_ATTENTION = {
+    "bert": "attention/self",
+    "roberta": "attention/self",
+    "electra": "attention/self",
+}
+# Families whose embeddings take a soft prompt (`layers.linear.prepend_prompt`).
+PROMPT_FAMILIES = ("bert", "roberta", "electra", "albert", "deberta", "deberta-v2")
 # The task heads Hugging Face PEFT trains fully for sequence classification.
 HEAD_MODULES = ("classifier", "score")
 

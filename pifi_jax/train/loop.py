@@ -165,6 +165,10 @@ class Run:
 
 def default_workdir(config) -> str:
     """runs/<task>_<model name>: the same command always finds (and resumes) the same run."""
+    if "pifi" in config:
+        from pifi_jax.pifi.run import run_name
+
+        return str(Path("runs") / run_name(config))
     model = Path(str(config.model.path).rstrip("/")).name.replace("asset:", "")
     return str(Path("runs") / f"{config.task}_{model}")
 
@@ -217,19 +221,29 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     )
 
     method = peft.config.from_flat_config(config.peft)
-    module, params = from_pretrained(
-        model_dir,
-        task="classification",
-        num_labels=task.num_labels,
-        dtype=_dtype(config.model.dtype),
-        mesh=mesh,
-        logical_axis_rules=rules,
-        seed=config.seed,
-        peft=method if method.method != "full" else None,
-        log=log,
-    )
-    family = registry.family_for(module.config.model_type)
-    param_sh = parallel.param_shardings(partition.flatten(params), family.PARAM_AXES, mesh, rules)
+    if "pifi" in config:
+        # PiFi (configs/pifi.py): SLM + frozen LLM layer + head; the layer's provenance is
+        # recorded in (and checked against) the run directory.
+        from pifi_jax.pifi.run import build_for_run
+
+        module, params = build_for_run(
+            config, model_dir, task, workdir, mesh=mesh, logical_axis_rules=rules, log=log
+        )
+        param_axes = module.param_axes
+    else:
+        module, params = from_pretrained(
+            model_dir,
+            task="classification",
+            num_labels=task.num_labels,
+            dtype=_dtype(config.model.dtype),
+            mesh=mesh,
+            logical_axis_rules=rules,
+            seed=config.seed,
+            peft=method if method.method != "full" else None,
+            log=log,
+        )
+        param_axes = registry.family_for(module.config.model_type).PARAM_AXES
+    param_sh = parallel.param_shardings(partition.flatten(params), param_axes, mesh, rules)
     if method.method == "full":
         trainable_rules = [tuple(r) for r in tc.trainable_rules]
     else:

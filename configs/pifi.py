@@ -1,0 +1,120 @@
+r"""PiFi (Kim et al., ACL 2025): fine-tune a small encoder with one frozen LLM layer plugged in.
+
+Offline default (MiniLM + the last layer of SmolLM2-135M, Rotten Tomatoes, CPU):
+    python -m launch.train --config=configs/pifi.py
+
+The paper's setting (hub names need the network; the LLM layer is read alone from its shard):
+    python -m launch.train --config=configs/pifi.py:task=sst2,slm=bert,llm=llama3.1,method=pifi
+    python -m launch.train --config=configs/pifi.py:task=sst2,slm=bert,method=base
+Another layer, or the one automatic selection picks (pifi_jax.pifi.select) before training:
+    python -m launch.train --config=configs/pifi.py:task=rt --config.pifi.layer=3
+    python -m launch.train --config=configs/pifi.py:task=rt --config.pifi.layer=auto
+Any local encoder or LLM directory works in place of a short name (slm=/path, llm=/path).
+
+The argument after the colon is comma-separated: `task=NAME`, `slm=NAME_OR_PATH` (bert, roberta,
+albert, electra, deberta, debertav3, minilm), `llm=NAME_OR_PATH` (llama3.1, llama3, llama2,
+mistral0.1, mistral0.3, qwen2_0.5b, qwen2_1.5b, qwen2_7b, qwen2_72b, gemma2, falcon, smollm2),
+`method=pifi|base`, and the flag `runlocal` (a tiny, seconds-long setting used by the tests).
+The default run directory is runs/<task>_<slm>_<method>[_<llm>_L<layer>].
+
+Everything not set here is configs/classify.py's (data, checkpoints, mesh, ...); the fields below
+are the paper's hyperparameters (shared/spec/pifi.md) and the `pifi` section.
+"""
+
+import ml_collections
+
+from configs.classify import get_config as classify_config
+from pifi_jax.pifi.names import resolve_llm, resolve_slm
+from pifi_jax.pifi.plugin import FROZEN_RULES
+
+_ARGS = ("task", "slm", "llm", "method", "runlocal")
+
+
+def _parse(arg: str | None) -> dict:
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in _ARGS:
+            raise ValueError(f"unknown config argument {key!r}; use {', '.join(_ARGS)}")
+        out[key] = value if value else True
+    return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = _parse(arg)
+    config = classify_config()
+    # Task name from the registry (pifi_jax.data.TASKS); "rt" = offline Rotten Tomatoes.
+    config.task = args.get("task", "rt")
+    # The paper's seed.
+    config.seed = 2023
+    # The small encoder (SLM): a short name (see the docstring) resolved to its checkpoint, or a path.
+    config.model.path = resolve_slm(args.get("slm", "minilm"))
+
+    config.pifi = ml_collections.ConfigDict()
+    # "pifi" (SLM -> W_in -> frozen LLM layer -> W_out -> head) or "base" (SLM -> head).
+    config.pifi.method = args.get("method", "pifi")
+    # The LLM whose layer is plugged in: a short name resolved to its checkpoint, or a path/GGUF.
+    config.pifi.llm = resolve_llm(args.get("llm", "smollm2"))
+    # Layer index (-1 = last, the paper's choice) or "auto" (automatic selection before training).
+    config.pifi.layer = "-1"
+    # Pooling of the encoder output: "cls" (paper) or "mean" (over the attention mask).
+    config.pifi.pooling = "cls"
+    # "token": the layer sees the pooled vector as one token (paper, classification);
+    # "sequence": the layer runs over the whole sequence (padding masked, RoPE), then pooling.
+    config.pifi.mode = "token"
+    # Dropout of the head (dense -> dropout -> GELU -> out_proj).
+    config.pifi.head_dropout = 0.2
+    # Storage dtype of the frozen layer (computation follows model.dtype).
+    config.pifi.layer_dtype = "bfloat16"
+    # Layer selection (pifi.layer=auto): "effect" (PCA + counterfactual probe) or "corr" (cheaper).
+    config.pifi.selection = "effect"
+    # Labelled training examples the selection runs through the LLM.
+    config.pifi.selection_samples = 400
+    # Principal components per layer, and how many of the most label-correlated are removed.
+    config.pifi.selection_pcs = 16
+    config.pifi.selection_top_pc = 5
+    # Share of the selection examples held out to score the probe.
+    config.pifi.selection_holdout = 0.3
+    # Tokens per example, batch size and dtype of the LLM forward pass of the selection.
+    config.pifi.selection_max_length = 128
+    config.pifi.selection_batch_size = 16
+    config.pifi.selection_dtype = "bfloat16"
+
+    # The paper: max_seq_len 100 (buckets end there, so no batch is padded beyond it).
+    config.data.max_length = 100
+    config.data.buckets = (32, 64, 100)
+    # The paper: 3 epochs, batch 32.
+    config.train.epochs = 3
+    config.train.batch_size = 32
+    # Cross-entropy with label smoothing 0.05 (paper).
+    config.train.label_smoothing = 0.05
+    # The frozen LLM layer gets no gradient and no optimizer state; everything else trains.
+    config.train.trainable_rules = FROZEN_RULES
+    # Evaluate (and keep the best-validation checkpoint, which is tested) once per epoch.
+    config.train.eval_every_steps = 0
+    # Stop after 5 evaluations without improvement (paper: patience 5).
+    config.train.early_stopping_patience = 5
+    # Adam without weight decay, constant lr 5e-5, no warm-up, gradient clipping at 5 (paper).
+    config.optim.name = "adam"
+    config.optim.lr = 5e-5
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 0
+    config.optim.warmup_ratio = 0.0
+    config.optim.weight_decay = 0.0
+    config.optim.clip_norm = 5.0
+
+    if args.get("runlocal"):
+        # A few steps on a few examples; the tests point model.path and pifi.llm at tiny models.
+        config.data.max_examples = 48
+        config.data.max_length = 32
+        config.data.buckets = (16, 32)
+        config.train.batch_size = 8
+        config.train.eval_batch_size = 16
+        config.train.num_steps = 2
+        config.train.eval_every_steps = 2
+        config.train.checkpoint_every_steps = 1
+        config.train.progress_bar = False
+        config.pifi.selection_samples = 48
+        config.pifi.selection_batch_size = 8
+        config.pifi.selection_dtype = "float32"
+    return config

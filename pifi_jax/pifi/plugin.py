@@ -1,0 +1,254 @@
+"""PiFi (Kim et al., ACL 2025): one frozen LLM decoder layer between a small encoder and its head.
+
+    h      = SLM(input_ids, attention_mask, token_type_ids)   # [batch, length, d_s]
+    c      = h[:, 0]   (pooling="cls"; "mean" = masked mean)  # [batch, d_s]
+    x      = W_in c                                            # [batch, 1, d_llm]   no bias
+    y      = LLMLayer(x, positions 0, all-ones mask)           # frozen
+    z      = W_out y[:, 0]                                     # [batch, d_s]        no bias
+    logits = out_proj(gelu(dropout(dense(z))))                 # dropout BEFORE gelu, as the paper
+
+`method="base"` is the same encoder and head without W_in / LLMLayer / W_out (the paper's baseline).
+`mode="sequence"` runs W_in -> LLMLayer -> W_out over the whole encoder output instead (padding
+masked, RoPE positions 0..length-1, attention both ways), then pools; the paper uses this for its
+encoder-decoder experiments, where the original code did not mask padding (here it is masked).
+
+Parameter tree (paths are "/"-joined; the SLM keeps its Hugging Face names, the decoder layer its own):
+
+    bert/...                        the encoder (albert/..., deberta/..., roberta/..., electra/...)
+    pifi/w_in/kernel                [d_s, d_llm]
+    pifi/llm_layer/...              e.g. pifi/llm_layer/self_attn/q_proj/kernel (frozen, bf16)
+    pifi/w_out/kernel               [d_llm, d_s]
+    head/dense/{kernel, bias}       [d_s, d_s]
+    head/out_proj/{kernel, bias}    [d_s, num_labels]
+
+`FROZEN_RULES` freezes `pifi/llm_layer/` and trains everything else; the trainer then gives the
+layer no gradient buffer and no optimizer state, and does not checkpoint it.
+
+    module, params = pifi_jax.pifi.build("asset:minilm", "asset:smollm2", -1, num_labels=2)
+    logits = module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from pifi_jax import parallel
+from pifi_jax.hub.layer import load_layer
+from pifi_jax.hub.pretrained import from_pretrained
+from pifi_jax.layers import Linear, activation
+from pifi_jax.models import registry
+
+METHODS = ("pifi", "base")
+POOLINGS = ("cls", "mean")
+MODES = ("token", "sequence")
+# The frozen layer; everything else (SLM, W_in, W_out, head) trains.
+FROZEN_RULES = ((r"pifi/llm_layer/.*", "frozen"), (r".*", "trainable"))
+# PyTorch's nn.Linear initialisation (uniform in +-1/sqrt(fan_in)), which the paper's new layers had.
+_TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class PifiHead(nn.Module):
+    """dense -> Dropout -> GELU -> out_proj (dropout before the activation, as in the paper)."""
+
+    hidden_size: int
+    num_labels: int
+    dropout_rate: float = 0.2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, kernel_init=_TORCH_LINEAR_INIT)
+        x = Linear(self.hidden_size, **kw, name="dense")(x)  # [batch, d_s]
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = activation("gelu")(x)  # exact (erf) GELU, PyTorch's nn.GELU()
+        return Linear(self.num_labels, **kw, name="out_proj")(x)  # [batch, num_labels]
+
+
+class PifiPlugin(nn.Module):
+    """W_in -> frozen decoder layer (non-causal) -> W_out on [batch, length, d_s] -> same shape.
+
+    llm_layer: a decoder layer module as `pifi_jax.load_layer` returns it; its parameters live
+    under `llm_layer/` here.
+    """
+
+    llm_layer: nn.Module
+    slm_hidden_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_mask, positions, deterministic: bool = True):
+        kw = dict(use_bias=False, dtype=self.dtype, kernel_init=_TORCH_LINEAR_INIT)
+        llm_hidden = self.llm_layer.config.hidden_size
+        x = Linear(llm_hidden, **kw, name="w_in")(x)  # [batch, length, d_llm]
+        y = self.llm_layer(
+            x,
+            attention_mask=attention_mask,
+            positions=positions,
+            causal=False,
+            deterministic=deterministic,
+        )  # [batch, length, d_llm]
+        return Linear(self.slm_hidden_size, **kw, name="w_out")(y.astype(self.dtype))
+
+
+def pool(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
+    """[batch, length, d] -> [batch, d]: the first token ("cls") or the masked mean ("mean")."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.astype(hidden.dtype)[:, :, None]  # [batch, length, 1]
+    return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
+class PifiClassifier(nn.Module):
+    """SLM -> pooling -> [PiFi plug-in] -> head. Logits [batch, num_labels] in float32.
+
+    encoder: a bare encoder (`from_pretrained(path, task="encoder")`); it shares this module's
+    scope, so its parameters keep their Hugging Face paths (`bert/...`) at the top of the tree.
+    pifi: the plug-in, or None for the paper's baseline (method "base").
+    """
+
+    task: ClassVar[str] = "classification"
+    encoder: nn.Module
+    num_labels: int
+    pifi: PifiPlugin | None = None
+    pooling: str = "cls"
+    mode: str = "token"
+    head_dropout: float = 0.2
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        nn.share_scope(self, self.encoder)
+        self.head = PifiHead(
+            self.encoder.config.hidden_size, self.num_labels, self.head_dropout, self.dtype
+        )
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        h = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        batch, length = input_ids.shape
+        if self.pifi is not None and self.mode == "sequence":
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+            h = self.pifi(h, attention_mask, positions, deterministic)  # [batch, length, d_s]
+        pooled = pool(h, attention_mask, self.pooling)  # [batch, d_s]
+        if self.pifi is not None and self.mode == "token":
+            # One token at position 0: RoPE is the identity and the mask a no-op.
+            one = jnp.ones((batch, 1), jnp.int32)
+            pooled = self.pifi(pooled[:, None], one, 0 * one, deterministic)[:, 0]
+        return self.head(pooled, deterministic).astype(jnp.float32)
+
+    @property
+    def config(self):
+        """The encoder's config (the SLM decides tokenizer, inputs and model type)."""
+        return self.encoder.config
+
+    @property
+    def method(self) -> str:
+        return "base" if self.pifi is None else "pifi"
+
+    @property
+    def param_axes(self) -> tuple:
+        """Logical axes of the whole tree: the decoder family's rules under pifi/llm_layer/, then
+        the encoder family's. W_in, W_out and the head are small and stay replicated."""
+        axes = []
+        if self.pifi is not None:
+            llm = registry.family_for(self.pifi.llm_layer.config.model_type)
+            # The family's layer rules are written to match a layer's paths with any prefix.
+            axes += [("pifi/llm_layer/" + pattern, names) for pattern, names in llm.PARAM_AXES]
+        return tuple(axes) + tuple(registry.family_for(self.config.model_type).PARAM_AXES)
+
+
+def build(
+    slm_path: str | os.PathLike,
+    llm_path: str | os.PathLike | None,
+    layer_index: int = -1,
+    num_labels: int = 2,
+    *,
+    method: str = "pifi",
+    pooling: str = "cls",
+    mode: str = "token",
+    head_dropout: float = 0.2,
+    dtype: Any = jnp.float32,
+    layer_dtype: Any = jnp.bfloat16,
+    mesh: jax.sharding.Mesh | None = None,
+    logical_axis_rules=parallel.DEFAULT_RULES,
+    seed: int = 0,
+    log=print,
+) -> tuple[PifiClassifier, dict]:
+    """The PiFi classifier (or its baseline) with the SLM and the LLM layer loaded.
+
+    Args:
+      slm_path: the small encoder (directory, hub id, `asset:minilm`); its pretrained head, if any,
+        is not used.
+      llm_path: the LLM (directory, hub id, GGUF file, `asset:smollm2`); only the tensors of layer
+        `layer_index` are read. Unused for method "base".
+      layer_index: the layer to plug in; negative counts from the end (-1 = last, the paper's).
+      method: "pifi" or "base" (no W_in / layer / W_out).
+      pooling: "cls" (paper) or "mean"; mode: "token" (paper: the layer sees one pooled token) or
+        "sequence" (the layer runs over the whole sequence, then pooling).
+      dtype: computation dtype of everything; layer_dtype: storage dtype of the frozen layer.
+      seed: initialises W_in, W_out and the head.
+    Returns:
+      (module, params): `module.apply({"params": params}, input_ids, attention_mask,
+      token_type_ids, deterministic=True)` -> logits [batch, num_labels].
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    kw = dict(mesh=mesh, logical_axis_rules=logical_axis_rules)
+    encoder, params = from_pretrained(
+        slm_path, task="encoder", dtype=dtype, seed=seed, log=log, **kw
+    )
+    plugin = None
+    if method == "pifi":
+        if llm_path is None:
+            raise ValueError('method "pifi" needs llm_path')
+        layer, layer_params = load_layer(
+            llm_path, layer_index, dtype=dtype, param_dtype=layer_dtype, **kw
+        )
+        plugin = PifiPlugin(layer, encoder.config.hidden_size, dtype)
+        params = {**params, "pifi": {"llm_layer": layer_params}}
+    module = PifiClassifier(encoder, num_labels, plugin, pooling, mode, head_dropout, dtype)
+    return module, _init_new_leaves(module, params, seed)
+
+
+def _init_new_leaves(module: PifiClassifier, params: dict, seed: int) -> dict:
+    """Creates W_in, W_out and the head by running the model once with the loaded leaves given:
+    Linen returns a parameter that exists and initialises one that does not."""
+    ids = jnp.zeros((1, 4), jnp.int32)
+
+    def init(loaded):
+        _, state = module.apply(
+            {"params": loaded},
+            ids,
+            deterministic=True,
+            mutable=["params"],
+            rngs={"params": jax.random.PRNGKey(seed)},
+        )
+        return state["params"]
+
+    return jax.jit(init)(params)
+
+
+def layer_fingerprint(layer_params: dict) -> str:
+    """sha256 over the layer's leaves (sorted paths, dtypes, shapes and bytes): what the layer is."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(traverse_util.flatten_dict(layer_params, sep="/").items()):
+        if not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{path}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,192 @@
+"""PiFi in the trainer: a run config's `pifi` section -> the model, the layer, and its provenance.
+
+`pifi_jax.train.loop.setup_run` calls `build_for_run` when the config has a `pifi` section
+(configs/pifi.py). Besides building the model it
+
+- resolves `pifi.layer`: an index, or "auto" = run the layer selection (pifi_jax.pifi.select) on
+  the task's training data first, writing its table, CSV and plot to <workdir>/layer_selection/;
+- records where the frozen layer came from in <workdir>/pifi_layer.json (LLM path, layer index,
+  sha256 of its tensors, storage dtype). The layer is frozen, so checkpoints never hold it; a run
+  directory whose checkpoints were trained against one layer refuses to resume (or be evaluated)
+  against another.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pifi_jax import data
+from pifi_jax.pifi import select
+from pifi_jax.pifi.names import short_name
+from pifi_jax.pifi.plugin import build, layer_fingerprint
+
+PROVENANCE_FILE = "pifi_layer.json"
+SELECTION_DIR = "layer_selection"
+# Fields of the record that must match for a run directory's checkpoints to be reused.
+_IDENTITY = ("method", "layer", "sha256")
+
+
+def run_name(config) -> str:
+    """<task>_<slm>_base or <task>_<slm>_pifi_<llm>_L<layer>: base and PiFi runs never share a
+    default run directory (and so never resume each other's checkpoints)."""
+    pc = config.pifi
+    name = f"{config.task}_{short_name(str(config.model.path))}_{pc.method}"
+    if pc.method == "pifi":
+        name += f"_{short_name(str(pc.llm))}_L{pc.layer}"
+    return name
+
+
+def selection_config(config) -> select.SelectionConfig:
+    pc = config.pifi
+    return select.SelectionConfig(
+        method=pc.selection,
+        samples=pc.selection_samples,
+        pcs=pc.selection_pcs,
+        top_pcs=pc.selection_top_pc,
+        holdout=pc.selection_holdout,
+        max_length=pc.selection_max_length,
+        batch_size=pc.selection_batch_size,
+        dtype=jnp.dtype(pc.selection_dtype),
+        seed=config.seed,
+    )
+
+
+def _train_examples(config, task) -> data.Examples:
+    """The training split as the run reads it (same source, files, column map and split seed)."""
+    cfg = config.data
+    files = {split: path for split, path in cfg.data_files.items() if path}
+    column_map = dict(item.split("=", 1) for item in cfg.column_map.split(",") if item)
+    return data.load_examples(
+        task,
+        "train",
+        source=cfg.source,
+        data_files=files or None,
+        column_map=column_map or None,
+        seed=cfg.split_seed,
+    )
+
+
+def _read_record(workdir: Path) -> dict | None:
+    path = workdir / PROVENANCE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def _layer_index(config, task, workdir: Path, log) -> tuple[int, bool]:
+    """(layer index, whether automatic selection chose it)."""
+    pc = config.pifi
+    if str(pc.layer) != "auto":
+        try:
+            return int(pc.layer), False
+        except ValueError:
+            raise ValueError(
+                f"pifi.layer={pc.layer!r}: use a layer index (-1 = last) or 'auto'"
+            ) from None
+    record = _read_record(workdir)
+    if record and record.get("auto") and record.get("llm") == pc.llm and _has_checkpoints(workdir):
+        log(f"pifi.layer=auto: layer {record['layer']}, chosen when this run started")
+        return record["layer"], True
+    scores = select_for_config(config, task, workdir / SELECTION_DIR, log)
+    return scores.chosen, True
+
+
+def select_for_config(config, task, out_dir: Path | None = None, log=print) -> select.LayerScores:
+    """Runs the layer selection of `config.pifi` on the task's training data; writes table.txt,
+    scores.csv and scores.png to `out_dir` (process 0) when given."""
+    pc = config.pifi
+    if task.num_labels < 2:
+        raise ValueError("layer selection needs a classification task (labels are classes)")
+    examples = _train_examples(config, task)
+    options = selection_config(config)
+    log(f"layer selection: every layer of {pc.llm} on {options.samples} training examples")
+    scores = select.select_layer(
+        pc.llm, examples.texts, np.asarray(examples.labels), options, log=log
+    )
+    log(scores.table())
+    if out_dir is not None and jax.process_index() == 0:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        scores.write_csv(out_dir / "scores.csv")
+        title = f"{config.task}: {short_name(str(pc.llm))}, chosen layer {scores.chosen}"
+        scores.plot(out_dir / "scores.png", title)
+        (out_dir / "table.txt").write_text(scores.table() + "\n", encoding="utf-8")
+    return scores
+
+
+def check_provenance(workdir: Path, record: dict) -> None:
+    """Refuses a run directory whose checkpoints were trained with another layer (or method);
+    otherwise (re)writes the record."""
+    previous = _read_record(workdir)
+    if previous is not None and _has_checkpoints(workdir):
+        if any(previous.get(k) != record.get(k) for k in _IDENTITY):
+
+            def describe(r):
+                if r.get("method") != "pifi":
+                    return f"method {r.get('method')!r} (no LLM layer)"
+                return f"layer {r['layer']} of {r['llm']} (sha256 {r['sha256'][:12]}...)"
+
+            raise ValueError(
+                f"{workdir} holds checkpoints trained with {describe(previous)}, but this config "
+                f"plugs in {describe(record)}. The frozen layer is not saved in checkpoints, so "
+                "resuming would pair them with a different layer. Use another --workdir, or set "
+                "the config back to the original layer."
+            )
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / PROVENANCE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def build_for_run(config, slm_dir, task, workdir, *, mesh, logical_axis_rules, log=print):
+    """(module, params) of the PiFi classifier (or its baseline) that `config` describes."""
+    pc = config.pifi
+    workdir = Path(workdir)
+    if config.peft.method != "full":
+        raise ValueError(
+            f"peft.method={config.peft.method!r} is not supported with PiFi: the SLM is fully "
+            "fine-tuned (set --config.peft.method=full)"
+        )
+    kw = dict(
+        num_labels=task.num_labels,
+        method=pc.method,
+        pooling=pc.pooling,
+        mode=pc.mode,
+        head_dropout=pc.head_dropout,
+        dtype=jnp.dtype(config.model.dtype),
+        layer_dtype=jnp.dtype(pc.layer_dtype),
+        mesh=mesh,
+        logical_axis_rules=logical_axis_rules,
+        seed=config.seed,
+        log=log,
+    )
+    if pc.method == "base":
+        module, params = build(slm_dir, None, **kw)
+        record = {"method": "base"}
+    else:
+        index, auto = _layer_index(config, task, workdir, log)
+        module, params = build(slm_dir, pc.llm, index, **kw)
+        layer = module.pifi.llm_layer
+        record = {
+            "method": "pifi",
+            "llm": str(pc.llm),
+            "layer": layer.layer_index,
+            "num_layers": layer.config.num_layers,
+            "auto": auto,
+            "dtype": str(jnp.dtype(pc.layer_dtype)),
+            "sha256": layer_fingerprint(params["pifi"]["llm_layer"]),
+        }
+        log(
+            f"PiFi: layer {record['layer']} of {record['num_layers']} from {pc.llm} "
+            f"({layer.config.model_type}, hidden {layer.config.hidden_size}, {record['dtype']}, "
+            f"frozen), {pc.mode} mode, {pc.pooling} pooling"
+        )
+    check_provenance(workdir, record)
+    return module, params
