@@ -14,18 +14,20 @@ Prints a markdown table headed by the machine, the library versions and the date
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
-import flax
-import jax
-import jax.numpy as jnp
-import numpy as np
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from pifi_jax.models.llama import LlamaConfig, LlamaForCausalLM
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from pifi_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 BATCH, LENGTH = 8, 64
 
@@ -57,13 +59,10 @@ def measure(depth: int, scan: bool, repeats: int) -> tuple[float, float]:
     start = time.perf_counter()
     compiled = step.lower(params, ids).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, ids))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, ids))
-        times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times)
+    timing = common.time_steps(
+        lambda: compiled(params, ids), jax.block_until_ready, warmup=1, steps=repeats
+    )
+    return compile_s, timing.median_s
 
 
 def main():
@@ -73,19 +72,14 @@ def main():
     args = parser.parse_args()
 
     device = jax.devices()[0]
-    print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    for line in common.environment_lines(common.environment()):
+        print(line)
     print(f"- device: {device.platform} ({device.device_kind})")
-    print(
-        f"- versions: python {platform.python_version()}, jax {jax.__version__}, "
-        f"flax {flax.__version__}"
-    )
-    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"- step: loss + gradient, batch [{BATCH}, {LENGTH}], median of {args.repeats}")
     print()
-    print(
-        "| layers | compile unrolled (s) | compile scanned (s) | step unrolled (ms) | step scanned (ms) |"
-    )
-    print("|---:|---:|---:|---:|---:|")
+    header = ("layers", "compile unrolled (s)", "compile scanned (s)")
+    header += ("step unrolled (ms)", "step scanned (ms)")
+    print(common.markdown_table(header, [], "rrrrr"))
     measure(1, False, 1)  # JAX's one-time start-up costs, kept out of the first row
     for depth in args.depths:
         unrolled = measure(depth, False, args.repeats)

@@ -8,20 +8,16 @@ Use the same config and overrides as the training command; results go to DIR/eva
 import json
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/classify.py", "Run configuration.", lock_config=True
-)
+from launch import common
+
+_CONFIG = common.config_flag("configs/classify.py", "Run configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<task>_<model>).")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    common.start(argv)
     from pifi_jax.train import default_workdir, evaluate_run
 
     config = _CONFIG.value

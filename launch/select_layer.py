@@ -10,20 +10,16 @@ runs/select_<task>_<llm>). Train with the result: --config.pifi.layer=<chosen>, 
 select by itself with --config.pifi.layer=auto.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/pifi.py", "PiFi run configuration.", lock_config=True
-)
+from launch import common
+
+_CONFIG = common.config_flag("configs/pifi.py", "PiFi run configuration.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: runs/select_<task>_<llm>).")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    common.start(argv)
     from pathlib import Path
 
     from pifi_jax import data

@@ -6,23 +6,37 @@ parameters).
 
 `--sweep=KEY[,KEY...]=V1,V2,...` sets every KEY to each value in turn. Re-running the command skips
 finished runs and resumes an interrupted one.
+
+Finished sweeps plotted together (no training), e.g. LoRA ranks next to adapter sizes:
+
+    python -m launch.sweep --combine=runs/lora_sweep,runs/adapter_sweep --names=LoRA,adapters \
+        --plot=docs/peft_sweep.png
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/classify.py", "Base configuration.", lock_config=True
-)
-_SWEEP = flags.DEFINE_string("sweep", None, "KEY[,KEY...]=V1,V2,...", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep.", required=True)
+from launch import common
+
+_CONFIG = common.config_flag("configs/classify.py", "Base configuration.")
+_SWEEP = flags.DEFINE_string("sweep", None, "KEY[,KEY...]=V1,V2,...")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep.")
+_COMBINE = flags.DEFINE_list("combine", None, "Finished sweep directories to plot together.")
+_NAMES = flags.DEFINE_list("names", None, "With --combine: a legend name per directory.")
+_PLOT = flags.DEFINE_string("plot", None, "With --combine: the PNG to write.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    common.start(argv)
+    if _COMBINE.value:
+        from pifi_jax.train.sweep import plot_sweeps
+
+        if not _PLOT.value:
+            raise app.UsageError("--combine needs --plot=PATH.png")
+        plot_sweeps(_COMBINE.value, _PLOT.value, _NAMES.value)
+        print(f"plot: {_PLOT.value}")
+        return
+    if not _SWEEP.value or not _WORKDIR.value:
+        raise app.UsageError("--sweep and --workdir are required (or --combine and --plot)")
     keys, sep, values = _SWEEP.value.partition("=")
     if not sep or not values:
         raise app.UsageError(f"--sweep must look like KEY=V1,V2,...; got {_SWEEP.value!r}")

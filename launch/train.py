@@ -5,21 +5,17 @@ r"""Train and evaluate a model from an ml_collections config.
 Running the same command again resumes from the latest checkpoint in the workdir.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/classify.py", "Run configuration.", lock_config=True
-)
+from launch import common
+
+_CONFIG = common.config_flag("configs/classify.py", "Run configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<task>_<model>).")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.start(argv)
     config = _CONFIG.value
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from pifi_jax.parallel import initialize_distributed
     from pifi_jax.train import default_workdir, train_and_evaluate
 

@@ -5,7 +5,8 @@
     tokens = generate(..., method="beam", num_beams=4)
 
 `module, params` come from `from_pretrained(..., task="causal_lm")` (any decoder family, scanned or
-not, with or without PEFT leaves). A batch of prompts of different lengths is padded on the LEFT
+not, with or without PEFT leaves; prompt tuning excepted: its soft tokens would need cache slots
+of their own, so it is refused). A batch of prompts of different lengths is padded on the LEFT
 (attention_mask 0 on the padding), so every row's next token goes to the same cache slot and each
 row's positions count its own real tokens (as transformers numbers left-padded rows).
 

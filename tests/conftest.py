@@ -37,8 +37,39 @@ FILLER = [
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+# The other encoder families of write_tiny_encoder: (config class, model class, config extras).
+ENCODER_FAMILIES = {
+    "bert": ("BertConfig", "BertModel", {}),
+    "albert": ("AlbertConfig", "AlbertModel", {"embedding_size": 16, "num_hidden_groups": 1}),
+    "deberta": (
+        "DebertaConfig",
+        "DebertaModel",
+        {"relative_attention": True, "pos_att_type": ["c2p", "p2c"], "type_vocab_size": 0},
+    ),
+    # The DeBERTa-v3 options: log-bucketed positions, shared keys, LayerNorm'd relative embeddings.
+    "debertav3": (
+        "DebertaV2Config",
+        "DebertaV2Model",
+        {
+            "relative_attention": True,
+            "pos_att_type": ["p2c", "c2p"],
+            "position_buckets": 8,
+            "max_relative_positions": -1,
+            "share_att_key": True,
+            "norm_rel_ebd": "layer_norm",
+            "type_vocab_size": 0,
+        },
+    ),
+}
+
+
 def write_tiny_bert(directory: Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide random BERT with a word-level WordPiece tokenizer over a tiny vocabulary."""
+    return write_tiny_encoder(directory, "bert", seed)
+
+
+def write_tiny_encoder(directory: Path, family: str = "bert", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random encoder of `family` (ENCODER_FAMILIES) with the tiny tokenizer."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -62,15 +93,17 @@ def write_tiny_bert(directory: Path, seed: int = 0) -> Path:
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
     torch.manual_seed(seed)
-    config = transformers.BertConfig(
+    config_class, model_class, extra = ENCODER_FAMILIES[family]
+    config = getattr(transformers, config_class)(
         vocab_size=len(vocab),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=37,
         max_position_embeddings=64,
+        **extra,
     )
-    transformers.BertModel(config).save_pretrained(directory)
+    getattr(transformers, model_class)(config).save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
 

@@ -457,6 +457,7 @@ def trainer_runs(tiny_bert_dir, tiny_task_files, tmp_path_factory):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (root / "stdout.txt").write_text(proc.stdout)
     return root
 
 
@@ -487,7 +488,35 @@ def test_new_methods_train_one_step_through_the_trainer(
     assert stored and all(re.search(owned, p) or p.startswith("classifier/") for p in stored)
     assert any(re.search(owned, p) for p in stored)
     assert results["trainable_params"] == sum(np.asarray(v).size for v in stored.values())
-    # The run's adapter (the trainer writes these methods natively) records the method config.
-    meta = json.loads((run / "adapter" / "pifi_adapter.json").read_text())
-    assert meta["model_type"] == "bert"
-    assert peft.read_adapter_config(run / "adapter") == expected
+    # The run's adapter: in Hugging Face PEFT's format where PEFT has one (prefix and prompt tuning
+    # on BERT), else natively, which the run's log says and why (bottleneck adapters).
+    log = (trainer_runs / "stdout.txt").read_text()
+    if method in ("prefix", "prompt"):
+        saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert saved["peft_type"] == {"prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[method]
+        assert f"adapter (peft format): {run / 'adapter'}" in log
+        # It holds the run's best parameters in PEFT's layout: the prompt, or the table the
+        # prefix MLP outputs (PEFT keeps no MLP), and the head.
+        from safetensors.numpy import load_file
+
+        stored = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        best_ckpt = Checkpointer(run / "checkpoints", best_metric="validation/accuracy")
+        best = best_ckpt.restore_best(None)[0]["params"]
+        best_ckpt.close()
+        if method == "prompt":
+            table = best["prompt_encoder"]["embedding"]
+        else:
+            encoder = peft.prefix.PrefixEncoder(3, 2, 32, projection=True, encoder_hidden_size=32)
+            table = encoder.apply({"params": best["prefix_encoder"]})
+        np.testing.assert_allclose(stored["prompt_embeddings"], table, atol=1e-6)
+        np.testing.assert_array_equal(
+            stored["base_model.classifier.weight"], np.asarray(best["classifier"]["kernel"]).T
+        )
+    else:
+        meta = json.loads((run / "adapter" / "pifi_adapter.json").read_text())
+        assert meta["model_type"] == "bert"
+        assert peft.read_adapter_config(run / "adapter") == expected
+        assert (
+            "adapter saved in pifi_jax's native format: Hugging Face PEFT has no format for "
+            f"'adapter'\nadapter (native format): {run / 'adapter'}"
+        ) in log

@@ -17,7 +17,8 @@ import pytest
 
 import pifi_jax
 from pifi_jax import peft
-from pifi_jax.layers.linear import AdapterPlan, Bottleneck, adapter_scope, bottleneck_adapter
+from pifi_jax.layers.linear import AdapterPlan, Bottleneck, adapter_scope
+from pifi_jax.layers.peft_hooks import bottleneck_adapter
 from pifi_jax.train import partition
 from tests import hf_reference as ref
 
@@ -221,8 +222,10 @@ def test_adapter_errors(tiny_bert_dir):
             peft=peft.AdapterConfig(target_modules=("query",)),
             log=lambda *_: None,
         )
-    with pytest.raises(ValueError, match="no default target_modules for model_type 'llama'"):
-        peft.adapters.plan(peft.AdapterConfig(), "llama", ["model/layers_0/mlp/down_proj"])
+    with pytest.raises(ValueError, match="no default target_modules for model_type 't5'"):
+        peft.adapters.plan(
+            peft.AdapterConfig(), "t5", ["encoder/block_0/layer_1/DenseReluDense/wo"]
+        )
     module, params = pifi_jax.from_pretrained(
         tiny_bert_dir, num_labels=2, peft=peft.AdapterConfig(bottleneck_size=2), log=lambda *_: None
     )

@@ -1,15 +1,20 @@
-"""Prefix and prompt tuning: the same logits as Hugging Face PEFT (PyTorch) in both directions.
+"""Prefix and prompt tuning on the encoders: the same logits as Hugging Face PEFT (PyTorch) in both
+directions, and pifi_jax's own prefix on ALBERT and DeBERTa.
 
 They are not the base model at initialisation, so every check is against `peft` itself: our export
 loaded by `peft.PeftModel.from_pretrained`, and a PEFT-saved adapter loaded by us, on tiny random
 transformers models with right padding of different lengths (so the extended masks matter).
 Tolerance 1e-5 on logits of size ~0.1-1 (float32 on both sides; measured below 2e-6).
+PEFT cannot prefix ALBERT or DeBERTa (their transformers models take no past_key_values); there
+the checks are closed forms of the definition (peft/prefix.py) and the native format.
+Decoders: test_peft_decoders.py.
 """
 
 from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -252,11 +257,12 @@ def test_unsupported_uses_fail_clearly(tiny_bert_dir, tmp_path):
         peft.config.from_hf_dict(
             {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2, "num_transformer_submodules": 2}
         )
-    # DeBERTa / ALBERT attention has no place for a prefix (see peft/targets.py).
+    from types import SimpleNamespace
+
     from pifi_jax.peft import prefix
 
-    with pytest.raises(ValueError, match="prefix tuning is not supported for 'deberta-v2'"):
-        prefix.attention_layers("deberta-v2", ["deberta/encoder/layer_0/attention/self/key_proj"])
+    with pytest.raises(ValueError, match="prefix tuning is not supported for 't5'"):
+        prefix.attention_layers(SimpleNamespace(model_type="t5"), ["encoder/block_0/q"])
 
 
 def test_prefix_reaches_every_layer_and_padding_sees_it(tiny_bert_dir):
@@ -283,3 +289,138 @@ def test_prefix_reaches_every_layer_and_padding_sees_it(tiny_bert_dir):
     alone = {k: v[1:2, :real] for k, v in batch.items()}
     alone_logits = _logits(module, params, alone)
     np.testing.assert_allclose(alone_logits[0], logits[1], atol=1e-5)
+
+
+def _attention_inputs(seed=0, length=5, hidden=8, heads=2):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, length, hidden)).astype(np.float32)
+    return x, rng
+
+
+def _prefix_table(key, value):
+    """A one-token, one-block prefix table [1, 2 * width] from key and value [heads, head_dim]."""
+    return np.concatenate([key.reshape(-1), value.reshape(-1)])[None, :].astype(np.float32)
+
+
+def _one_extra_slot(run, query, scale):
+    """Checks attention output `run(table)` [q, heads, head_dim] against the closed form of one
+    extra key/value slot (k, c) in the softmax: o' = (Z o + w c) / (Z + w), w = exp(q . k / scale),
+    where o is the output without it and Z its softmax normaliser (relative to the extra slot).
+
+    Z is unknown from outside, so it is measured first with k = 0 (w = 1 for every query):
+    o'_0 - o = (c - o) / (Z + 1) must give the same Z on every dimension of a head."""
+    heads, head_dim = query.shape[1:]
+    base = run(None)
+    value = np.full((heads, head_dim), 5.0, np.float32)
+    zero_key = run(_prefix_table(np.zeros((heads, head_dim)), value))
+    ratio = (zero_key - base) / (value - base)  # 1 / (Z + 1): [q, heads, head_dim]
+    np.testing.assert_allclose(ratio, ratio[..., :1].repeat(head_dim, -1), rtol=1e-4, atol=1e-6)
+    z = 1.0 / ratio[..., 0] - 1.0  # [q, heads]
+    key = np.random.default_rng(3).standard_normal((heads, head_dim)).astype(np.float32)
+    w = np.exp(np.einsum("qhd,hd->qh", query, key) / scale)  # [q, heads]
+    expected = (z[..., None] * base + w[..., None] * value) / (z + w)[..., None]
+    np.testing.assert_allclose(run(_prefix_table(key, value)), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["deberta", "deberta-v2"])
+def test_deberta_prefix_keys_meet_queries_by_content_only(model_type):
+    """DeBERTa's disentangled attention with relative positions (c2p and p2c): a prefix key adds
+    one slot whose score is q . k / sqrt(head_dim * 3), the real keys' scale, and no relative
+    term (it has no position)."""
+    from pifi_jax.layers.linear import AdapterPlan, adapter_scope
+    from pifi_jax.models import deberta
+
+    hidden, heads, length = 8, 2, 5
+    config = deberta.DebertaConfig(
+        model_type=model_type,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        relative_attention=True,
+        pos_att_type=("c2p", "p2c"),
+        max_relative_positions=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    x, rng = _attention_inputs(length=length, hidden=hidden, heads=heads)
+    relative = deberta.relative_positions(config, length)
+    table = rng.standard_normal((config.rel_embedding_rows, hidden)).astype(np.float32)
+    pair_mask = np.ones((1, length, length), bool)
+    module = deberta.DisentangledSelfAttention(config)
+    args = (x, pair_mask, relative, table, True)
+    params = module.init(jax.random.PRNGKey(0), *args)["params"]
+    params = jax.tree.map(
+        lambda p: p + 0.5 * rng.standard_normal(p.shape).astype(np.float32), params
+    )
+    head_dim = hidden // heads
+    if model_type == "deberta":  # per head [q | k | v] blocks, plus q_bias
+        fused = (x[0] @ params["in_proj"]["kernel"]).reshape(length, heads, 3, head_dim)
+        query = fused[:, :, 0] + params["q_bias"].reshape(heads, head_dim)
+    else:
+        q = params["query_proj"]
+        query = (x[0] @ q["kernel"] + q["bias"]).reshape(length, heads, head_dim)
+
+    def run(prefix):
+        if prefix is None:
+            out = module.apply({"params": params}, *args)
+        else:
+            with adapter_scope(AdapterPlan(prefix_layers=("",)), True, prefix=prefix):
+                out = module.apply({"params": params}, *args)
+        return np.asarray(out)[0].reshape(length, heads, head_dim)
+
+    _one_extra_slot(run, query, np.sqrt(head_dim * 3))
+
+
+def test_encoder_prefix_hook_is_one_more_softmax_slot():
+    """The hook BERT-family and ALBERT attention share: the same closed form, scale 1/sqrt(d)."""
+    from pifi_jax.layers import dot_product_attention
+    from pifi_jax.layers.linear import AdapterPlan, adapter_scope
+    from pifi_jax.layers.peft_hooks import attention_prefix
+
+    class Host(nn.Module):
+        @nn.compact
+        def __call__(self, q, k, v, bias):
+            k, v, bias = attention_prefix(self, k, v, bias)
+            return dot_product_attention(q, k, v, bias)
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 5, 2, 4)).astype(np.float32) for _ in range(3))
+    bias = np.zeros((1, 1, 1, 5), np.float32)
+
+    def run(prefix):
+        if prefix is None:
+            return np.asarray(Host().apply({}, q, k, v, bias))[0]
+        with adapter_scope(AdapterPlan(prefix_layers=("",)), True, prefix=prefix):
+            return np.asarray(Host().apply({}, q, k, v, bias))[0]
+
+    _one_extra_slot(run, q[0], np.sqrt(4))
+
+
+def test_albert_prefix_has_a_block_per_layer_application(tmp_path):
+    """ALBERT runs its shared layers at every depth; each run attends to its own prefix block,
+    in depth order (two groups of two layers over three steps: groups 0, 0, 1). PEFT has no such
+    prefix (nor on DeBERTa): the adapter is saved natively."""
+    tiny_albert("groups").save_pretrained(tmp_path / "base")
+    config = peft.PrefixTuningConfig(num_virtual_tokens=2)
+    module, params = pifi_jax.from_pretrained(
+        tmp_path / "base", num_labels=LABELS, peft=config, log=lambda *_: None
+    )
+    group = "albert/encoder/albert_layer_groups_{}/albert_layers_{}/attention"
+    steps = [(0, 0), (0, 1), (0, 0), (0, 1), (1, 0), (1, 1)]
+    assert module.plan.prefix_layers == tuple(group.format(*s) for s in steps)
+    assert params["prefix_encoder"]["embedding"].shape == (2, 6 * 2 * 32)
+    batch = albert_batch(pair=True)
+    logits = _logits(module, params, batch)
+    for block in range(6):
+        table = np.array(params["prefix_encoder"]["embedding"])
+        table[:, block * 64 : (block + 1) * 64] += 1.0
+        changed = dict(params, prefix_encoder={"embedding": table})
+        assert np.abs(_logits(module, changed, batch) - logits).max() > 1e-4, block
+    from pifi_jax.peft import prefix
+
+    for model_type in ("albert", "deberta", "deberta-v2"):
+        assert "takes no past_key_values" in prefix.hf_refusal(model_type)
+    assert prefix.hf_refusal("bert") is None and prefix.hf_refusal("llama") is None
+    with pytest.raises(ValueError, match="Hugging Face PEFT cannot prefix it.*format='native'"):
+        peft.save_adapter(module, params, tmp_path / "hf", format="peft")
+    peft.save_adapter(module, params, tmp_path / "native", format="native")
+    assert peft.read_adapter_config(tmp_path / "native") == config

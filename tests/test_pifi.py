@@ -21,6 +21,7 @@ import pifi_jax
 from pifi_jax import pifi
 from pifi_jax.hub.files import CheckpointReader
 from pifi_jax.pifi import experiments
+from pifi_jax.pifi import run as pifi_run
 from pifi_jax.train import (
     Checkpointer,
     TrainState,
@@ -31,8 +32,14 @@ from pifi_jax.train import (
     split_params,
     train_and_evaluate,
 )
-from pifi_jax.train.partition import flatten
-from tests.conftest import REPO, load_config, subprocess_env, tiny_overrides
+from pifi_jax.train.partition import flatten, unflatten
+from tests.conftest import (
+    REPO,
+    load_config,
+    subprocess_env,
+    tiny_overrides,
+    write_tiny_encoder,
+)
 from tests.test_models_decoders import tiny_decoder
 
 LLM_LAYERS = 3
@@ -337,6 +344,91 @@ def test_base_method_runs_one_step(llm_dirs, tiny_bert_dir, tiny_task_files, tmp
     assert json.loads((tmp_path / "pifi_layer.json").read_text()) == {"method": "base"}
 
 
+@pytest.mark.parametrize("family", ["albert", "deberta", "debertav3"])
+def test_pifi_config_runs_a_step_with_every_other_slm_family(
+    family, llm_dirs, tiny_task_files, tmp_path
+):
+    """configs/pifi.py:runlocal with ALBERT, DeBERTa and DeBERTa-v3 SLMs (BERT is above): the
+    encoder's [CLS] output feeds W_in, the frozen layer stays frozen, the encoder trains."""
+    slm_dir = write_tiny_encoder(tmp_path / family, family)
+    overrides = pifi_overrides(slm_dir, llm_dirs["llama"], tiny_task_files)
+    config = load_config("configs/pifi.py:runlocal", overrides)
+    run = setup_run(config, tmp_path / "run", log=print)
+    run.checkpointer.close()
+    before_params = {p: np.array(v) for p, v in flatten(run.state.params).items()}
+    before_frozen = {p: np.array(v) for p, v in flatten(run.state.frozen).items()}
+    assert before_frozen and all(p.startswith("pifi/llm_layer/") for p in before_frozen)
+    batch = next(run.train_batches.batches(0))
+    state, metrics = run.train_step(run.state, batch, jax.random.PRNGKey(0))
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    for path, value in flatten(state.frozen).items():
+        assert np.array_equal(np.asarray(value), before_frozen[path]), f"frozen {path} changed"
+    after = flatten(state.params)
+    encoder = {p for p in after if not p.startswith(("pifi/", "head/"))}
+    assert encoder, "no SLM parameters in the trainable tree"
+    moved = {p for p in encoder if not np.array_equal(np.asarray(after[p]), before_params[p])}
+    # Every encoder matrix but the embeddings of tokens absent from the batch gets an update.
+    assert any("attention" in p or "attn" in p for p in moved), sorted(moved)[:5]
+    assert not np.array_equal(
+        np.asarray(after["pifi/w_in/kernel"]), before_params["pifi/w_in/kernel"]
+    )
+
+
+def test_pifi_composes_with_lora_on_the_slm(llm_dirs, tiny_bert_dir, tiny_task_files, tmp_path):
+    """--config.peft.method=lora with configs/pifi.py: LoRA leaves in the SLM, W_in, W_out and the
+    head train; the SLM's base weights and the LLM layer do not; the start equals plain PiFi."""
+    from safetensors.numpy import load_file
+
+    lora = ["--config.peft.method=lora", "--config.peft.r=4", "--config.peft.lora_alpha=8"]
+    overrides = pifi_overrides(tiny_bert_dir, llm_dirs["llama"], tiny_task_files, *lora)
+    config = load_config("configs/pifi.py:runlocal", overrides)
+    run = setup_run(config, tmp_path / "lora", log=print)
+    run.checkpointer.close()
+    trainable = set(flatten(run.state.params))
+    lora_paths = {p for p in trainable if p.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
+    assert {p.rsplit("/", 2)[-2] for p in lora_paths} == {"query", "value"}  # bert's defaults
+    assert trainable == lora_paths | HEAD_PATHS | {"pifi/w_in/kernel", "pifi/w_out/kernel"}
+    frozen = set(flatten(run.state.frozen))
+    assert any(p.startswith("pifi/llm_layer/") for p in frozen)
+    assert "bert/encoder/layer_0/attention/self/query/kernel" in frozen
+
+    # LoRA B starts at zero, so the logits are plain PiFi's (same seed, same W_in/W_out/head).
+    plain, plain_params = pifi.build(tiny_bert_dir, llm_dirs["llama"], -1, num_labels=2, seed=2023)
+    full = {**flatten(run.state.params), **flatten(run.state.frozen)}
+    ids, mask = _batch()
+    with_lora = run.module.apply({"params": unflatten(full)}, ids, mask)
+    np.testing.assert_allclose(
+        with_lora, plain.apply({"params": plain_params}, ids, mask), atol=1e-5
+    )
+
+    before = {p: np.array(v) for p, v in full.items()}
+    batch = next(run.train_batches.batches(0))
+    state, _ = run.train_step(run.state, batch, jax.random.PRNGKey(0))
+    state, _ = run.train_step(state, batch, jax.random.PRNGKey(1))
+    for path, value in flatten(state.frozen).items():
+        assert np.array_equal(np.asarray(value), before[path]), f"frozen {path} changed"
+    moved = {p for p, v in flatten(state.params).items() if not np.array_equal(v, before[p])}
+    assert moved == trainable, sorted(trainable - moved)
+
+    # The trainer's adapter: the SLM's LoRA in Hugging Face PEFT's format, W_in/W_out/head beside.
+    train_and_evaluate(config, tmp_path / "trained")
+    out = tmp_path / "trained" / "adapter"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert len(load_file(out / "adapter_model.safetensors")) == len(lora_paths)
+    plugin = load_file(out / pifi_run.PLUGIN_WEIGHTS)
+    assert set(plugin) == HEAD_PATHS | {"pifi/w_in/kernel", "pifi/w_out/kernel"}
+    assert not np.array_equal(plugin["pifi/w_in/kernel"], before["pifi/w_in/kernel"])
+
+
+def test_pifi_with_prompt_tuning_needs_cls_token_mode(llm_dirs, tiny_bert_dir):
+    config = pifi_jax.peft.PromptTuningConfig(num_virtual_tokens=3)
+    module, params = pifi.build(tiny_bert_dir, llm_dirs["llama"], -1, num_labels=2, peft=config)
+    ids, mask = _batch()
+    assert module.apply({"params": params}, ids, mask).shape == (3, 2)
+    with pytest.raises(ValueError, match="pooling='cls' and mode='token'"):
+        pifi.build(tiny_bert_dir, llm_dirs["llama"], -1, num_labels=2, peft=config, pooling="mean")
+
+
 @pytest.fixture(scope="module")
 def launched_run(llm_dirs, tiny_bert_dir, tiny_task_files, tmp_path_factory) -> Path:
     """configs/pifi.py:runlocal (the last layer of the tiny Llama) through `python -m launch.train`."""
@@ -400,9 +492,36 @@ def test_resume_against_a_different_layer_is_refused(
     change = [c.format(other=other) for c in change]
     overrides = pifi_overrides(tiny_bert_dir, llm_dirs["llama"], tiny_task_files, *change)
     config = load_config("configs/pifi.py:runlocal", overrides)
+    config_before = (launched_run / "config.json").read_text()
     with pytest.raises(ValueError, match=message):
         train_and_evaluate(config, launched_run)
     assert json.loads((launched_run / "pifi_layer.json").read_text())["layer"] == 2  # untouched
+    assert (launched_run / "config.json").read_text() == config_before  # the old run's config
+
+
+def test_experiments_launcher_compares_base_and_pifi_on_the_config_task(
+    llm_dirs, tiny_bert_dir, tiny_task_files, tmp_path
+):
+    """README's main job in miniature: `python -m launch.experiments` with no --tasks trains base
+    and PiFi on config.task and prints their test accuracy side by side."""
+    out = tmp_path / "experiments"
+    command = [
+        sys.executable,
+        "-m",
+        "launch.experiments",
+        "--config=configs/pifi.py:runlocal",
+        f"--out={out}",
+        *pifi_overrides(tiny_bert_dir, llm_dirs["llama"], tiny_task_files),
+    ]
+    run = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for method in ("base", "pifi"):
+        results = json.loads((out / "sst2" / method / "seed2023" / "results.json").read_text())
+        assert results["steps"] == 2
+    summary = (out / "summary.md").read_text()
+    assert summary in run.stdout and "| sst2 | 1/1 |" in summary
 
 
 def test_experiment_grid_reuses_finished_runs_and_tabulates(tmp_path, monkeypatch):

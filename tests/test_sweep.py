@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from pifi_jax.train.sweep import read_csv
+import pytest
+
+from pifi_jax.train.sweep import plot_sweeps, read_csv
 from tests.conftest import REPO, subprocess_env, tiny_overrides
 
 
@@ -44,3 +46,40 @@ def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_tas
     assert "steps/epoch" not in again.stdout  # train_and_evaluate prints this when it starts
     assert read_csv(tmp_path / "sweep.csv") == rows
     assert (tmp_path / "sweep.png").exists()
+
+
+def test_finished_sweeps_plot_together(tmp_path):
+    """--combine: each sweep.csv one line, no training; a missing sweep is named."""
+    from pifi_jax.train.sweep import write_csv
+
+    for name, key, sizes in (
+        ("lora", "peft.r", (2, 8)),
+        ("adapter", "peft.bottleneck_size", (16,)),
+    ):
+        rows = [
+            {key: s, "trainable_params": 100 * s, "validation/accuracy": 0.5 + s / 100}
+            for s in sizes
+        ]
+        (tmp_path / name).mkdir()
+        write_csv(rows, tmp_path / name / "sweep.csv")
+    out = tmp_path / "both.png"
+    argv = [
+        sys.executable,
+        "-m",
+        "launch.sweep",
+        f"--combine={tmp_path / 'lora'},{tmp_path / 'adapter'}",
+    ]
+    done = subprocess.run(
+        [*argv, "--names=LoRA,adapters", f"--plot={out}"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes().startswith(b"\x89PNG")
+    series = plot_sweeps([tmp_path / "lora", tmp_path / "adapter"], tmp_path / "again.png")
+    assert [(name, len(rows)) for name, rows in series] == [("lora", 2), ("adapter", 1)]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        plot_sweeps([tmp_path / "missing"], tmp_path / "x.png")

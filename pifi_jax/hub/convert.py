@@ -170,7 +170,7 @@ def stack_layers(
     shardings: dict[str, jax.sharding.Sharding] | None = None,
 ) -> dict[str, Any]:
     """Per-layer leaves `model/{stack}_3/<rest>` -> one leaf `model/{stack}/<rest>` [layers, ...],
-    the layout of a scanned stack (models/llama.py `scan_layers`). Other leaves pass through.
+    the layout of a scanned stack (models/stack.py `scan_layers`). Other leaves pass through.
 
     Consumes `flat` (its per-layer entries are removed as each stacked leaf is built), so device
     memory holds one leaf's layers twice at most, not the whole model. `shardings`: of the

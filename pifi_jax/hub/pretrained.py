@@ -99,7 +99,7 @@ def from_pretrained(
       scan_layers: decoders only: one scanned layer module, its parameters stacked along a
         leading layers axis (the checkpoint's per-layer tensors are stacked as they load).
       remat_policy: decoders only: gradient checkpointing of each layer ("none", "full", "dots",
-        "dots_no_batch"; models/llama.py REMAT_POLICIES).
+        "dots_no_batch"; models/stack.py REMAT_POLICIES).
     Returns:
       (module, params): `module.apply({"params": params}, input_ids=..., attention_mask=...,
       token_type_ids=...)`.

@@ -4,10 +4,10 @@ from pifi_jax.layers.activations import activation
 from pifi_jax.layers.attention import (
     KVCache,
     attention_bias,
-    cached_attention_inputs,
     dot_product_attention,
     padding_bias,
     positions_from_mask,
+    self_attention_inputs,
 )
 from pifi_jax.layers.linear import Linear
 from pifi_jax.layers.norms import RMSNorm
@@ -21,8 +21,8 @@ __all__ = [
     "Rope",
     "activation",
     "attention_bias",
-    "cached_attention_inputs",
     "dot_product_attention",
     "padding_bias",
     "positions_from_mask",
+    "self_attention_inputs",
 ]

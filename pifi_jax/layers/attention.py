@@ -8,7 +8,8 @@ Masks are additive biases built from booleans in one step (never two large negat
 slot indices: query i sits at slot `q_offset + i` among the key slots, so a key/value cache passes
 the cached length as `q_offset` without changing the mask code.
 
-`KVCache` is the decoders' key/value cache (see its docstring for why it is a plain pytree).
+`KVCache` is the decoders' key/value cache (see its docstring for why it is a plain pytree), and
+`self_attention_inputs` what a decoder's attention reads from it (and from a PEFT prefix).
 """
 
 import flax.linen as nn
@@ -215,31 +216,49 @@ class KVCache:
         return jnp.where(mask > 0, before + jnp.cumsum(mask, axis=1) - 1, slots)
 
 
-def cached_attention_inputs(
-    cache: KVCache,
+def self_attention_inputs(
     key: jax.Array,
     value: jax.Array,
     attention_mask: jax.Array | None,
     *,
     causal: bool,
     sliding_window: int | jax.Array | None = None,
+    cache: KVCache | None = None,
+    prefix: tuple[jax.Array, jax.Array] | None = None,
     dtype=jnp.float32,
-) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
-    """Writes the new key/value into one layer's cache; returns what attention reads.
+) -> tuple[jax.Array, jax.Array, jax.Array | None, KVCache | None]:
+    """What a decoder's self-attention reads: (keys, values, additive bias, updated cache).
 
-    Returns (keys, values) [batch, max_length, kv_heads, head_dim] in `dtype`, the additive bias
-    [batch, 1, length, max_length] (queries sit at slots index .. index + length - 1; unwritten and
-    padding slots are masked) and the updated cache.
+    key, value: this call's [batch, length, kv_heads, head_dim]; attention_mask: [batch, length]
+      0/1 (None: no padding).
+    cache: one layer's KVCache: the new keys/values are written at its index and attention reads
+      all its slots ([batch, max_length, ...]; unwritten and padding slots masked); the queries
+      sit at slots index .. index + length - 1.
+    prefix: (keys, values) [batch, P, kv_heads, head_dim] in front of all of that (prefix tuning),
+      as P earlier tokens in slots 0..P-1: every mask rule (causal, sliding window) sees them as
+      such, which is how transformers treats the cache of P entries Hugging Face PEFT passes.
+    Returns keys/values [batch, kv, kv_heads, head_dim] in `dtype`, the bias [batch | 1, 1, length,
+    kv] (None when nothing is masked) and the cache (None without one).
     """
     length = key.shape[1]
-    cache = cache.append(key, value, attention_mask)
+    mask, q_offset = attention_mask, 0
+    if cache is not None:
+        cache = cache.append(key, value, attention_mask)
+        key, value, mask = cache.key, cache.value, cache.mask
+        q_offset = cache.index - length
+    if prefix is not None:
+        n = prefix[0].shape[1]
+        key = jnp.concatenate([prefix[0].astype(key.dtype), key], axis=1)
+        value = jnp.concatenate([prefix[1].astype(value.dtype), value], axis=1)
+        mask = None if mask is None else jnp.pad(mask, ((0, 0), (n, 0)), constant_values=1)
+        q_offset = q_offset + n
     bias = attention_bias(
-        cache.mask,
+        mask,
         length,
         causal=causal,
         sliding_window=sliding_window,
-        q_offset=cache.index - length,
-        kv_length=cache.max_length,
+        q_offset=q_offset,
+        kv_length=key.shape[1],
         dtype=dtype,
     )
-    return cache.key.astype(dtype), cache.value.astype(dtype), bias, cache
+    return key.astype(dtype), value.astype(dtype), bias, cache

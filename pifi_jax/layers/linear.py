@@ -12,16 +12,10 @@ plan and, if targeted, creates and applies its extra leaves:
 
 A Linear that is not targeted has no extra leaves and does no extra work.
 
-The same scope carries the methods that act around projections rather than on them. A family
-module calls one hook at the place the method acts; outside a PEFT scope every hook returns its
-input unchanged:
-    bottleneck_adapter(self, h)      Houlsby / Pfeiffer: h + up(act(down(h))) when the plan names
-                                     this module (leaves `adapter_down/*`, `adapter_up/*` here)
-    attention_prefix(self, k, v, b)  prefix tuning: this attention's P prefix keys/values in front
-    prompt_inputs / prepend_prompt   prompt tuning: P soft tokens in front of the sequence
-    virtual_tokens()                 (prompt tokens, prefix tokens), for position numbering
-The prompt and prefix values themselves are computed once per call by `pifi_jax.peft.PeftModel`
-(which owns their leaves) and handed to the scope.
+The same scope carries the methods that act around projections rather than on them (bottleneck
+adapters, prefix and prompt tuning): their hooks, which family modules call at the place the method
+acts, are in `layers.peft_hooks`. The prompt and prefix values themselves are computed once per call
+by `pifi_jax.peft.PeftModel` (which owns their leaves) and handed to the scope.
 """
 
 from __future__ import annotations
@@ -34,8 +28,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from pifi_jax.layers.activations import activation
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
@@ -66,8 +58,10 @@ class AdapterPlan:
 
     adapters: Linear path -> LinearAdapter (LoRA, DoRA, IA3).
     bottlenecks: path of a module that calls `bottleneck_adapter` -> Bottleneck.
-    prefix_layers: paths of the self-attention modules that take prefix keys/values, in the order
-      of their blocks in the prefix table (prefix tuning).
+    prefix_layers: paths of the self-attention modules that take prefix keys/values, one entry per
+      block of the prefix table, in its order (prefix tuning). A module applied at several depths
+      (ALBERT's shared layer) appears once per application, and its n-th application takes the
+      block of its n-th entry.
     """
 
     adapters: tuple[tuple[str, LinearAdapter], ...] = ()
@@ -82,14 +76,16 @@ class AdapterPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Active:
+class Scope:
+    """What a model call inside `adapter_scope` sees (`active_scope()`)."""
+
     plan: AdapterPlan
     deterministic: bool
     prompt: jax.Array | None  # [P, width] soft token embeddings
-    prefix: jax.Array | None  # [P, layers * 2 * hidden]: per layer, keys then values
+    prefix: jax.Array | None  # [P, blocks * 2 * width]: per block, keys then values
 
 
-_SCOPE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
+_SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "pifi_jax_adapter_scope", default=None
 )
 
@@ -103,83 +99,16 @@ def adapter_scope(
     prefix: jax.Array | None = None,
 ):
     """Modules called inside this context attach the plan's adapters (and prompt / prefix)."""
-    token = _SCOPE.set(_Active(plan, deterministic, prompt, prefix))
+    token = _SCOPE.set(Scope(plan, deterministic, prompt, prefix))
     try:
         yield
     finally:
         _SCOPE.reset(token)
 
 
-def virtual_tokens() -> tuple[int, int]:
-    """(prompt tokens, prefix tokens) the active PEFT method adds in front; (0, 0) without one."""
-    active = _SCOPE.get()
-    if active is None:
-        return 0, 0
-    prompt = 0 if active.prompt is None else active.prompt.shape[0]
-    prefix = 0 if active.prefix is None else active.prefix.shape[0]
-    return prompt, prefix
-
-
-def prompt_inputs(attention_mask: jax.Array, token_type_ids: jax.Array):
-    """Prompt tuning: mask [batch, P + length] (1 on the prompt) and token types (0 on it)."""
-    n = virtual_tokens()[0]
-    if not n:
-        return attention_mask, token_type_ids
-    front = ((0, 0), (n, 0))
-    return (
-        jnp.pad(attention_mask, front, constant_values=1),
-        jnp.pad(token_type_ids, front, constant_values=0),
-    )
-
-
-def prepend_prompt(embedded: jax.Array) -> jax.Array:
-    """Prompt tuning: [batch, length, width] word embeddings -> [batch, P + length, width]."""
-    active = _SCOPE.get()
-    if active is None or active.prompt is None:
-        return embedded
-    prompt = active.prompt.astype(embedded.dtype)  # [P, width]
-    prompt = jnp.broadcast_to(prompt, (embedded.shape[0], *prompt.shape))
-    return jnp.concatenate([prompt, embedded], axis=1)
-
-
-def attention_prefix(module: nn.Module, key: jax.Array, value: jax.Array, bias: jax.Array | None):
-    """Prefix tuning: P trained keys/values in front of this attention's own, visible to all.
-
-    key, value: [batch, length, heads, head_dim] -> [batch, P + length, heads, head_dim];
-    bias: [..., length] additive padding bias -> [..., P + length] (0 = attend on the prefix).
-    """
-    active = _SCOPE.get()
-    path = "/".join(module.path)
-    if active is None or active.prefix is None or path not in active.plan.prefix_layers:
-        return key, value, bias
-    layers = active.plan.prefix_layers
-    batch, _, heads, head_dim = key.shape
-    n = active.prefix.shape[0]
-    table = active.prefix.reshape(n, len(layers), 2, heads, head_dim)  # [P, layers, k|v, h, d]
-    block = table[:, layers.index(path)].astype(key.dtype)  # [P, 2, heads, head_dim]
-    block = jnp.broadcast_to(block, (batch, *block.shape))
-    key = jnp.concatenate([block[:, :, 0], key], axis=1)
-    value = jnp.concatenate([block[:, :, 1], value], axis=1)
-    if bias is not None:
-        bias = jnp.pad(bias, ((0, 0),) * (bias.ndim - 1) + ((n, 0),))
-    return key, value, bias
-
-
-def bottleneck_adapter(module: nn.Module, h: jax.Array) -> jax.Array:
-    """h + up(act(down(h))) when the plan puts a bottleneck on `module` (call from its __call__).
-
-    Leaves created under `module`: adapter_down/{kernel [d, m], bias [m]},
-    adapter_up/{kernel [m, d], bias [d]}; up starts at zero, so the module starts unchanged.
-    """
-    active = _SCOPE.get()
-    spec = active.plan.bottleneck("/".join(module.path)) if active else None
-    if spec is None:
-        return h
-    kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
-    down = Linear(spec.size, name="adapter_down", **kw)(h)  # [..., m]
-    zeros = nn.initializers.zeros
-    up = Linear(h.shape[-1], kernel_init=zeros, name="adapter_up", **kw)
-    return h + up(activation(spec.non_linearity)(down))  # [..., d]
+def active_scope() -> Scope | None:
+    """The PEFT scope the current call runs in; None outside one."""
+    return _SCOPE.get()
 
 
 def _kaiming_uniform_a(key, shape, dtype):

@@ -16,6 +16,10 @@ What differs from BERT (models/bert.py):
 Parameter paths mirror Hugging Face names with list indices folded in:
 `albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight` is
 `albert/encoder/albert_layer_groups_0/albert_layers_0/ffn/kernel`.
+
+PEFT: prefix tuning gives every application of the shared layer its own prefix (the attention is
+told which application it runs: peft/prefix.py explains the choice); adapters, like the weights,
+are shared across depth.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pifi_jax.layers import Linear, activation, dot_product_attention, padding_bias
-from pifi_jax.layers.linear import bottleneck_adapter, prepend_prompt, prompt_inputs
+from pifi_jax.layers.peft_hooks import (
+    attention_prefix,
+    bottleneck_adapter,
+    prepend_prompt,
+    prompt_inputs,
+)
 from pifi_jax.models import config_utils
 
 MODEL_TYPES = ("albert",)
@@ -153,14 +162,17 @@ class AlbertEmbeddings(nn.Module):
 
 
 class AlbertAttention(nn.Module):
-    """query/key/value -> attention -> dense -> dropout -> LayerNorm(x + .), HF's AlbertAttention."""
+    """query/key/value -> attention -> dense -> dropout -> LayerNorm(x + .), HF's AlbertAttention.
+
+    application: how many times this (shared) module ran before in this call; prefix tuning gives
+    each application its own prefix (peft/prefix.py)."""
 
     config: AlbertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def __call__(self, x, bias, deterministic: bool, application: int = 0):
         cfg = self.config
         batch, length, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -169,10 +181,14 @@ class AlbertAttention(nn.Module):
             y = Linear(cfg.hidden_size, **kw, name=name)(x)
             return y.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)  # [b, s, h, d]
 
+        query = project("query")
+        key, value, bias = attention_prefix(
+            self, project("key"), project("value"), bias, application
+        )  # prefix tuning: this application's P keys/values in front
         out = dot_product_attention(
-            project("query"),
-            project("key"),
-            project("value"),
+            query,
+            key,
+            value,
             bias,
             dropout_rate=cfg.attention_probs_dropout_prob,
             deterministic=deterministic,
@@ -191,10 +207,10 @@ class AlbertLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def __call__(self, x, bias, deterministic: bool, application: int = 0):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        a = AlbertAttention(cfg, **kw, name="attention")(x, bias, deterministic)
+        a = AlbertAttention(cfg, **kw, name="attention")(x, bias, deterministic, application)
         h = Linear(cfg.intermediate_size, **kw, name="ffn")(a)  # [batch, length, intermediate]
         h = activation(cfg.hidden_act)(h)
         h = Linear(cfg.hidden_size, **kw, name="ffn_output")(h)  # [batch, length, hidden]
@@ -203,19 +219,20 @@ class AlbertLayer(nn.Module):
 
 
 class AlbertLayerGroup(nn.Module):
-    """`inner_group_num` distinct layers applied in sequence (one step of the encoder)."""
+    """`inner_group_num` distinct layers applied in sequence (one step of the encoder); this is the
+    group's application-th step."""
 
     config: AlbertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def __call__(self, x, bias, deterministic: bool, application: int = 0):
         for i in range(self.config.inner_group_num):
             layer = AlbertLayer(
                 self.config, self.dtype, self.param_dtype, name=f"albert_layers_{i}"
             )
-            x = layer(x, bias, deterministic)
+            x = layer(x, bias, deterministic, application)
         return x
 
 
@@ -240,8 +257,11 @@ class AlbertTransformer(nn.Module):
             AlbertLayerGroup(cfg, self.dtype, self.param_dtype, name=f"albert_layer_groups_{g}")
             for g in range(cfg.num_hidden_groups)
         ]
+        runs = [0] * cfg.num_hidden_groups  # steps each group has run so far
         for depth in range(cfg.num_hidden_layers):
-            x = groups[cfg.group_at_depth(depth)](x, bias, deterministic)
+            group = cfg.group_at_depth(depth)
+            x = groups[group](x, bias, deterministic, runs[group])
+            runs[group] += 1
             x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x
 

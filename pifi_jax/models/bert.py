@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pifi_jax.layers import Linear, activation, dot_product_attention, padding_bias
-from pifi_jax.layers.linear import (
+from pifi_jax.layers.peft_hooks import (
     attention_prefix,
     bottleneck_adapter,
     prepend_prompt,

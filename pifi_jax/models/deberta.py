@@ -22,6 +22,8 @@ computes them:
   `head_weights_proj` after). v2 may add a convolution branch after the first layer
   (`conv_kernel_size`, `conv_groups`, `conv_act`).
 StableDropout is plain dropout here (identical at inference, which is what parity covers).
+Prefix tuning (pifi_jax's own definition, see peft/prefix.py): prefix keys enter the
+content-to-content scores only, scaled like them; prefix values are attended like the others.
 
 Head (both): pooler (dropout(pooler_dropout) -> dense -> pooler_hidden_act on the first token) ->
 dropout(cls_dropout or hidden_dropout_prob) -> classifier. Parameter paths mirror Hugging Face
@@ -40,7 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pifi_jax.layers import Linear, activation
-from pifi_jax.layers.linear import bottleneck_adapter, prepend_prompt, prompt_inputs
+from pifi_jax.layers.peft_hooks import (
+    bottleneck_adapter,
+    prefix_block,
+    prepend_prompt,
+    prompt_inputs,
+)
 from pifi_jax.models import config_utils
 
 MODEL_TYPES = ("deberta", "deberta-v2")
@@ -368,6 +375,15 @@ class DisentangledSelfAttention(nn.Module):
                 p2c = jnp.einsum("bkhd,rhd->bhkr", key, split_heads(pos_query))  # [b, h, k, 2span]
                 scores = scores + _gather_relative(p2c, k_rows, p2c_index) / divisor
 
+        prefix = prefix_block(self, key)  # prefix tuning: P keys, values [b, P, h, d]
+        if prefix is not None:  # content-to-content scores only (no position), scaled alike
+            prefix_key = prefix[0] if cfg.is_v1 else prefix[0] / scale.astype(self.dtype)
+            prefix_scores = jnp.einsum("bqhd,bkhd->bhqk", query, prefix_key)  # [b, h, q, P]
+            scores = jnp.concatenate([prefix_scores, scores], axis=-1)  # [b, h, q, P + k]
+            value = jnp.concatenate([prefix[1], value], axis=1)
+            query_mask = jnp.any(pair_mask, axis=-1, keepdims=True)  # [batch, q, 1]
+            query_mask = jnp.broadcast_to(query_mask, (*pair_mask.shape[:2], prefix[0].shape[1]))
+            pair_mask = jnp.concatenate([query_mask, pair_mask], axis=-1)
         mix = functools.partial(
             Linear, heads, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
         )

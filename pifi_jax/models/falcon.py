@@ -13,13 +13,14 @@ Not implemented, and refused when a config asks for them: ALiBi (`alibi`), the 4
 
 Paths mirror Hugging Face names: `transformer.h.3.self_attention.query_key_value.weight` is
 `transformer/h_3/self_attention/query_key_value/kernel`. Decoding with a KVCache (one key/value
-head per layer under multi_query), scan_layers and remat_policy work as in llama.py.
+head per layer under multi_query), scan_layers and remat_policy (models/stack.py) and PEFT work as
+in llama.py; bottleneck adapters follow `self_attention.dense` and `mlp.dense_4h_to_h`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -29,15 +30,18 @@ from pifi_jax.layers import (
     Linear,
     Rope,
     activation,
-    attention_bias,
-    cached_attention_inputs,
     dot_product_attention,
+    self_attention_inputs,
 )
+from pifi_jax.layers.peft_hooks import bottleneck_adapter, prefix_block
 from pifi_jax.models import config_utils
-from pifi_jax.models.llama import (
+from pifi_jax.models.llama import read_rope
+from pifi_jax.models.stack import (
+    BareDecoder,
+    CausalLM,
+    decoder_inputs,
     default_positions,
     make_layers,
-    read_rope,
     run_layers,
     stacked_param_axes,
 )
@@ -144,14 +148,18 @@ class FalconAttention(nn.Module):
             fused = fused.reshape(batch, length, heads, 3, dim)  # [b, s, heads, 3, head_dim]
             query, key, value = fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
         query, key = cfg.rope.apply(query, positions), cfg.rope.apply(key, positions)
-        if cache is None:
-            bias = attention_bias(attention_mask, length, causal=causal, dtype=self.dtype)
-        else:  # keys/values: [batch, max_length, kv_heads, head_dim]
-            key, value, bias, cache = cached_attention_inputs(
-                cache, key, value, attention_mask, causal=causal, dtype=self.dtype
-            )
+        key, value, bias, cache = self_attention_inputs(
+            key,
+            value,
+            attention_mask,
+            causal=causal,
+            cache=cache,
+            prefix=prefix_block(self, key),  # prefix tuning: P keys/values in front
+            dtype=self.dtype,
+        )  # keys/values: [batch, kv, kv_heads, head_dim]
         out = dot_product_attention(query, key, value, bias)  # [batch, length, heads, head_dim]
         out = Linear(hidden, **kw, name="dense")(out.reshape(batch, length, hidden))
+        out = bottleneck_adapter(self, out)  # Houlsby adapters, where planned
         return out if cache is None else (out, cache)
 
 
@@ -165,7 +173,8 @@ class FalconMLP(nn.Module):
         cfg = self.config
         kw = dict(use_bias=cfg.bias, dtype=self.dtype, param_dtype=self.param_dtype)
         h = Linear(cfg.ffn_hidden_size, **kw, name="dense_h_to_4h")(x)  # [b, s, ffn]
-        return Linear(cfg.hidden_size, **kw, name="dense_4h_to_h")(activation(cfg.activation)(h))
+        h = Linear(cfg.hidden_size, **kw, name="dense_4h_to_h")(activation(cfg.activation)(h))
+        return bottleneck_adapter(self, h)  # Houlsby / Pfeiffer adapters, where planned
 
 
 class FalconDecoderLayer(nn.Module):
@@ -236,7 +245,7 @@ class FalconModel(nn.Module):
         self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
     ):
         x = self.word_embeddings(input_ids)  # [batch, length, hidden]
-        positions = default_positions(x, attention_mask, positions, cache)
+        x, attention_mask, positions = decoder_inputs(x, attention_mask, positions, cache)
         x, cache = run_layers(
             self.h,
             x,
@@ -249,77 +258,24 @@ class FalconModel(nn.Module):
         x = self.ln_f(x)
         return x if cache is None else (x, cache)
 
-
-class FalconForCausalLM(nn.Module):
-    """Decoder + lm_head (tied by default); float32 logits [batch, length, vocab]. `cache` and
-    `last_logits_only` as in LlamaForCausalLM."""
-
-    task: ClassVar[str] = "causal_lm"
-    config: FalconConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    def setup(self):
-        self.transformer = FalconModel(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
-        )
-        if not self.config.tie_word_embeddings:
-            self.lm_head = Linear(
-                self.config.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
-
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        positions=None,
-        *,
-        deterministic=True,
-        cache=None,
-        last_logits_only=False,
-    ):
-        h = self.transformer(
-            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
-        )
-        if cache is not None:
-            h, cache = h
-        if last_logits_only:
-            h = h[:, -1:]
-        if self.config.tie_word_embeddings:
-            logits = self.transformer.word_embeddings.attend(h).astype(jnp.float32)
-        else:
-            logits = self.lm_head(h).astype(jnp.float32)
-        return logits if cache is None else (logits, cache)
+    def attend(self, h):
+        """Logits through the tied input embedding."""
+        return self.word_embeddings.attend(h)
 
 
-class FalconDecoder(nn.Module):
+class FalconForCausalLM(CausalLM):
+    """Decoder + lm_head (tied by default); float32 logits [batch, length, vocab]. Call and options
+    as stack.CausalLM."""
+
+    base_class = FalconModel
+    base_name = "transformer"
+
+
+class FalconDecoder(BareDecoder):
     """The bare stack under `transformer/`; returns the last hidden state."""
 
-    task: ClassVar[str] = "decoder"
-    config: FalconConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
-    ):
-        model = FalconModel(
-            self.config,
-            self.dtype,
-            self.param_dtype,
-            self.scan_layers,
-            self.remat_policy,
-            name="transformer",
-        )
-        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
+    base_class = FalconModel
+    base_name = "transformer"
 
 
 # ---------------------------------------------------------------------------------------------

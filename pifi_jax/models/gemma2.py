@@ -12,28 +12,28 @@
 - the MLP activation is `hidden_activation` (gelu with the tanh approximation).
 
 Paths mirror Hugging Face names, as in llama.py: `model/layers_3/pre_feedforward_layernorm/scale`.
-Decoding with a KVCache, scan_layers and remat_policy work as in llama.py (a scanned stack looks up
-each layer's window, local or global, by its traced index).
+Decoding with a KVCache, scan_layers and remat_policy (models/stack.py) and PEFT work as in llama.py
+(a scanned stack looks up each layer's window, local or global, by its traced index).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from pifi_jax.layers import KVCache, Linear, RMSNorm, Rope
+from pifi_jax.layers import KVCache, RMSNorm, Rope
 from pifi_jax.models import config_utils
-from pifi_jax.models.llama import (
-    LAYER_TYPES,
-    Attention,
-    GatedMLP,
+from pifi_jax.models.llama import LAYER_TYPES, Attention, GatedMLP, read_rope
+from pifi_jax.models.stack import (
+    BareDecoder,
+    CausalLM,
+    decoder_inputs,
     default_positions,
     make_layers,
-    read_rope,
     run_layers,
     stacked_param_axes,
     window_of,
@@ -132,6 +132,11 @@ class Gemma2Config:
     def layer_window(self, index: int) -> int | None:
         return self.sliding_window if self.layer_types[index] == "sliding_attention" else None
 
+    @property
+    def embed_scale(self) -> float:
+        """The factor on the token embeddings (transformers' Gemma2TextScaledWordEmbedding)."""
+        return math.sqrt(self.hidden_size)
+
 
 class Gemma2DecoderLayer(nn.Module):
     """One Gemma-2 layer; x [batch, length, hidden] -> same (arguments as LlamaDecoderLayer)."""
@@ -216,9 +221,11 @@ class Gemma2Model(nn.Module):
         self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
     ):
         # transformers rounds the multiplier to the weights' dtype (sqrt(3584) is 60.0 in bf16).
-        normalizer = jnp.asarray(math.sqrt(self.config.hidden_size), self.param_dtype)
+        # It scales inside its embedding module, so a soft prompt, which Hugging Face PEFT passes
+        # as embeddings, is not scaled.
+        normalizer = jnp.asarray(self.config.embed_scale, self.param_dtype)
         x = self.embed_tokens(input_ids) * normalizer.astype(self.dtype)  # [batch, length, hidden]
-        positions = default_positions(x, attention_mask, positions, cache)
+        x, attention_mask, positions = decoder_inputs(x, attention_mask, positions, cache)
         x, cache = run_layers(
             self.layers,
             x,
@@ -231,81 +238,24 @@ class Gemma2Model(nn.Module):
         x = self.norm(x)
         return x if cache is None else (x, cache)
 
-
-class Gemma2ForCausalLM(nn.Module):
-    """Decoder + (tied) lm_head + final soft-capping; float32 logits [batch, length, vocab].
-    `cache` and `last_logits_only` as in LlamaForCausalLM."""
-
-    task: ClassVar[str] = "causal_lm"
-    config: Gemma2Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    def setup(self):
-        self.model = Gemma2Model(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
-        )
-        if not self.config.tie_word_embeddings:
-            self.lm_head = Linear(
-                self.config.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
-
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        positions=None,
-        *,
-        deterministic=True,
-        cache=None,
-        last_logits_only=False,
-    ):
-        h = self.model(
-            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
-        )
-        if cache is not None:
-            h, cache = h
-        if last_logits_only:
-            h = h[:, -1:]
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        logits = logits.astype(jnp.float32)
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits if cache is None else (logits, cache)
+    def attend(self, h):
+        """Logits through the tied input embedding."""
+        return self.embed_tokens.attend(h)
 
 
-class Gemma2Decoder(nn.Module):
+class Gemma2ForCausalLM(CausalLM):
+    """Decoder + (tied) lm_head + final soft-capping; float32 logits [batch, length, vocab]. Call
+    and options as stack.CausalLM."""
+
+    base_class = Gemma2Model
+    base_name = "model"
+
+
+class Gemma2Decoder(BareDecoder):
     """The bare stack under `model/`; returns the last hidden state [batch, length, hidden]."""
 
-    task: ClassVar[str] = "decoder"
-    config: Gemma2Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
-    ):
-        model = Gemma2Model(
-            self.config,
-            self.dtype,
-            self.param_dtype,
-            self.scan_layers,
-            self.remat_policy,
-            name="model",
-        )
-        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
+    base_class = Gemma2Model
+    base_name = "model"
 
 
 # ---------------------------------------------------------------------------------------------

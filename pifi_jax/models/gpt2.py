@@ -10,13 +10,16 @@ side ([hidden, 3 * hidden]). Positions of left-padded rows come from the padding
 
 Paths mirror Hugging Face names: `transformer.h.3.attn.c_attn.weight` is
 `transformer/h_3/attn/c_attn/kernel`. Hub checkpoints of the original GPT-2 omit `transformer.`.
-Decoding with a KVCache, scan_layers and remat_policy work as in llama.py.
+Decoding with a KVCache, scan_layers and remat_policy (models/stack.py) and PEFT work as in
+llama.py; bottleneck adapters follow `attn.c_proj` and `mlp.c_proj`. Hugging Face PEFT marks LoRA
+on these Conv1D layers `fan_in_fan_out` (their weights are [in, out]); its lora_A / lora_B are
+[r, in] / [out, r] all the same, which is what an export writes (peft/files.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,12 +28,19 @@ from pifi_jax.layers import (
     KVCache,
     Linear,
     activation,
-    attention_bias,
-    cached_attention_inputs,
     dot_product_attention,
+    self_attention_inputs,
 )
+from pifi_jax.layers.peft_hooks import bottleneck_adapter, prefix_block
 from pifi_jax.models import config_utils
-from pifi_jax.models.llama import default_positions, make_layers, run_layers, stacked_param_axes
+from pifi_jax.models.stack import (
+    BareDecoder,
+    CausalLM,
+    decoder_inputs,
+    make_layers,
+    run_layers,
+    stacked_param_axes,
+)
 
 MODEL_TYPES = ("gpt2",)
 
@@ -96,9 +106,18 @@ class GPT2Config:
             out["eos_token_id"] = list(self.eos_token_id)
         return out
 
+    # transformers' GPT2Config.attribute_map: the common names of the n_* fields.
     @property
     def hidden_size(self) -> int:
         return self.n_embd
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
 
     @property
     def num_layers(self) -> int:
@@ -136,12 +155,15 @@ class GPT2Attention(nn.Module):
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= (self.layer_index if layer_index is None else layer_index) + 1
-        if cache is None:
-            bias = attention_bias(attention_mask, length, causal=causal, dtype=self.dtype)
-        else:  # keys/values: [batch, max_length, heads, head_dim]
-            key, value, bias, cache = cached_attention_inputs(
-                cache, key, value, attention_mask, causal=causal, dtype=self.dtype
-            )
+        key, value, bias, cache = self_attention_inputs(
+            key,
+            value,
+            attention_mask,
+            causal=causal,
+            cache=cache,
+            prefix=prefix_block(self, key),  # prefix tuning: P keys/values in front
+            dtype=self.dtype,
+        )  # keys/values: [batch, kv, heads, head_dim]
         out = dot_product_attention(
             query,
             key,
@@ -154,6 +176,7 @@ class GPT2Attention(nn.Module):
         )  # [batch, length, heads, head_dim]
         out = Linear(hidden, **kw, name="c_proj")(out.reshape(batch, length, hidden))
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        out = bottleneck_adapter(self, out)  # Houlsby adapters, where planned
         return out if cache is None else (out, cache)
 
 
@@ -168,7 +191,8 @@ class GPT2MLP(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = Linear(cfg.n_inner or 4 * cfg.n_embd, **kw, name="c_fc")(x)  # [b, s, inner]
         h = Linear(cfg.n_embd, **kw, name="c_proj")(activation(cfg.activation_function)(h))
-        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+        h = nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+        return bottleneck_adapter(self, h)  # Houlsby / Pfeiffer adapters, where planned
 
 
 class GPT2Block(nn.Module):
@@ -238,7 +262,8 @@ class GPT2Model(nn.Module):
         self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
     ):
         x = self.wte(input_ids)  # [batch, length, hidden]
-        x = x + self.wpe(default_positions(x, attention_mask, positions, cache))
+        x, attention_mask, positions = decoder_inputs(x, attention_mask, positions, cache)
+        x = x + self.wpe(positions)
         x = self.drop(x, deterministic=deterministic)
         x, cache = run_layers(
             self.h,
@@ -252,77 +277,24 @@ class GPT2Model(nn.Module):
         x = self.ln_f(x)
         return x if cache is None else (x, cache)
 
-
-class GPT2LMHeadModel(nn.Module):
-    """Decoder + lm_head (tied to wte by default); float32 logits [batch, length, vocab]. `cache`
-    and `last_logits_only` as in LlamaForCausalLM."""
-
-    task: ClassVar[str] = "causal_lm"
-    config: GPT2Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    def setup(self):
-        self.transformer = GPT2Model(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
-        )
-        if not self.config.tie_word_embeddings:
-            self.lm_head = Linear(
-                self.config.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
-
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        positions=None,
-        *,
-        deterministic=True,
-        cache=None,
-        last_logits_only=False,
-    ):
-        h = self.transformer(
-            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
-        )
-        if cache is not None:
-            h, cache = h
-        if last_logits_only:
-            h = h[:, -1:]
-        if self.config.tie_word_embeddings:
-            logits = self.transformer.wte.attend(h).astype(jnp.float32)
-        else:
-            logits = self.lm_head(h).astype(jnp.float32)
-        return logits if cache is None else (logits, cache)
+    def attend(self, h):
+        """Logits through the tied input embedding."""
+        return self.wte.attend(h)
 
 
-class GPT2Decoder(nn.Module):
+class GPT2LMHeadModel(CausalLM):
+    """Decoder + lm_head (tied to wte by default); float32 logits [batch, length, vocab]. Call and
+    options as stack.CausalLM."""
+
+    base_class = GPT2Model
+    base_name = "transformer"
+
+
+class GPT2Decoder(BareDecoder):
     """The bare stack under `transformer/`; returns the last hidden state."""
 
-    task: ClassVar[str] = "decoder"
-    config: GPT2Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
-    ):
-        model = GPT2Model(
-            self.config,
-            self.dtype,
-            self.param_dtype,
-            self.scan_layers,
-            self.remat_policy,
-            name="transformer",
-        )
-        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
+    base_class = GPT2Model
+    base_name = "transformer"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,26 +21,24 @@ causal=True)` with x [batch, length, hidden]. `Attention` and `GatedMLP` are sha
 Decoding: every model and layer also takes `cache=` (a layers.KVCache) and then returns
 `(output, updated_cache)`; pifi_jax.generate drives it.
 
-Big models (the same options in gemma2.py, falcon.py, gpt2.py, through the helpers below):
-  scan_layers=True   one layer module under `nn.scan`: its parameters are stacked along a leading
-                     "layers" axis (`model/layers/self_attn/q_proj/kernel` [layers, in, out]), so
-                     compile time no longer grows with depth. Layers that differ (sliding vs global
-                     attention) get their index as a traced argument and look their window up.
-                     Loading stacks the per-layer checkpoint tensors, saving unstacks them
-                     (hub/convert.py); PARAM_AXES gives the stacked leaves a leading "layers" axis.
-  remat_policy       "none" | "full" | "dots" | "dots_no_batch": gradient checkpointing of each layer
-                     (nn.remat) with jax.checkpoint_policies (REMAT_POLICIES), scanned or not.
+Big models: `scan_layers=True` (one scanned layer module, parameters stacked along a leading
+"layers" axis) and `remat_policy` (gradient checkpointing per layer), the same in every decoder
+family: models/stack.py.
+
+PEFT: every projection is a layers.Linear (LoRA, DoRA, IA3); bottleneck adapters follow o_proj
+and down_proj (`bottleneck_adapter` in Attention and GatedMLP); a prefix enters each attention as
+P cached tokens (`prefix_block` + `self_attention_inputs`); a soft prompt enters before the stack
+(stack.decoder_inputs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pifi_jax.layers import (
     KVCache,
@@ -48,12 +46,21 @@ from pifi_jax.layers import (
     RMSNorm,
     Rope,
     activation,
-    attention_bias,
-    cached_attention_inputs,
     dot_product_attention,
-    positions_from_mask,
+    self_attention_inputs,
 )
+from pifi_jax.layers.peft_hooks import bottleneck_adapter, prefix_block
 from pifi_jax.models import config_utils
+from pifi_jax.models.stack import (
+    BareDecoder,
+    CausalLM,
+    decoder_inputs,
+    default_positions,
+    make_layers,
+    run_layers,
+    stacked_param_axes,
+    window_of,
+)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -261,24 +268,16 @@ class Attention(nn.Module):
         query = self.rope.apply(project("q_proj", self.num_heads), positions)
         key = self.rope.apply(project("k_proj", self.num_kv_heads), positions)
         value = project("v_proj", self.num_kv_heads)  # [batch, length, kv_heads, head_dim]
-        if cache is None:
-            bias = attention_bias(
-                attention_mask,
-                length,
-                causal=causal,
-                sliding_window=sliding_window,
-                dtype=self.dtype,
-            )  # [batch | 1, 1, length, length] or None
-        else:  # keys/values: [batch, max_length, kv_heads, head_dim]
-            key, value, bias, cache = cached_attention_inputs(
-                cache,
-                key,
-                value,
-                attention_mask,
-                causal=causal,
-                sliding_window=sliding_window,
-                dtype=self.dtype,
-            )
+        key, value, bias, cache = self_attention_inputs(
+            key,
+            value,
+            attention_mask,
+            causal=causal,
+            sliding_window=sliding_window,
+            cache=cache,
+            prefix=prefix_block(self, key),  # prefix tuning: P keys/values in front
+            dtype=self.dtype,
+        )  # keys/values: [batch, kv, kv_heads, head_dim]
         out = dot_product_attention(
             query,
             key,
@@ -292,6 +291,7 @@ class Attention(nn.Module):
         )  # [batch, length, heads, head_dim]
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         out = Linear(hidden, use_bias=self.out_bias, **kw, name="o_proj")(out)
+        out = bottleneck_adapter(self, out)  # Houlsby adapters, where planned
         return out if cache is None else (out, cache)
 
 
@@ -309,120 +309,8 @@ class GatedMLP(nn.Module):
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         gate = Linear(self.intermediate_size, **kw, name="gate_proj")(x)  # [batch, length, inter]
         up = Linear(self.intermediate_size, **kw, name="up_proj")(x)
-        return Linear(x.shape[-1], **kw, name="down_proj")(activation(self.hidden_act)(gate) * up)
-
-
-def default_positions(x: jax.Array, attention_mask, positions, cache=None) -> jax.Array:
-    """`positions` if given, else counted on from the cache, else from the padding mask, else
-    0..length-1: [batch, length]."""
-    if positions is not None:
-        return positions
-    if cache is not None:
-        return cache.positions(attention_mask, x.shape[1])
-    if attention_mask is None:
-        return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return positions_from_mask(attention_mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer stacks: unrolled or scanned, with optional rematerialisation. Shared by every decoder.
-
-# remat_policy -> what a layer keeps for the backward pass (None: everything is recomputed).
-REMAT_POLICIES = {
-    "none": None,
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-# A window no query-key distance reaches: layers without one, in a scanned stack's window table.
-NO_WINDOW = np.iinfo(np.int32).max
-
-
-def make_layers(layer_cls, config, *, scan: bool, remat_policy: str, **kw):
-    """The layers of a stack, built in a parent's setup(): a list of `num_layers` modules, or
-    (scan) one module whose parameters `run_layers` stacks. remat_policy wraps the layer class
-    in nn.remat (causal and deterministic, positional arguments 4 and 5, stay static)."""
-    if remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy {remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
-    if remat_policy != "none":
-        layer_cls = nn.remat(
-            layer_cls,
-            static_argnums=(4, 5),
-            policy=REMAT_POLICIES[remat_policy],
-            prevent_cse=not scan,  # scan already keeps XLA from merging the recomputation away
-        )
-    if scan:
-        return layer_cls(config, 0, **kw)
-    return [layer_cls(config, i, **kw) for i in range(config.num_layers)]
-
-
-def run_layers(layers, x, attention_mask, positions, *, deterministic: bool, cache, num_layers):
-    """Runs a stack from `make_layers` over x [batch, length, hidden]; returns (x, cache).
-
-    Unrolled: layer i reads and writes `cache.layer(i)`. Scanned: the same, with i a traced
-    index and the whole cache in the scan carry (each layer writes its slice back, so the scan
-    does not build a second cache as its output), and the layer's parameters sliced from the
-    stacked leaves by nn.scan.
-    """
-
-    def call(layer, x, cache, i):
-        layer_cache = None if cache is None else cache.layer(i)
-        layer_index = None if isinstance(layers, (list, tuple)) else i
-        out = layer(
-            x,
-            attention_mask,
-            positions,
-            True,
-            deterministic,
-            cache=layer_cache,
-            layer_index=layer_index,
-        )
-        if cache is not None:
-            out, layer_cache = out
-            cache = cache.set_layer(i, layer_cache)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed")), cache
-
-    if isinstance(layers, (list, tuple)):
-        for i, layer in enumerate(layers):
-            x, cache = call(layer, x, cache, i)
-    else:
-
-        def body(layer, carry, i):
-            return call(layer, *carry, i), None
-
-        scan = nn.scan(
-            body,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            length=num_layers,
-        )
-        (x, cache), _ = scan(layers, (x, cache), jnp.arange(num_layers, dtype=jnp.int32))
-    if cache is not None:
-        cache = cache.advance(attention_mask, x.shape[1])
-    return x, cache
-
-
-def window_of(config, layer_index: int, traced_index=None):
-    """Layer `layer_index`'s sliding window; in a scanned stack (`traced_index` given) looked up
-    in a per-layer table, or a constant when every layer has the same one."""
-    if traced_index is None:
-        return config.layer_window(layer_index)
-    windows = [config.layer_window(i) for i in range(config.num_layers)]
-    if len(set(windows)) == 1:
-        return windows[0]
-    table = np.array([NO_WINDOW if w is None else w for w in windows], np.int32)
-    return jnp.asarray(table)[traced_index]
-
-
-def stacked_param_axes(stack: str, layer_axes) -> tuple:
-    """PARAM_AXES rules for a scanned stack's leaves (`.../{stack}/<leaf>`, one leading "layers"
-    axis) and for unrolled layers (`.../{stack}_3/<leaf>`, or a layer loaded alone), from rules
-    written relative to one layer."""
-    scanned = tuple((rf"(.*/)?{stack}/{p}", ("layers", *axes)) for p, axes in layer_axes)
-    return scanned + tuple((rf"(.*/)?{p}", axes) for p, axes in layer_axes)
-
-
-# ---------------------------------------------------------------------------------------------
+        h = Linear(x.shape[-1], **kw, name="down_proj")(activation(self.hidden_act)(gate) * up)
+        return bottleneck_adapter(self, h)  # Houlsby / Pfeiffer adapters, where planned
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -509,7 +397,7 @@ class LlamaModel(nn.Module):
         self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
     ):
         x = self.embed_tokens(input_ids)  # [batch, length, hidden]
-        positions = default_positions(x, attention_mask, positions, cache)
+        x, attention_mask, positions = decoder_inputs(x, attention_mask, positions, cache)
         x, cache = run_layers(
             self.layers,
             x,
@@ -522,82 +410,24 @@ class LlamaModel(nn.Module):
         x = self.norm(x)
         return x if cache is None else (x, cache)
 
-
-class LlamaForCausalLM(nn.Module):
-    """Decoder + lm_head (or the tied embedding). Returns float32 logits [batch, length, vocab].
-
-    Call: `module.apply({"params": params}, input_ids, attention_mask=None, positions=None)`;
-    with `cache=` (a KVCache) it returns (logits, updated cache); `last_logits_only=True` computes
-    the logits of the last slot only ([batch, 1, vocab]: a prompt's next token, without the
-    [batch, length, vocab] tensor).
-    """
-
-    task: ClassVar[str] = "causal_lm"
-    config: LlamaConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    def setup(self):
-        self.model = LlamaModel(
-            self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy
-        )
-        if not self.config.tie_word_embeddings:
-            self.lm_head = Linear(
-                self.config.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
-
-    def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        positions=None,
-        *,
-        deterministic=True,
-        cache=None,
-        last_logits_only=False,
-    ):
-        h = self.model(
-            input_ids, attention_mask, positions, deterministic=deterministic, cache=cache
-        )
-        if cache is not None:
-            h, cache = h
-        if last_logits_only:
-            h = h[:, -1:]
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(h).astype(jnp.float32)
-        else:
-            logits = self.lm_head(h).astype(jnp.float32)
-        return logits if cache is None else (logits, cache)
+    def attend(self, h):
+        """Logits through the (tied) input embedding."""
+        return self.embed_tokens.attend(h)
 
 
-class LlamaDecoder(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    """Decoder + lm_head (or the tied embedding): float32 logits [batch, length, vocab]. Call and
+    options as stack.CausalLM."""
+
+    base_class = LlamaModel
+    base_name = "model"
+
+
+class LlamaDecoder(BareDecoder):
     """The bare stack under `model/`; returns the last hidden state [batch, length, hidden]."""
 
-    task: ClassVar[str] = "decoder"
-    config: LlamaConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    @nn.compact
-    def __call__(
-        self, input_ids, attention_mask=None, positions=None, *, deterministic=True, cache=None
-    ):
-        model = LlamaModel(
-            self.config,
-            self.dtype,
-            self.param_dtype,
-            self.scan_layers,
-            self.remat_policy,
-            name="model",
-        )
-        return model(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
+    base_class = LlamaModel
+    base_name = "model"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,11 +5,14 @@
     print(pifi_jax.peft.summary(module, params))               # trainable vs total
     ... train with pifi_jax.peft.trainable_rules(module, params) ...
     pifi_jax.peft.save_adapter(module, params, "adapter/")       # loads in Hugging Face PEFT
+    pifi_jax.peft.hf_refusal(module)   # why not, where PEFT has no format (then format="native")
     base_module, merged, undo = pifi_jax.peft.merge(module, params)
 
 Methods: full fine-tuning, top-k layers, BitFit, LoRA (rsLoRA, dropout, bias), DoRA, IA3,
 bottleneck adapters (Houlsby, Pfeiffer: adapters.py), prefix tuning (prefix.py), prompt tuning
-(prompt.py).
+(prompt.py), on every family: the encoders (classification) and the decoders (causal LM), with
+Hugging Face PEFT's default targets per architecture (targets.py). Not on a scanned layer stack
+(scan_layers=True): adapters address layers one by one.
 """
 
 from pifi_jax.peft.config import (
@@ -35,7 +38,7 @@ from pifi_jax.peft.core import (
     unmerge,
     wrap,
 )
-from pifi_jax.peft.files import load_adapter, read_adapter_config, save_adapter
+from pifi_jax.peft.files import hf_refusal, load_adapter, read_adapter_config, save_adapter
 
 __all__ = [
     "METHODS",
@@ -50,6 +53,7 @@ __all__ = [
     "PromptTuningConfig",
     "TopKConfig",
     "adapter_params",
+    "hf_refusal",
     "load_adapter",
     "make_plan",
     "merge",

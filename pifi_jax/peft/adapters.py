@@ -30,7 +30,10 @@ Tree of a BERT layer under Houlsby (`+` added; all that trains is marked *):
 How it attaches: the plan names each module that hosts an adapter, the parent of the projection the
 adapter follows (`.../attention/output` for `.../attention/output/dense`). That module calls
 `layers.linear.bottleneck_adapter(self, h)` at the right point, which creates and applies the leaves
-when the active plan names it. ALBERT shares one layer across depth, and so shares its adapters.
+when the active plan names it. ALBERT shares one layer across depth, and so shares its adapters. Decoders: after the
+attention-output projection (o_proj, self_attention.dense, attn.c_proj) and the MLP-output one
+(down_proj, dense_4h_to_h, mlp.c_proj), before the residual sum (targets.ADAPTER_TARGETS); Houlsby
+trains their RMSNorms / LayerNorms.
 Merging is not defined (the adapter is nonlinear), and Hugging Face PEFT has no such adapters: they
 are saved in the native format only.
 """
@@ -43,9 +46,9 @@ from pifi_jax.layers.linear import AdapterPlan, Bottleneck
 from pifi_jax.peft.config import AdapterConfig
 from pifi_jax.peft.targets import ADAPTER_TARGETS, hf_module_name, select_targets
 
-# Every LayerNorm of the encoder families (BERT/DeBERTa `LayerNorm`, ALBERT
-# `full_layer_layer_norm`): what Houlsby trains besides the adapters.
-LAYER_NORMS = r".*(LayerNorm|layer_norm)/(scale|bias)"
+# Every norm (BERT/DeBERTa `LayerNorm`, ALBERT `full_layer_layer_norm`, the decoders'
+# `input_layernorm`, `norm`, GPT-2's `ln_1`, `ln_f`, ...): what Houlsby trains besides the adapters.
+LAYER_NORMS = r".*([Nn]orm|ln_\d+|ln_f)/(scale|bias)"
 ADAPTER_RULE = r".*/adapter_(down|up)/(kernel|bias)"
 
 

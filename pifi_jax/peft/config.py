@@ -164,10 +164,11 @@ class VirtualTokenConfig:
 class PrefixTuningConfig(VirtualTokenConfig):
     """Prefix tuning (Li & Liang 2021): P trained keys and values in front of every layer's own.
 
-    prefix_projection: reparameterise the prefix as embedding [P, hidden] -> Linear(hidden,
-      encoder_hidden_size) -> tanh -> Linear(num_layers * 2 * hidden) (trained jointly; only its
-      output matters once trained, which is what the Hugging Face PEFT file holds).
-    encoder_hidden_size: the MLP's inner width; None = the model's hidden size.
+    prefix_projection: reparameterise the prefix as embedding [P, W] -> Linear(W,
+      encoder_hidden_size) -> tanh -> Linear(num_layers * 2 * W) (trained jointly; only its output
+      matters once trained, which is what the Hugging Face PEFT file holds). W = token_dim: the
+      hidden size, or kv_heads * head_dim for a decoder with grouped-query attention (as PEFT).
+    encoder_hidden_size: the MLP's inner width; None = W.
     """
 
     method: ClassVar[str] = "prefix"
@@ -384,8 +385,9 @@ def from_hf_dict(hf: dict) -> PeftConfig:
     return cls(**kwargs)
 
 
-def to_hf_dict(config: PeftConfig, task_type: str | None) -> dict:
-    """adapter_config.json contents for a LoRA/DoRA or IA3 config."""
+def to_hf_dict(config: PeftConfig, task_type: str | None, fan_in_fan_out: bool = False) -> dict:
+    """adapter_config.json contents for a LoRA/DoRA or IA3 config; fan_in_fan_out: the targets
+    are Conv1D modules (GPT-2)."""
 
     def listify(v):
         return list(v) if isinstance(v, tuple) else v
@@ -401,7 +403,7 @@ def to_hf_dict(config: PeftConfig, task_type: str | None) -> dict:
     out["inference_mode"] = True
     out["base_model_name_or_path"] = None
     out["revision"] = None
-    out["fan_in_fan_out"] = False
+    out["fan_in_fan_out"] = fan_in_fan_out
     return out
 
 

@@ -99,8 +99,9 @@ def linear_paths(flat_params) -> list[str]:
     ]
 
 
-def make_plan(config, model_type: str, flat_params) -> AdapterPlan:
-    """The per-Linear adapters `config` asks for on a model with these (base) parameters."""
+def make_plan(config, model_config, flat_params) -> AdapterPlan:
+    """The adapters `config` asks for on a model with this config and these (base) parameters."""
+    model_type = model_config.model_type
     if isinstance(config, peft_config.LoraConfig):
         targets = select_targets(linear_paths(flat_params), config, model_type, LORA_TARGETS)
         adapter = LinearAdapter(
@@ -127,7 +128,7 @@ def make_plan(config, model_type: str, flat_params) -> AdapterPlan:
         return adapters.plan(config, model_type, linear_paths(flat_params))
     if isinstance(config, peft_config.PrefixTuningConfig):
         return AdapterPlan(
-            prefix_layers=prefix.attention_layers(model_type, linear_paths(flat_params))
+            prefix_layers=prefix.attention_layers(model_config, linear_paths(flat_params))
         )
     return AdapterPlan()
 
@@ -139,7 +140,17 @@ def wrap(module: nn.Module, params: dict, config, *, seed: int = 0) -> tuple[Pef
     collection, so initialisers that depend on the loaded weights (DoRA's magnitude) see them.
     Only the new leaves leave the (jitted) initialiser, so the base weights are not copied.
     """
-    plan = make_plan(config, module.config.model_type, _flat(params))
+    if getattr(module, "scan_layers", False):
+        raise ValueError(
+            "PEFT on a scanned layer stack (scan_layers=True) is not supported: adapters, prefixes "
+            "and layer choices (layers_to_transform, top-k) address individual layers; load the "
+            "model with scan_layers=False (remat_policy still applies)"
+        )
+    if config.method == "bitfit" and not any(re.fullmatch(_BIAS, p) for p in _flat(params)):
+        raise ValueError(
+            f"BitFit: this {module.config.model_type} model has no bias parameters to train"
+        )
+    plan = make_plan(config, module.config, _flat(params))
     peft_module = PeftModel(module, plan, config)
     if not (plan.adapters or plan.bottlenecks or config.method in ("prefix", "prompt")):
         return peft_module, params
@@ -163,7 +174,7 @@ def wrap(module: nn.Module, params: dict, config, *, seed: int = 0) -> tuple[Pef
     if config.method == "adapter":
         adapters.check_created(plan, flat)
     if config.method == "prompt":
-        flat = prompt.initialise_from_vocabulary(config, flat, seed)
+        flat = prompt.initialise_from_vocabulary(config, module.config, flat, seed)
     return peft_module, _unflat(flat)
 
 

@@ -21,9 +21,13 @@ peft (adapter_config.json + adapter_model.safetensors): what `peft.PeftModel.fro
     ia3_l [out]     <-> ia3_l [out, 1]               ia3_l [in] (feed-forward) <-> ia3_l [1, in]
   modules_to_save (the head) are written under their HF names (`base_model.model.classifier.weight`).
   Prefix and prompt tuning (PEFT's prompt learning) store one tensor, `prompt_embeddings`: the
-  prefix table [P, layers * 2 * hidden] (with prefix_projection, the MLP's output: PEFT keeps no
-  MLP in a saved adapter) or the prompt [P, width]; the head is `base_model.<HF name>` there.
-  Hugging Face PEFT has no bottleneck adapters: those are native only.
+  prefix table [P, layers * 2 * token_dim] (token_dim: the hidden size, or kv_heads * head_dim
+  under grouped-query attention, as PEFT sizes it; with prefix_projection, the MLP's output: PEFT
+  keeps no MLP in a saved adapter) or the prompt [P, width]; the head is `base_model.<HF name>`.
+  GPT-2's projections are Conv1D modules (weights [in, out]); PEFT marks LoRA on them
+  `fan_in_fan_out`, which an export sets, but its lora_A / lora_B keep the layouts above.
+  Hugging Face PEFT has no bottleneck adapters, BitFit or top-k, and cannot prefix ALBERT or DeBERTa
+  (their transformers models take no past_key_values): those are native only (`hf_refusal`).
 """
 
 from __future__ import annotations
@@ -84,6 +88,22 @@ def _hf_key(module: PeftModel, path: str) -> tuple[str, bool]:
     return _PREFIX + key, transpose
 
 
+def hf_refusal(module: PeftModel) -> str | None:
+    """Why this model's adapter has no Hugging Face PEFT format; None when it has one."""
+    method = module.peft_config.method
+    if method in ("lora", "ia3", "prompt"):
+        return None
+    if method == "prefix":
+        return prefix.hf_refusal(module.config.model_type)
+    return f"Hugging Face PEFT has no format for {method!r}"
+
+
+def _in_out_kernel(module: PeftModel, path: str) -> bool:
+    """Whether the Linear at `path` is stored [in, out] by Hugging Face (GPT-2's Conv1D)."""
+    family = registry.family_for(module.config.model_type)
+    return not hf_key(family, f"{path}/kernel")[1]
+
+
 def _ia3_kind(module: PeftModel, path: str) -> str | None:
     adapter = module.plan.get(path.rpartition("/")[0])
     return adapter.ia3 if adapter else None
@@ -110,12 +130,11 @@ def save_adapter(
         }
         (directory / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
         return directory
+    refusal = hf_refusal(module)
+    if refusal:
+        raise ValueError(f"{refusal}; use format='native'")
     if config.method in _VIRTUAL_LEAVES:
         return _save_virtual(module, params, leaves, directory)
-    if config.method not in ("lora", "ia3"):
-        raise ValueError(
-            f"Hugging Face PEFT has no format for {config.method!r}; use format='native'"
-        )
     tensors = {}
     for path, value in leaves.items():
         key, transpose = _hf_key(module, path)
@@ -124,7 +143,8 @@ def save_adapter(
             array = array[:, None] if _ia3_kind(module, path) == "output" else array[None, :]
         tensors[key] = np.ascontiguousarray(array.T if transpose else array)
     save_file(tensors, str(directory / HF_WEIGHTS), metadata={"format": "pt"})
-    hf = peft_config.to_hf_dict(config, _TASK_TYPES.get(module.task))
+    fan_in_fan_out = any(_in_out_kernel(module, p) for p, _ in module.plan.adapters)
+    hf = peft_config.to_hf_dict(config, _TASK_TYPES.get(module.task), fan_in_fan_out)
     # The exact module names chosen, so PEFT selects the same modules whatever its defaults.
     hf["target_modules"] = sorted(hf_module_name(p) for p, _ in module.plan.adapters)
     if config.method == "ia3":
@@ -159,19 +179,22 @@ def _save_virtual(module: PeftModel, params: dict, leaves: dict, directory: Path
         tensors[key] = np.ascontiguousarray(array.T if transpose else array)
     if config.method == "prefix":
         tensors[_VIRTUAL_KEY] = _prefix_table(module, params)
-        token_dim = model_config.hidden_size
+        # Decoders with grouped-query attention: the prefix has the key/value heads (as PEFT).
+        num_attention_heads, head_dim = prefix.kv_heads_and_dim(model_config)
+        token_dim = num_attention_heads * head_dim
         num_layers = len(module.plan.prefix_layers)
     else:
         tensors[_VIRTUAL_KEY] = _numpy(leaves[_VIRTUAL_LEAVES["prompt"]])
         token_dim = tensors[_VIRTUAL_KEY].shape[1]
         num_layers = model_config.num_hidden_layers
+        num_attention_heads = model_config.num_attention_heads
     save_file(tensors, str(directory / HF_WEIGHTS), metadata={"format": "pt"})
     hf = peft_config.virtual_to_hf_dict(
         config,
         _TASK_TYPES.get(module.task),
         token_dim=token_dim,
         num_layers=num_layers,
-        num_attention_heads=model_config.num_attention_heads,
+        num_attention_heads=num_attention_heads,
         encoder_hidden_size=getattr(config, "encoder_hidden_size", None) or token_dim,
     )
     (directory / HF_CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True))

@@ -13,6 +13,13 @@ tokens; the prompt counts as tokens (PEFT, passing embeddings, numbers every slo
 agree on every unmasked slot of a right-padded batch, which is all the logits see). ELECTRA and
 ALBERT embed into `embedding_size` before projecting, so their prompt is that wide.
 
+Decoders (llama, mistral, qwen2, gemma2, falcon, gpt2) as PEFT's causal LM does it: the prompt
+goes in front of the embedded tokens (Gemma-2's tokens are scaled by sqrt(hidden) inside
+transformers' embedding module, the prompt is not; GPT-2 adds the position embeddings of slots
+0..P-1 to it), positions count from the prompt's first slot, and the
+logits cover the prompt slots too ([batch, P + length, vocab]; a next-token loss reads
+logits[:, P:]). Decoding with a KVCache is refused (the prompt would need cache slots of its own).
+
 Initialisation: "RANDOM" N(0, 1) as PEFT; "TEXT" the word embeddings of a text's tokens (repeated
 or cut to P); "SAMPLE_VOCAB" those of P random vocabulary tokens.
 
@@ -26,7 +33,8 @@ Tree (added at the root; the family's own tree is unchanged; it trains, with the
     module, params = pifi_jax.from_pretrained("asset:minilm", num_labels=2, peft=cfg)
     pifi_jax.peft.save_adapter(module, params, "adapter/")  # loads in Hugging Face PEFT
 
-Families: BERT, RoBERTa, ELECTRA, ALBERT, DeBERTa (v1, v2/v3). Not mergeable.
+Families: BERT, RoBERTa, ELECTRA, ALBERT, DeBERTa (v1, v2/v3) and the decoders (targets.
+PROMPT_FAMILIES). Not mergeable.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pifi_jax.peft.config import PromptTuningConfig
 from pifi_jax.peft.targets import PROMPT_FAMILIES
 
 LEAF = "prompt_encoder/embedding"
-_WORD_EMBEDDINGS = re.compile(r"(.*/)?word_embeddings/embedding")
+_WORD_EMBEDDINGS = re.compile(r"(.*/)?(word_embeddings|embed_tokens|wte)/embedding")
 
 
 class PromptEncoder(nn.Module):
@@ -77,8 +85,11 @@ def encoder_for(config: PromptTuningConfig, model_config, param_dtype) -> Prompt
     return PromptEncoder(config.num_virtual_tokens, width, param_dtype)
 
 
-def initialise_from_vocabulary(config: PromptTuningConfig, flat: dict, seed: int) -> dict:
-    """TEXT / SAMPLE_VOCAB: the prompt leaf becomes rows of the model's word embeddings."""
+def initialise_from_vocabulary(
+    config: PromptTuningConfig, model_config, flat: dict, seed: int
+) -> dict:
+    """TEXT / SAMPLE_VOCAB: the prompt leaf becomes the model's embeddings of vocabulary tokens
+    (rows of the word embeddings, times the family's `embed_scale` where it has one: Gemma-2)."""
     if config.prompt_tuning_init == "RANDOM":
         return flat
     table = next(v for p, v in flat.items() if _WORD_EMBEDDINGS.fullmatch(p))  # [vocab, width]
@@ -92,6 +103,10 @@ def initialise_from_vocabulary(config: PromptTuningConfig, flat: dict, seed: int
             f"prompt init token ids reach {int(jnp.max(ids))}; vocabulary {table.shape[0]}"
         )
     prompt = flat[LEAF]
+    rows = table[ids]
+    scale = getattr(model_config, "embed_scale", None)
+    if scale is not None:
+        rows = rows * jnp.asarray(scale, table.dtype)
     flat = dict(flat)
-    flat[LEAF] = jax.device_put(table[ids].astype(prompt.dtype), getattr(prompt, "sharding", None))
+    flat[LEAF] = jax.device_put(rows.astype(prompt.dtype), getattr(prompt, "sharding", None))
     return flat

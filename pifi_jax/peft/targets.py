@@ -57,6 +57,10 @@ _BERT_LIKE_ADAPTERS = {
     "houlsby": r".*\.layer\.\d+\.(attention\.)?output\.dense",
     "pfeiffer": r".*\.layer\.\d+\.output\.dense",
 }
+_LLAMA_LIKE_ADAPTERS = {
+    "houlsby": r".*\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)",
+    "pfeiffer": r".*\.layers\.\d+\.mlp\.down_proj",
+}
 ADAPTER_TARGETS = {
     "bert": _BERT_LIKE_ADAPTERS,
     "roberta": _BERT_LIKE_ADAPTERS,
@@ -68,18 +72,55 @@ ADAPTER_TARGETS = {
         "houlsby": r".*\.albert_layers\.\d+\.(attention\.dense|ffn_output)",
         "pfeiffer": r".*\.albert_layers\.\d+\.ffn_output",
     },
+    # Decoders: after the attention-output and the MLP-output projections, before the residual.
+    "llama": _LLAMA_LIKE_ADAPTERS,
+    "mistral": _LLAMA_LIKE_ADAPTERS,
+    "qwen2": _LLAMA_LIKE_ADAPTERS,
+    "gemma2": _LLAMA_LIKE_ADAPTERS,
+    "falcon": {
+        "houlsby": r".*\.h\.\d+\.(self_attention\.dense|mlp\.dense_4h_to_h)",
+        "pfeiffer": r".*\.h\.\d+\.mlp\.dense_4h_to_h",
+    },
+    "gpt2": {
+        "houlsby": r".*\.h\.\d+\.(attn|mlp)\.c_proj",
+        "pfeiffer": r".*\.h\.\d+\.mlp\.c_proj",
+    },
 }
-# Families whose self-attention takes prefix keys/values (`layers.linear.attention_prefix`), by
-# the path suffix of that module. Not DeBERTa (its relative-position scores have no place for
-# keys without a position, and transformers' DeBERTa has no cache to hold them) nor ALBERT (one
-# attention module serves every depth; transformers' ALBERT has no cache either).
+# Families whose self-attention takes prefix keys/values (`layers.peft_hooks.prefix_block`), by
+# the path suffix of that module. BERT, RoBERTa, ELECTRA and the decoders as Hugging Face PEFT
+# does it (a cache of P entries in front; the decoders' masks see it as P earlier tokens).
+# ALBERT and DeBERTa are pifi_jax's own definition (transformers' ALBERT and DeBERTa take no
+# past_key_values, so PEFT cannot prefix them): see peft/prefix.py.
 PREFIX_ATTENTION = {
     "bert": "attention/self",
     "roberta": "attention/self",
     "electra": "attention/self",
+    "albert": "attention",
+    "deberta": "attention/self",
+    "deberta-v2": "attention/self",
+    "llama": "self_attn",
+    "mistral": "self_attn",
+    "qwen2": "self_attn",
+    "gemma2": "self_attn",
+    "falcon": "self_attention",
+    "gpt2": "attn",
 }
-# Families whose embeddings take a soft prompt (`layers.linear.prepend_prompt`).
-PROMPT_FAMILIES = ("bert", "roberta", "electra", "albert", "deberta", "deberta-v2")
+NATIVE_ONLY_PREFIX = ("albert", "deberta", "deberta-v2")
+# Families whose embeddings take a soft prompt (`layers.peft_hooks.prepend_prompt`).
+PROMPT_FAMILIES = (
+    "bert",
+    "roberta",
+    "electra",
+    "albert",
+    "deberta",
+    "deberta-v2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma2",
+    "falcon",
+    "gpt2",
+)
 # The task heads Hugging Face PEFT trains fully for sequence classification.
 HEAD_MODULES = ("classifier", "score")
 

@@ -24,6 +24,12 @@ Parameter tree (paths are "/"-joined; the SLM keeps its Hugging Face names, the 
 `FROZEN_RULES` freezes `pifi/llm_layer/` and trains everything else; the trainer then gives the
 layer no gradient buffer and no optimizer state, and does not checkpoint it.
 
+With a PEFT method (`build(..., peft=LoraConfig(...))`) the SLM is built with that method's leaves
+and only they train in it: `module.trainable_rules(params)` trains the SLM's PEFT leaves (its
+`modules_to_save` too), W_in, W_out and the head, and freezes the rest of the SLM and the layer.
+Prompt tuning puts P soft tokens in front, so "cls" pooling reads the first of them, as Hugging
+Face PEFT's classification heads do; it needs pooling "cls" and mode "token".
+
     module, params = pifi_jax.pifi.build("asset:minilm", "asset:smollm2", -1, num_labels=2)
     logits = module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
 """
@@ -41,6 +47,7 @@ import numpy as np
 from flax import traverse_util
 
 from pifi_jax import parallel
+from pifi_jax import peft as peft_lib
 from pifi_jax.hub.layer import load_layer
 from pifi_jax.hub.pretrained import from_pretrained
 from pifi_jax.layers import Linear, activation
@@ -128,6 +135,13 @@ class PifiClassifier(nn.Module):
             raise ValueError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        method = self.peft_config.method if self.peft_config is not None else None
+        if method == "prompt" and (self.pooling, self.mode) != ("cls", "token"):
+            raise ValueError(
+                "PiFi with prompt tuning needs pooling='cls' and mode='token': the soft prompt "
+                f"makes the encoder output longer than the mask (got pooling={self.pooling!r}, "
+                f"mode={self.mode!r})"
+            )
         nn.share_scope(self, self.encoder)
         self.head = PifiHead(
             self.encoder.config.hidden_size, self.num_labels, self.head_dropout, self.dtype
@@ -158,6 +172,23 @@ class PifiClassifier(nn.Module):
         return "base" if self.pifi is None else "pifi"
 
     @property
+    def peft_config(self):
+        """The SLM's PEFT config, or None when the SLM is fully fine-tuned."""
+        return getattr(self.encoder, "peft_config", None)
+
+    def trainable_rules(self, params: dict) -> list[tuple[str, str]]:
+        """Partition rules: the layer frozen; W_in, W_out and the head trained; the SLM fully
+        trained, or, with a PEFT method, only its PEFT leaves (and its modules_to_save)."""
+        if self.peft_config is None:
+            return list(FROZEN_RULES)
+        encoder_params = {k: v for k, v in params.items() if k not in ("pifi", "head")}
+        return [
+            FROZEN_RULES[0],
+            (r"(pifi|head)/.*", "trainable"),
+            *peft_lib.trainable_rules(self.encoder, encoder_params),
+        ]
+
+    @property
     def param_axes(self) -> tuple:
         """Logical axes of the whole tree: the decoder family's rules under pifi/llm_layer/, then
         the encoder family's. W_in, W_out and the head are small and stay replicated."""
@@ -184,6 +215,7 @@ def build(
     mesh: jax.sharding.Mesh | None = None,
     logical_axis_rules=parallel.DEFAULT_RULES,
     seed: int = 0,
+    peft=None,
     log=print,
 ) -> tuple[PifiClassifier, dict]:
     """The PiFi classifier (or its baseline) with the SLM and the LLM layer loaded.
@@ -198,7 +230,8 @@ def build(
       pooling: "cls" (paper) or "mean"; mode: "token" (paper: the layer sees one pooled token) or
         "sequence" (the layer runs over the whole sequence, then pooling).
       dtype: computation dtype of everything; layer_dtype: storage dtype of the frozen layer.
-      seed: initialises W_in, W_out and the head.
+      seed: initialises W_in, W_out and the head (and the PEFT leaves).
+      peft: a pifi_jax.peft config (LoraConfig, ...) for the SLM, or None (fully fine-tuned).
     Returns:
       (module, params): `module.apply({"params": params}, input_ids, attention_mask,
       token_type_ids, deterministic=True)` -> logits [batch, num_labels].
@@ -207,7 +240,7 @@ def build(
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     kw = dict(mesh=mesh, logical_axis_rules=logical_axis_rules)
     encoder, params = from_pretrained(
-        slm_path, task="encoder", dtype=dtype, seed=seed, log=log, **kw
+        slm_path, task="encoder", dtype=dtype, seed=seed, peft=peft, log=log, **kw
     )
     plugin = None
     if method == "pifi":

@@ -19,8 +19,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from pifi_jax import data
+from pifi_jax import data, peft
 from pifi_jax.pifi import select
 from pifi_jax.pifi.names import short_name
 from pifi_jax.pifi.plugin import build, layer_fingerprint
@@ -149,11 +150,7 @@ def build_for_run(config, slm_dir, task, workdir, *, mesh, logical_axis_rules, l
     """(module, params) of the PiFi classifier (or its baseline) that `config` describes."""
     pc = config.pifi
     workdir = Path(workdir)
-    if config.peft.method != "full":
-        raise ValueError(
-            f"peft.method={config.peft.method!r} is not supported with PiFi: the SLM is fully "
-            "fine-tuned (set --config.peft.method=full)"
-        )
+    method = peft.config.from_flat_config(config.peft)
     kw = dict(
         num_labels=task.num_labels,
         method=pc.method,
@@ -165,6 +162,7 @@ def build_for_run(config, slm_dir, task, workdir, *, mesh, logical_axis_rules, l
         mesh=mesh,
         logical_axis_rules=logical_axis_rules,
         seed=config.seed,
+        peft=method if method.method != "full" else None,
         log=log,
     )
     if pc.method == "base":
@@ -190,3 +188,23 @@ def build_for_run(config, slm_dir, task, workdir, *, mesh, logical_axis_rules, l
         )
     check_provenance(workdir, record)
     return module, params
+
+
+PLUGIN_WEIGHTS = "pifi_plugin.safetensors"
+
+
+def save_adapter(module, params: dict, directory, format: str = "native") -> Path:
+    """The trainable part of a PiFi run with a PEFT SLM: the SLM's adapter (pifi_jax.peft's
+    save_adapter, in `format`) and W_in, W_out and the head in <directory>/pifi_plugin.safetensors
+    ("/"-joined paths). The frozen layer is not written: pifi_layer.json says where it is."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    slm = {k: v for k, v in params.items() if k not in ("pifi", "head")}
+    peft.save_adapter(module.encoder, slm, directory, format=format)
+    plugin = {k: v for k, v in params.items() if k == "head"}
+    if "pifi" in params:
+        plugin["pifi"] = {k: v for k, v in params["pifi"].items() if k != "llm_layer"}
+    flat = traverse_util.flatten_dict(jax.device_get(plugin), sep="/")
+    save_file({p: np.asarray(v) for p, v in flat.items()}, str(directory / PLUGIN_WEIGHTS))
+    return directory

@@ -246,6 +246,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     param_sh = parallel.param_shardings(partition.flatten(params), param_axes, mesh, rules)
     if method.method == "full":
         trainable_rules = [tuple(r) for r in tc.trainable_rules]
+    elif "pifi" in config:
+        # PiFi with a PEFT SLM: the method's leaves, W_in, W_out and the head train.
+        trainable_rules = module.trainable_rules(params)
+        log(f"PEFT method on the SLM: {method}")
     else:
         trainable_rules = peft.trainable_rules(module, params)
         log(f"PEFT method: {method}")
@@ -341,9 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     log = print if lead else (lambda *_: None)
+    run = setup_run(config, workdir, log)  # refuses a run directory it must not resume first
     if lead:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    run = setup_run(config, workdir, log)
     task, method, module, state = run.task, run.method, run.module, run.state
     batch_sh, repl, tc = run.batch_sharding, run.replicated, config.train
     train_batches, eval_batches = run.train_batches, run.eval_batches
@@ -468,10 +472,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if lead:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     if method.method != "full" and lead:
-        # The best adapter alone, in Hugging Face PEFT's format where PEFT has one.
-        fmt = "peft" if method.method in ("lora", "ia3") else "native"
+        # The best adapter alone, in Hugging Face PEFT's format where PEFT has one (PiFi: the
+        # SLM's adapter, with W_in, W_out and the head beside it).
+        peft_model = module.encoder if "pifi" in config else module
+        refusal = peft.hf_refusal(peft_model)
+        fmt = "native" if refusal else "peft"
+        if refusal:
+            log(f"adapter saved in pifi_jax's native format: {refusal}")
         full = partition.merge_params(state.params, state.frozen)
-        peft.save_adapter(module, full, workdir / "adapter", format=fmt)
+        if "pifi" in config:
+            from pifi_jax.pifi.run import save_adapter
+
+            save_adapter(module, full, workdir / "adapter", format=fmt)
+        else:
+            peft.save_adapter(module, full, workdir / "adapter", format=fmt)
         log(f"adapter ({fmt} format): {workdir / 'adapter'}")
     log(
         "best checkpoint: "

@@ -101,7 +101,8 @@ def _number(text: str):
 def plot(
     series: Sequence[tuple[str, list[dict]]], path: str | Path, metric: str = "validation/accuracy"
 ) -> None:
-    """`metric` against trainable parameters (log scale), one line per (name, rows) series."""
+    """`metric` against trainable parameters (log scale), one line per (name, rows) series; each
+    point is labelled with its row's first column (the swept value, as run_sweep writes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,9 +110,8 @@ def plot(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, rows in series:
-        points = sorted(
-            (r["trainable_params"], r[metric], r[name] if name in r else "") for r in rows
-        )
+        key = next(iter(rows[0]))
+        points = sorted((r["trainable_params"], r[metric], r[key]) for r in rows)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         for x, y, value in points:
             ax.annotate(str(value), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
@@ -123,3 +123,27 @@ def plot(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_sweeps(
+    directories: Sequence[str | Path],
+    path: str | Path,
+    names: Sequence[str] | None = None,
+    metric: str | None = None,
+) -> list[tuple[str, list[dict]]]:
+    """One plot of several finished sweeps (each directory's sweep.csv), e.g. LoRA ranks next to
+    adapter bottleneck sizes; `names` label the lines (default: the directory names)."""
+    directories = [Path(d) for d in directories]
+    names = list(names) if names else [d.name for d in directories]
+    if len(names) != len(directories):
+        raise ValueError(f"{len(names)} names for {len(directories)} sweep directories")
+    series = []
+    for name, directory in zip(names, directories, strict=True):
+        csv_path = directory / CSV_NAME
+        if not csv_path.is_file():
+            raise FileNotFoundError(
+                f"{csv_path} does not exist: run the sweep in {directory} first"
+            )
+        series.append((name, read_csv(csv_path)))
+    plot(series, path, metric=metric or _primary(series[0][1]))
+    return series
