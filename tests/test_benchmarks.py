@@ -116,6 +116,31 @@ def test_arguments_are_checked():
     assert (smoke.dtype, smoke.isolate, smoke.torch_variants) == ("float32", False, ["eager"])
 
 
+def test_attention_flag_reaches_the_pifi_jax_step(monkeypatch):
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--attention=flash"])
+    assert suite.parse_args(["--smoke"]).attention == "native"
+    import jax
+
+    calls = []
+    fused = jax.nn.dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["implementation"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", counting)
+    # Row 5 (a causal LM with no attention dropout): every layer takes the fused path.
+    (case,) = common.cases_for_row(5, smoke=True)
+    spec = {"kind": "jax", "case": case.to_json(), "steps": 1, "warmup": 1, "dtype": "float32"}
+    result = suite.run_measurement({**spec, "fast_compile": True, "attention": "xla"})
+    assert "error" not in result and result["step_s"] > 0, result
+    assert calls and set(calls) == {"xla"}
+    calls.clear()
+    suite.run_measurement({**spec, "fast_compile": True})  # native by default
+    assert not calls
+
+
 def test_full_size_cases_have_the_issue_shapes():
     shapes = {
         row: [(c.method, c.batch, c.length) for c in common.cases_for_row(row, smoke=False)]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pifi_jax
+from tests.hf_reference import TINY_DECODER
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,16 +22,7 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-_DECODER = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-)
+_DECODER = TINY_DECODER
 # name -> (config class, config kwargs). Heads 4, kv heads 2 (GQA) unless the family differs.
 CASES = {
     "llama": (

@@ -83,3 +83,15 @@ def test_finished_sweeps_plot_together(tmp_path):
     assert [(name, len(rows)) for name, rows in series] == [("lora", 2), ("adapter", 1)]
     with pytest.raises(FileNotFoundError, match="missing"):
         plot_sweeps([tmp_path / "missing"], tmp_path / "x.png")
+
+
+def test_parameter_counts_are_written_compactly_on_the_axis():
+    from pifi_jax.train.sweep import _compact
+
+    assert [_compact(x) for x in (500, 20_000, 74_498, 1_500_000, 2e9)] == [
+        "500",
+        "20k",
+        "74.498k",
+        "1.5M",
+        "2G",
+    ]

@@ -181,6 +181,16 @@ def test_rules_leaving_a_leaf_unmatched_are_refused_naming_it(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_unknown_attention_implementation_is_refused_naming_it(
+    tiny_bert_dir, tiny_task_files, tmp_path
+):
+    config = _tiny_config(tiny_bert_dir, tiny_task_files)
+    config.model.attention = "flash"
+    with pytest.raises(ValueError, match=r"attention implementation 'flash'"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradient accumulation and label smoothing
 

@@ -2,18 +2,23 @@
 
 from pifi_jax.layers.activations import activation
 from pifi_jax.layers.attention import (
+    ATTENTION_IMPLEMENTATIONS,
     KVCache,
     attention_bias,
+    attention_implementation,
     dot_product_attention,
+    get_attention_implementation,
     padding_bias,
     positions_from_mask,
     self_attention_inputs,
+    set_attention_implementation,
 )
 from pifi_jax.layers.linear import Linear
 from pifi_jax.layers.norms import RMSNorm
 from pifi_jax.layers.rotary import SUPPORTED_ROPE_TYPES, Rope
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "SUPPORTED_ROPE_TYPES",
     "KVCache",
     "Linear",
@@ -21,8 +26,11 @@ __all__ = [
     "Rope",
     "activation",
     "attention_bias",
+    "attention_implementation",
     "dot_product_attention",
+    "get_attention_implementation",
     "padding_bias",
     "positions_from_mask",
     "self_attention_inputs",
+    "set_attention_implementation",
 ]

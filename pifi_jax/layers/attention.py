@@ -8,9 +8,18 @@ Masks are additive biases built from booleans in one step (never two large negat
 slot indices: query i sits at slot `q_offset + i` among the key slots, so a key/value cache passes
 the cached length as `q_offset` without changing the mask code.
 
+Where the attention is computed is a process-wide setting, like JAX's default matmul precision:
+`set_attention_implementation("cudnn")` (or the `attention_implementation(...)` context manager)
+routes every model's attention through `jax.nn.dot_product_attention` and cuDNN's fused flash
+kernel on a GPU; the default "native" keeps the plain einsum-softmax-einsum below. It is read
+when a function is traced, so set it before the first call of a jitted step.
+
 `KVCache` is the decoders' key/value cache (see its docstring for why it is a plain pytree), and
 `self_attention_inputs` what a decoder's attention reads from it (and from a PEFT prefix).
 """
+
+import contextlib
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -82,6 +91,64 @@ def attention_bias(
     return jnp.where(keep, jnp.zeros((), dtype), jnp.finfo(dtype).min).astype(dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("native", "xla", "cudnn", "auto")
+_implementation = "native"
+
+
+def set_attention_implementation(name: str) -> None:
+    """Chooses how `dot_product_attention` computes attention from now on (at trace time).
+
+    native: einsum, fp32 softmax, einsum (the default; runs everywhere, supports everything).
+    xla: `jax.nn.dot_product_attention(implementation="xla")`.
+    cudnn: the same with cuDNN's fused flash-attention kernel (GPU only; bf16/fp16, head_dim a
+      multiple of 8 up to 128; an unsupported call raises).
+    auto: cudnn where it applies (GPU backend and the constraints above), native elsewhere.
+    Calls with active attention dropout or logit soft-capping always take the native path: the
+    fused kernels express neither.
+    """
+    global _implementation
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {name!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    _implementation = name
+
+
+def get_attention_implementation() -> str:
+    return _implementation
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str) -> Iterator[None]:
+    """`set_attention_implementation(name)` for the duration of a `with` block."""
+    previous = _implementation
+    set_attention_implementation(name)
+    try:
+        yield
+    finally:
+        set_attention_implementation(previous)
+
+
+def _cudnn_applies(query: jax.Array, bias: jax.Array | None) -> bool:
+    head_dim = query.shape[-1]
+    return (
+        jax.default_backend() == "gpu"
+        and query.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and (bias is None or bias.ndim == 4)
+    )
+
+
+def _fused_backend(query: jax.Array, bias: jax.Array | None) -> str | None:
+    """The jax.nn.dot_product_attention implementation to use, or None for the native path."""
+    if _implementation == "native":
+        return None
+    if _implementation == "auto":
+        return "cudnn" if _cudnn_applies(query, bias) else None
+    return _implementation
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -106,6 +173,21 @@ def dot_product_attention(
     Returns:
       [batch, q_length, heads, head_dim]
     """
+    dropout_active = dropout_module is not None and dropout_rate > 0.0 and not deterministic
+    backend = None if (dropout_active or logit_softcap is not None) else _fused_backend(query, bias)
+    if backend is not None:
+        # Grouped-query attention is native to jax.nn.dot_product_attention (no repeat).
+        if bias is not None:
+            # The kernels want the bias in the compute dtype; clamp so fp32's "min" stays finite.
+            bias = jnp.maximum(bias, jnp.finfo(query.dtype).min).astype(query.dtype)
+        return jax.nn.dot_product_attention(
+            query,
+            key.astype(query.dtype),
+            value.astype(query.dtype),
+            bias=bias,
+            scale=scale,
+            implementation=backend,
+        )
     heads, kv_heads = query.shape[2], key.shape[2]
     if heads != kv_heads:
         # Grouped-query attention: each key/value head serves heads // kv_heads query heads.
@@ -120,7 +202,7 @@ def dot_product_attention(
         logits = logits + bias
     # Softmax in fp32 whatever the compute dtype, as the reference implementations do.
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(query.dtype)
-    if dropout_module is not None and dropout_rate > 0.0 and not deterministic:
+    if dropout_active:
         probs = dropout_module(probs, deterministic=deterministic)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # [batch, q, heads, head_dim]
 

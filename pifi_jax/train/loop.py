@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pifi_jax import data, parallel, peft
 from pifi_jax.hub import from_pretrained, resolve_checkpoint
+from pifi_jax.layers import set_attention_implementation
 from pifi_jax.models import registry
 from pifi_jax.train import checkpoint, metrics, optim, partition
 from pifi_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -176,6 +177,8 @@ def default_workdir(config) -> str:
 def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Run:
     """Everything a run needs before its first step: data, model, state, jitted steps, checkpoints."""
 
+    # Read when the steps are traced (their first call), so set before anything is jitted.
+    set_attention_implementation(config.model.get("attention", "native"))
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = tuple(
         (name, tuple(axes) if isinstance(axes, list) else axes)

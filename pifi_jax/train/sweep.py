@@ -98,6 +98,14 @@ def _number(text: str):
     return text
 
 
+def _compact(x: float) -> str:
+    """20000 -> "20k", 1500000 -> "1.5M"."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= size:
+            return f"{x / size:g}{suffix}"
+    return f"{x:g}"
+
+
 def plot(
     series: Sequence[tuple[str, list[dict]]], path: str | Path, metric: str = "validation/accuracy"
 ) -> None:
@@ -107,6 +115,7 @@ def plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, rows in series:
@@ -116,6 +125,11 @@ def plot(
         for x, y, value in points:
             ax.annotate(str(value), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
     ax.set_xscale("log")
+    # Ticks at 1, 2 and 5 per decade, written compactly (20k, 500k, 1M); no unlabelled clutter.
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: _compact(x)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_title(f"{metric} vs trainable parameters", fontsize=10)
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)

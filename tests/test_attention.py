@@ -1,0 +1,125 @@
+"""The attention implementation switch: jax.nn.dot_product_attention ("xla" here; "cudnn" on a GPU)
+gives the native path's outputs, and the cases fused kernels cannot express stay native."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pifi_jax
+from pifi_jax.layers import attention as attention_lib
+from pifi_jax.layers import (
+    attention_bias,
+    attention_implementation,
+    dot_product_attention,
+    get_attention_implementation,
+    set_attention_implementation,
+)
+from tests.hf_reference import TINY_DECODER
+
+
+def _qkv(heads=4, kv_heads=2, batch=2, q_len=5, kv_len=7, head_dim=8, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    query = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+    key = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+    value = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+    return query, key, value
+
+
+def _both(fn):
+    with attention_implementation("native"):
+        native = np.asarray(fn())
+    with attention_implementation("xla"):
+        fused = np.asarray(fn())
+    return native, fused
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_matches_native_with_gqa_and_masks(causal):
+    query, key, value = _qkv()
+    # Row 1 has two padded keys; with causal masking and a cache offset the queries sit at 2..6.
+    mask = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
+    bias = attention_bias(mask, 5, causal=causal, q_offset=2 if causal else 0, kv_length=7)
+    native, fused = _both(lambda: dot_product_attention(query, key, value, bias, scale=0.3))
+    np.testing.assert_allclose(fused, native, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_min_stays_finite_in_low_precision():
+    # float32's min would overflow to -inf in float16: fully masked rows must not turn into NaN.
+    query, key, value = _qkv(dtype=jnp.float16)
+    mask = jnp.array([[0] * 7, [1] * 7])
+    bias = attention_bias(mask, 5, causal=False, dtype=jnp.float32)
+    with attention_implementation("xla"):
+        out = np.asarray(dot_product_attention(query, key, value, bias), np.float32)
+    assert np.isfinite(out).all()
+
+
+def test_dropout_and_softcap_keep_the_native_path(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused path was taken")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+    query, key, value = _qkv()
+    import flax.linen as nn
+
+    class WithDropout(nn.Module):
+        @nn.compact
+        def __call__(self, deterministic):
+            return dot_product_attention(
+                query,
+                key,
+                value,
+                None,
+                dropout_rate=0.5,
+                deterministic=deterministic,
+                dropout_module=nn.Dropout(0.5),
+            )
+
+    with attention_implementation("xla"):
+        WithDropout().apply({}, False, rngs={"dropout": jax.random.PRNGKey(1)})
+        dot_product_attention(query, key, value, None, logit_softcap=5.0)
+        with pytest.raises(AssertionError, match="fused path"):
+            WithDropout().apply({}, True)  # deterministic: no dropout, so the fused path
+
+
+def test_auto_picks_cudnn_only_where_it_applies(monkeypatch):
+    with attention_implementation("auto"):
+        query, _, _ = _qkv(dtype=jnp.bfloat16)
+        assert attention_lib._fused_backend(query, None) is None  # this machine has no GPU
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        assert attention_lib._fused_backend(query, None) == "cudnn"
+        assert attention_lib._fused_backend(query.astype(jnp.float32), None) is None
+        odd, _, _ = _qkv(head_dim=12, dtype=jnp.bfloat16)
+        assert attention_lib._fused_backend(odd, None) is None
+
+
+def test_setting_is_validated_and_restored():
+    assert get_attention_implementation() == "native"
+    with pytest.raises(ValueError, match="'flash'"):
+        set_attention_implementation("flash")
+    with attention_implementation("xla"):
+        assert get_attention_implementation() == "xla"
+    assert get_attention_implementation() == "native"
+
+
+def test_whole_encoder_matches_native(tiny_bert_dir):
+    module, params = pifi_jax.from_pretrained(tiny_bert_dir, task="classification", num_labels=2)
+    ids = jnp.array([[2, 7, 8, 9, 3, 0], [2, 10, 11, 3, 0, 0]])
+    mask = (ids > 0).astype(jnp.int32)
+    native, fused = _both(lambda: module.apply({"params": params}, ids, mask))
+    np.testing.assert_allclose(fused, native, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_decoder_with_sliding_window_matches_native(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**TINY_DECODER, sliding_window=3)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path)
+    module, params = pifi_jax.from_pretrained(tmp_path, task="causal_lm")
+    ids = jnp.array([[0, 0, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, 9, 10]])
+    mask = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # left padding, as in generation
+    native, fused = _both(lambda: module.apply({"params": params}, ids, mask))
+    # Left-padding rows attend to nothing; compare the real tokens.
+    keep = np.asarray(mask, bool)
+    np.testing.assert_allclose(fused[keep], native[keep], atol=1e-5, rtol=1e-5)
