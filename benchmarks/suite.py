@@ -64,6 +64,7 @@ TARGET_PIFI_MEMORY = 1.10  # row 4: extra peak memory / the plugged layer's weig
 TARGET_RATIO_LLAMA = 1.5  # row 5: tokens/s vs the best PyTorch variant, with no more peak memory
 # Bytes a frozen parameter would cost if it trained: a float32 gradient and two AdamW moments.
 TRAINED_EXTRA_BYTES = 4 + 4 + 4
+ATTENTION_CHOICES = ("native", "xla", "cudnn", "auto")
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "Out of memory")
 
 
@@ -873,7 +874,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--attention",
-        choices=("native", "xla", "cudnn", "auto"),
+        # pifi_jax.layers.ATTENTION_IMPLEMENTATIONS, spelled out: importing pifi_jax here would
+        # import jax before run_suite sets XLA's preallocation (tests/test_benchmarks.py checks).
+        choices=ATTENTION_CHOICES,
         default="native",
         help="pifi_jax attention (pifi_jax.layers.set_attention_implementation). The rows train "
         "with the models' attention dropout (0.1 in BERT), which fused kernels cannot express, "

@@ -122,6 +122,10 @@ def test_attention_flag_reaches_the_pifi_jax_step(monkeypatch):
     assert suite.parse_args(["--smoke"]).attention == "native"
     import jax
 
+    from pifi_jax.layers import ATTENTION_IMPLEMENTATIONS
+
+    assert suite.ATTENTION_CHOICES == ATTENTION_IMPLEMENTATIONS
+
     calls = []
     fused = jax.nn.dot_product_attention
 
