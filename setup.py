@@ -30,6 +30,9 @@ setup(
         "gguf>=0.10",
         "datasets>=2.19",
         "pandas>=2.0",
+        # Host-side generation metrics: ROUGE (with stemming) and sacrebleu BLEU / chrF.
+        "rouge-score>=0.1.2",
+        "sacrebleu>=2.4",
         "tqdm>=4.60",
         "tensorboardX>=2.6",
         "matplotlib>=3.7",

@@ -28,15 +28,15 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from pifi_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from pifi_jax.train.metrics import mean_next_token_loss  # noqa: E402
 
 BATCH, LENGTH = 8, 64
 
 
 def make_step(module):
     def loss(params, ids):
-        logits = module.apply({"params": params}, ids)[:, :-1]
-        log_probs = jax.nn.log_softmax(logits)
-        return -jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1).mean()
+        logits = module.apply({"params": params}, ids)
+        return mean_next_token_loss(logits, ids, jnp.ones_like(ids))
 
     return jax.jit(jax.value_and_grad(loss))
 

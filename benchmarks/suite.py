@@ -177,43 +177,6 @@ def build_jax(case: common.Case, compute, fast_compile: bool = False, abstract: 
     return module, params, rules, case.method == "causal_lora"
 
 
-def make_causal_lm_step(module, optimizer):
-    """train_step(state, batch, rng) -> (state, metrics) for next-token cross-entropy: the shape
-    of `make_train_step` (gradients of the trainable tree only; the frozen tree rides along)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from pifi_jax.train.partition import merge_params
-
-    def loss_fn(params, frozen, batch, rng):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = module.apply(
-            {"params": merge_params(params, frozen)},
-            ids,
-            mask,
-            deterministic=False,
-            rngs={"dropout": rng},
-        )[:, :-1]  # [batch, length - 1, vocab] float32
-        target = ids[:, 1:]
-        picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - picked  # [batch, length - 1]
-        weights = mask[:, 1:].astype(jnp.float32)
-        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    def train_step(state, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        loss, grads = grad_fn(state.params, state.frozen, batch, rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
-    return train_step
-
-
 def _tree_bytes(tree) -> int:
     import jax
 
@@ -274,7 +237,7 @@ def prepare_jax_step(
 ):
     """Everything a pifi_jax measurement needs: (jitted step, state, batch, rng, info).
 
-    The step is the project's `make_train_step` (row 5: `make_causal_lm_step`), jitted with the
+    The step is the project's `make_train_step` (row 5: the causal-LM objective), jitted with the
     state donated as `pifi_jax.train` does; the state holds float32 master weights for what trains
     and the frozen weights in the compute dtype. info: parameter counts, byte sizes, model FLOPs.
     abstract: state and batch are jax.ShapeDtypeStructs (for `jax_lower`: nothing allocated).
@@ -284,6 +247,7 @@ def prepare_jax_step(
     import numpy as np
 
     from pifi_jax.train import optim, partition
+    from pifi_jax.train.objectives import CausalLM, Classification
     from pifi_jax.train.step import TrainState, make_train_step
 
     compute = jnp.dtype(dtype)
@@ -310,10 +274,11 @@ def prepare_jax_step(
     arrays = common.synthetic_batch(case)
     if causal:
         arrays = {k: arrays[k] for k in ("input_ids", "attention_mask")}
-        step_fn = make_causal_lm_step(module, optimizer)
+        arrays["loss_mask"] = arrays["attention_mask"]  # every real token is a target
+        step_fn = make_train_step(CausalLM(module, tokenizer=None), optimizer)
     else:
         arrays["weights"] = np.ones((case.batch,), np.float32)
-        step_fn = make_train_step(module, optimizer, num_labels=case.num_labels)
+        step_fn = make_train_step(Classification(module, case.num_labels), optimizer)
     if abstract:
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
     else:

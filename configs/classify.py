@@ -36,6 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task = args.get("task", "rt")
     # Seed of parameter init (new head), dropout and data order.
     config.seed = 0
+    # What the trainer optimises (pifi_jax.train.objectives): auto (from the task and model),
+    # classification, regression, causal_lm or seq2seq.
+    config.objective = "auto"
+    # How the model is built (pifi_jax.train.builders): pretrained (a checkpoint under the
+    # objective's head, with config.peft), or a method's builder (configs/pifi.py: pifi).
+    config.builder = "pretrained"
 
     config.model = ml_collections.ConfigDict()
     # Checkpoint directory, hub id, or "asset:minilm" (the offline all-MiniLM-L6-v2).

@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The small encoder (SLM): a short name (see the docstring) resolved to its checkpoint, or a path.
     config.model.path = resolve_slm(args.get("slm", "minilm"))
 
+    # The model builder the trainer looks up (pifi_jax.train.builders): PiFi's own.
+    config.builder = "pifi"
+
     config.pifi = ml_collections.ConfigDict()
     # "pifi" (SLM -> W_in -> frozen LLM layer -> W_out -> head) or "base" (SLM -> head).
     config.pifi.method = args.get("method", "pifi")

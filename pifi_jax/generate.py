@@ -1,4 +1,5 @@
-"""Text generation with the decoder families: greedy, sampling and beam search, jitted, with a cache.
+"""Text generation with the decoders and encoder-decoders: greedy, sampling and beam search, jitted,
+with a cache.
 
     tokens = generate(module, params, input_ids, attention_mask, max_new_tokens=20)  # greedy
     tokens = generate(..., method="sample", temperature=0.7, top_p=0.9, rng=jax.random.key(0))
@@ -6,12 +7,21 @@
 
 `module, params` come from `from_pretrained(..., task="causal_lm")` (any decoder family, scanned or
 not, with or without PEFT leaves; prompt tuning excepted: its soft tokens would need cache slots
-of their own, so it is refused). A batch of prompts of different lengths is padded on the LEFT
-(attention_mask 0 on the padding), so every row's next token goes to the same cache slot and each
-row's positions count its own real tokens (as transformers numbers left-padded rows).
+of their own, so it is refused) or `task="seq2seq"` (T5, BART: a module whose
+`is_encoder_decoder` is True, with or without PEFT leaves).
+  decoders: a batch of prompts of different lengths is padded on the LEFT (attention_mask 0 on
+    the padding), so every row's next token goes to the same cache slot and each row's
+    positions count its own real tokens (as transformers numbers left-padded rows).
+  encoder-decoders: the sources may be padded on either side (the encoder reads the mask); the
+    decoder starts from `config.decoder_start_token_id`, and the result holds the new tokens
+    only (not the start token), as the decoders' does.
 
 How it runs: one call prefills the prompts into a `layers.KVCache` of prompt + max_new_tokens
-slots; then `jax.lax.while_loop` feeds one token per step. The whole of it is one jitted function,
+slots (encoder-decoders: the encoder runs once, then the decoder's first call on the start token
+fills a `layers.Seq2SeqCache`: its self-attention KVCache of 1 + max_new_tokens slots and every
+layer's cross-attention keys and values of the encoder output); then `jax.lax.while_loop` feeds
+one token per step, through the same loop and beam search for both. The whole of it is one
+jitted function,
 compiled once per input shape and static option (method, max_new_tokens, top_k, num_beams, eos and
 pad ids); temperature, top_p, length_penalty and the rng are traced, so changing them does not
 recompile. The loop stops at max_new_tokens or once every row has produced eos; a finished row
@@ -49,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pifi_jax.layers import KVCache
+from pifi_jax.layers import KVCache, Seq2SeqCache
 
 METHODS = ("greedy", "sample", "beam")
 # transformers' "impossible" score for beams that must not be chosen (added, not assigned).
@@ -78,14 +88,16 @@ def generate(
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     Args:
-      module, params: a causal LM (`from_pretrained(..., task="causal_lm")`).
-      input_ids: [batch, prompt_length] int, padded on the left.
-      attention_mask: [batch, prompt_length] 1 for real tokens, 0 for (left) padding; None = none.
+      module, params: a causal LM (`from_pretrained(..., task="causal_lm")`) or an encoder-decoder
+        (`task="seq2seq"`).
+      input_ids: [batch, prompt_length] int, padded on the left (an encoder-decoder's source:
+        padded on either side).
+      attention_mask: [batch, prompt_length] 1 for real tokens, 0 for padding; None = none.
       method: "greedy", "sample" (needs `rng`) or "beam" (num_beams, length_penalty).
       temperature, top_k, top_p: sampling filters (top_k None / top_p None or 1.0 = off).
       eos_token_id: one id or several; None = the config's eos_token_id; () = never stop.
       pad_token_id: emitted after eos; None = the config's pad id, else the first eos id, else 0.
-      include_prompt: return the prompt in front of the new tokens.
+      include_prompt: return the prompt in front of the new tokens (decoders only).
       cache_dtype: of the keys/values kept (default: the model's compute dtype).
     Returns:
       int32 [batch, max_new_tokens] (or [batch, prompt_length + max_new_tokens]).
@@ -110,7 +122,11 @@ def generate(
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    if not np.all(np.asarray(attention_mask)[:, -1]):
+    encoder_decoder = getattr(module, "is_encoder_decoder", False)
+    if encoder_decoder and include_prompt:
+        raise ValueError("include_prompt: an encoder-decoder's output does not continue its input")
+    traced = isinstance(attention_mask, jax.core.Tracer)  # inside a jit: checked by the caller
+    if not encoder_decoder and not traced and not np.all(np.asarray(attention_mask)[:, -1]):
         raise ValueError("prompts must be padded on the left (attention_mask[:, -1] must be 1)")
     limit = getattr(config, "n_positions", None)  # learned positions (GPT-2) cannot go further
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
@@ -214,25 +230,11 @@ def _generate(
     pad,
     cache_dtype,
 ):
-    config = module.config
-    batch, prompt_length = input_ids.shape
-    cache = KVCache.create(
-        batch,
-        prompt_length + max_new_tokens,
-        config.cache_kv_heads,
-        config.head_dim,
-        layers=config.num_layers,
-        dtype=cache_dtype,
-    )
-    logits, cache = module.apply(
-        {"params": params}, input_ids, attention_mask, cache=cache, last_logits_only=True
-    )
-    logits = logits[:, -1]  # [batch, vocab]
-
-    def step(tokens, cache):
-        """Feeds one token per row [rows]; returns the next logits [rows, vocab] and the cache."""
-        out, cache = module.apply({"params": params}, tokens[:, None], None, cache=cache)
-        return out[:, -1], cache
+    start = _seq2seq_start if getattr(module, "is_encoder_decoder", False) else _decoder_start
+    logits, cache, step = start(
+        module, params, input_ids, attention_mask, max_new_tokens, cache_dtype
+    )  # logits [batch, vocab] of the first new token; step(tokens [rows], cache) feeds one more
+    batch = input_ids.shape[0]
 
     eos_ids = jnp.asarray(eos, jnp.int32)
     if method == "beam":
@@ -265,6 +267,69 @@ def _generate(
     return jax.lax.while_loop(not_done, body, state)[1]
 
 
+def _decoder_start(module, params, input_ids, attention_mask, max_new_tokens, cache_dtype):
+    """A decoder: the prompts prefilled into a KVCache of prompt + max_new_tokens slots."""
+    config = module.config
+    batch, prompt_length = input_ids.shape
+    cache = KVCache.create(
+        batch,
+        prompt_length + max_new_tokens,
+        config.cache_kv_heads,
+        config.head_dim,
+        layers=config.num_layers,
+        dtype=cache_dtype,
+    )
+    logits, cache = module.apply(
+        {"params": params}, input_ids, attention_mask, cache=cache, last_logits_only=True
+    )
+
+    def step(tokens, cache):
+        out, cache = module.apply({"params": params}, tokens[:, None], None, cache=cache)
+        return out[:, -1], cache
+
+    return logits[:, -1], cache, step
+
+
+def _seq2seq_start(module, params, input_ids, attention_mask, max_new_tokens, cache_dtype):
+    """An encoder-decoder: the encoder once, then the decoder on the start token, which fills a
+    Seq2SeqCache (1 + max_new_tokens decoder slots, every layer's cross keys/values)."""
+    config = module.config
+    batch = input_ids.shape[0]
+    variables = {"params": params}
+    encoder_hidden = module.apply(variables, input_ids, attention_mask)  # [batch, source, d]
+    cache = Seq2SeqCache.create(
+        batch,
+        1 + max_new_tokens,
+        attention_mask,
+        layers=config.num_layers,
+        kv_heads=config.cache_kv_heads,
+        heads=config.num_heads,
+        head_dim=config.head_dim,
+        dtype=cache_dtype,
+    )
+    start = jnp.full((batch, 1), config.decoder_start_token_id, jnp.int32)
+    logits, cache = module.apply(
+        variables, None, None, start, encoder_hidden=encoder_hidden, cache=cache
+    )
+
+    def step(tokens, cache):
+        out, cache = module.apply(variables, None, None, tokens[:, None], cache=cache)
+        return out[:, -1], cache
+
+    return logits[:, -1], cache, step
+
+
+def _take_rows(cache, rows):
+    """The cache of batch rows `rows` [n] (beam search repeats and reorders beams)."""
+    if isinstance(cache, Seq2SeqCache):
+        return cache.take_rows(rows)
+    return cache.replace(
+        key=jnp.take(cache.key, rows, axis=1),
+        value=jnp.take(cache.value, rows, axis=1),
+        mask=jnp.take(cache.mask, rows, axis=0),
+    )
+
+
 def _gather(x, indices):
     """x [batch, beams, ...] at beam `indices` [batch, k] -> [batch, k, ...]."""
     indices = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
@@ -273,17 +338,14 @@ def _gather(x, indices):
 
 def _beam_search(step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, length_penalty):
     """transformers' beam search (see the module docstring); logits [batch, vocab] of the prompts
-    and their cache. Returns the best finished hypothesis per row [batch, max_new_tokens]."""
+    and their cache (a KVCache or a Seq2SeqCache). Returns the best finished hypothesis per row
+    [batch, max_new_tokens]."""
     batch, vocab = logits.shape
     beams = num_beams
     keep = max(2, 1 + int(eos_ids.shape[0])) * beams  # candidates per step
     # Every beam starts as a copy of its prompt; only beam 0 is live at first (others at _NEG).
     logits = jnp.repeat(logits, beams, axis=0)  # [batch * beams, vocab]
-    cache = cache.replace(
-        key=jnp.repeat(cache.key, beams, axis=1),
-        value=jnp.repeat(cache.value, beams, axis=1),
-        mask=jnp.repeat(cache.mask, beams, axis=0),
-    )
+    cache = _take_rows(cache, jnp.repeat(jnp.arange(batch), beams))
     shape = (batch, beams, max_new_tokens)
     running = jnp.full(shape, pad, jnp.int32)
     running_scores = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, _NEG), (batch, 1))
@@ -329,11 +391,7 @@ def _beam_search(step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, l
         stop = ~jnp.any(improvable) | jnp.all(ends)
 
         rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)  # [batch * beams]
-        cache = cache.replace(
-            key=jnp.take(cache.key, rows, axis=1),
-            value=jnp.take(cache.value, rows, axis=1),
-            mask=jnp.take(cache.mask, rows, axis=0),
-        )
+        cache = _take_rows(cache, rows)
         next_tokens = jax.lax.dynamic_index_in_dim(running, index, axis=2, keepdims=False)
         logits, cache = step(next_tokens.reshape(-1), cache)
         return (

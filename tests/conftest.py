@@ -108,6 +108,97 @@ def write_tiny_encoder(directory: Path, family: str = "bert", seed: int = 0) -> 
     return directory
 
 
+# Word-level vocabulary of the tiny decoders (and encoder-decoders): specials, then every word of
+# the tiny tasks, so prompts and answers tokenize one id per word.
+DECODER_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def tiny_word_tokenizer(directory: Path, *, bos: bool = False):
+    """A whitespace word-level fast tokenizer over DECODER_SPECIAL + the tiny task words, saved in
+    `directory`: pad 0, unk 1, bos 2, eos 3. With `bos` it puts <s> in front of every text (as
+    Llama's tokenizer does); without, it adds nothing (as GPT-2's)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = DECODER_SPECIAL + POSITIVE + NEGATIVE + FILLER + SUMMARY_WORDS
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+# Extra words of the tiny generation task (write_tiny_pairs).
+SUMMARY_WORDS = ["summary", "positive", "negative", "review", ":"]
+
+# Tiny decoder configs per family (transformers config class, kwargs); vocab_size is set to the
+# tokenizer's. pad 0, bos 2, eos 3.
+_TINY_DECODERS = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, intermediate_size=37)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, intermediate_size=37)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, intermediate_size=37)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, intermediate_size=37, head_dim=8)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)),
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=False, multi_query=True)),
+}
+
+
+def write_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random causal LM of `family` (_TINY_DECODERS) with the tiny word-level
+    tokenizer (Llama-like families put <s> in front), saved as a Hugging Face checkpoint."""
+    import torch
+    import transformers
+
+    directory = Path(directory)
+    fast = tiny_word_tokenizer(directory, bos=family != "gpt2")
+    config_class, extra = _TINY_DECODERS[family]
+    common = dict(vocab_size=len(fast), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if family != "gpt2":
+        common.update(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+        )
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**common, **extra)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_pairs(
+    directory: Path, sizes=(("train", 64), ("validation", 16), ("test", 16)), seed=0
+) -> dict:
+    """source,target csv files of a learnable generation task over the tiny vocabulary: the
+    source is a short review, the target "positive" or "negative" then the review's first word."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in sizes:
+        path = directory / f"{split}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["source", "target"])
+            for _ in range(n):
+                label = rng.randint(0, 1)
+                words = rng.choices(FILLER, k=rng.randint(2, 6)) + [
+                    rng.choice(POSITIVE if label else NEGATIVE)
+                ]
+                rng.shuffle(words)
+                target = f"{'positive' if label else 'negative'} {words[0]}"
+                writer.writerow([" ".join(words), target])
+        files[split] = str(path)
+    return files
+
+
 def write_tiny_task(
     directory: Path, sizes=(("train", 96), ("validation", 32), ("test", 32)), seed=0
 ) -> dict:
@@ -134,6 +225,16 @@ def write_tiny_task(
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return write_tiny_decoder(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_files(tmp_path_factory) -> dict:
+    return write_tiny_pairs(tmp_path_factory.mktemp("tiny_pairs"))
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ import jax, jax.numpy as jnp, numpy as np
 from pifi_jax import parallel
 from pifi_jax.hub import from_pretrained
 from pifi_jax.hub.pretrained import _flatten
+from pifi_jax.train.metrics import mean_next_token_loss
 
 jobs, meshes = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 rng = np.random.default_rng(0)
@@ -69,10 +70,7 @@ for row in range(8):
 def run(module, params, ids, mask):
     def loss(params):
         logits = module.apply({"params": params}, ids, mask)
-        log_probs = jax.nn.log_softmax(logits[:, :-1])
-        picked = jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
-        weights = mask[:, 1:]
-        return -(picked * weights).sum() / weights.sum(), logits
+        return mean_next_token_loss(logits, ids, mask), logits
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(logits), {p: np.asarray(g) for p, g in _flatten(grads).items()}

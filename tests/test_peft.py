@@ -14,6 +14,7 @@ import pytest
 import pifi_jax
 from pifi_jax import peft
 from pifi_jax.train import partition
+from pifi_jax.train.objectives import Classification
 from pifi_jax.train.step import TrainState, make_train_step
 from tests import hf_reference as ref
 
@@ -150,7 +151,7 @@ def test_method_matrix(tmp_path, model_type, method):
     optimizer = optax.adam(1e-2)
     state = TrainState.create(trainable, frozen, optimizer)
     step = jax.jit(
-        make_train_step(module, optimizer, num_labels=LABELS), compiler_options=FAST_COMPILE
+        make_train_step(Classification(module, LABELS), optimizer), compiler_options=FAST_COMPILE
     )
     train_batch = dict(batch, labels=jnp.array([0, 1, 2]), weights=jnp.ones(3))
     for _ in range(3):

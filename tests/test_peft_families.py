@@ -29,6 +29,8 @@ import pytest
 import pifi_jax
 from pifi_jax import peft
 from pifi_jax.train import partition
+from pifi_jax.train.metrics import mean_next_token_loss
+from pifi_jax.train.objectives import Classification
 from pifi_jax.train.step import TrainState, make_train_step
 
 torch = pytest.importorskip("torch")
@@ -212,10 +214,7 @@ def _next_token_step(module, optimizer):
             {"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=True
         )
         logits = logits[:, -batch["input_ids"].shape[1] :]  # the prompt's own slots dropped
-        log_probs = jax.nn.log_softmax(logits[:, :-1])
-        picked = jnp.take_along_axis(log_probs, batch["input_ids"][:, 1:, None], -1)[..., 0]
-        weights = batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]
-        return -(picked * weights).sum() / weights.sum()
+        return mean_next_token_loss(logits, batch["input_ids"], batch["attention_mask"])
 
     def step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, state.frozen, batch)
@@ -269,7 +268,8 @@ def test_method_matrix(tmp_path, arch_name, method):
             state, loss = step(state, batch)
     else:
         step = jax.jit(
-            make_train_step(module, optimizer, num_labels=LABELS), compiler_options=FAST_COMPILE
+            make_train_step(Classification(module, LABELS), optimizer),
+            compiler_options=FAST_COMPILE,
         )
         train_batch = dict(batch, labels=jnp.array([0, 1, 2]), weights=jnp.ones(3))
         for _ in range(2):

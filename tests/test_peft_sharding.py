@@ -41,6 +41,7 @@ TIMEOUT_S = 300
 _SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
+from pifi_jax.train.objectives import Classification
 from pifi_jax import parallel, peft
 from pifi_jax.hub import from_pretrained
 from pifi_jax.models import registry
@@ -91,7 +92,7 @@ for method, config in METHODS.items():
         state = jax.device_put(state, state_sh)
         batch_sh = parallel.batch_sharding(mesh)
         step = jax.jit(
-            make_train_step(module, optimizer, num_labels=2),
+            make_train_step(Classification(module, 2), optimizer),
             in_shardings=(state_sh, batch_sh, repl),
             out_shardings=(state_sh, repl),
             donate_argnums=0,

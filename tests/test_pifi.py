@@ -32,6 +32,7 @@ from pifi_jax.train import (
     split_params,
     train_and_evaluate,
 )
+from pifi_jax.train.objectives import Classification
 from pifi_jax.train.partition import flatten, unflatten
 from tests.conftest import (
     REPO,
@@ -261,7 +262,7 @@ def test_structure_and_the_frozen_layer_through_training(llm_dirs, tiny_bert_dir
     assert opt_paths == set(flatten(trainable))  # nothing for the frozen layer
 
     before = {p: np.array(v) for p, v in flat.items()}
-    step = jax.jit(make_train_step(module, optimizer, num_labels=2, label_smoothing=0.05))
+    step = jax.jit(make_train_step(Classification(module, 2, label_smoothing=0.05), optimizer))
     for batch in _train_batches(tiny_bert_dir, tiny_task_files, count=2):
         state, metrics = step(state, batch, jax.random.PRNGKey(0))
         assert np.isfinite(float(metrics["loss"]))

@@ -7,7 +7,6 @@ so logits and gradients agree with the unrolled stack to float32 rounding (TOL).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ import pifi_jax
 from pifi_jax import parallel
 from pifi_jax.hub import convert
 from pifi_jax.hub.pretrained import _flatten
+from pifi_jax.train.metrics import mean_next_token_loss
 from tests.test_models_decoders import padded_batch, tiny_decoder, torch_forward
 
 transformers = pytest.importorskip("transformers")
@@ -47,10 +47,7 @@ def logits_and_gradients(module, params, seed=0):
 
     def loss(params):
         logits = module.apply({"params": params}, ids, mask)
-        log_probs = jax.nn.log_softmax(logits[:, :-1])
-        picked = jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
-        weights = mask[:, 1:] * mask[:, :-1]
-        return -(picked * weights).sum() / weights.sum(), logits
+        return mean_next_token_loss(logits, ids, mask), logits
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(logits), convert.unstack_layers(_flatten(grads), "layers")

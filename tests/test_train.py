@@ -36,6 +36,7 @@ from pifi_jax.train import (
     split_params,
     train_and_evaluate,
 )
+from pifi_jax.train.objectives import Classification
 from pifi_jax.train.partition import flatten
 from tests.conftest import FILLER, NEGATIVE, POSITIVE, REPO, subprocess_env, tiny_overrides
 
@@ -147,7 +148,7 @@ def test_frozen_leaves_are_unchanged_and_have_no_optimizer_state(tiny_bert_dir, 
     assert scalars < 10  # step counters only
 
     before_trainable, before_frozen = _host_copy(trainable), _host_copy(frozen)
-    train_step = jax.jit(make_train_step(module, optimizer, num_labels=2))
+    train_step = jax.jit(make_train_step(Classification(module, 2), optimizer))
     rng = jax.random.PRNGKey(0)
     for batch in _train_batches(tiny_bert_dir, tiny_task_files):
         state, step_metrics = train_step(state, batch, rng)
@@ -207,7 +208,7 @@ def test_gradient_accumulation_equals_one_big_batch(no_dropout_bert, tiny_task_f
     state = TrainState.create(params, {}, optimizer)
 
     steps = {
-        accum: jax.jit(make_train_step(module, optimizer, num_labels=2, accum_steps=accum))
+        accum: jax.jit(make_train_step(Classification(module, 2), optimizer, accum_steps=accum))
         for accum in (1, 2)
     }
 
@@ -257,7 +258,7 @@ def test_label_smoothing_reaches_the_loss(no_dropout_bert, tiny_task_files):
     batch = _train_batches(no_dropout_bert, tiny_task_files, count=1)[0]
     eps = 0.2
     optimizer = _gradient_recorder()
-    step = jax.jit(make_train_step(module, optimizer, num_labels=2, label_smoothing=eps))
+    step = jax.jit(make_train_step(Classification(module, 2, label_smoothing=eps), optimizer))
     _, step_metrics = step(TrainState.create(params, {}, optimizer), batch, jax.random.PRNGKey(0))
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}

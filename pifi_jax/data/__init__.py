@@ -5,20 +5,25 @@ examples = load_examples(task, "train")                   # validated texts + la
 encoded = encode(load_tokenizer(path), examples, 128)     # variable-length int32 ids
 batcher = Batcher(encoded, 32, (32, 64, 128), shuffle=True, seed=0, drop_remainder=True)
 for batch in batcher.batches(epoch=0): ...                # static shapes, weights for padding
+
+Generation tasks (`GenerationTask`: source -> target text) encode with `encode_generation` in the
+causal_lm or seq2seq layout; their Batcher pads targets too (see batching.py).
 """
 
 from pifi_jax.data.batching import Batcher
 from pifi_jax.data.sources import Examples, load_examples
-from pifi_jax.data.tasks import TASKS, TaskSpec, get_task
-from pifi_jax.data.tokenize import Encoded, encode, load_tokenizer
+from pifi_jax.data.tasks import TASKS, GenerationTask, TaskSpec, get_task
+from pifi_jax.data.tokenize import Encoded, encode, encode_generation, load_tokenizer
 
 __all__ = [
     "TASKS",
     "Batcher",
     "Encoded",
     "Examples",
+    "GenerationTask",
     "TaskSpec",
     "encode",
+    "encode_generation",
     "get_task",
     "load_examples",
     "load_tokenizer",

@@ -10,6 +10,16 @@ the batch order is shuffled with the same generator. `batches(e, start=k)` there
 interrupted epoch exactly at batch k, which is all a checkpoint must remember about the data.
 
 Processes: `batch_size` is global; process p yields rows [p*b/P, (p+1)*b/P) of each global batch.
+
+What a batch holds depends on the encoding's layout (data.tokenize) and on `generate`:
+  classification      input_ids, attention_mask, token_type_ids [b, L]; labels [b]
+  causal_lm           input_ids, attention_mask, loss_mask [b, L] right-padded (loss_mask 1 on
+                      the target tokens); generate=True: the prompts alone, LEFT-padded (every
+                      row's next token lands in the same cache slot)
+  seq2seq             input_ids, attention_mask [b, S]; target_ids, target_mask [b, T] padded to
+                      the smallest of `target_buckets` that fits (generate=True: sources only)
+and always weights [b] (0 on padding rows) and index [b] (the example's position in the split,
+-1 on padding rows: scoring looks references up by it).
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ class Batcher:
         drop_remainder: bool,
         process_index: int = 0,
         process_count: int = 1,
+        target_buckets: Sequence[int] = (),
+        generate: bool = False,
     ):
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(
@@ -43,16 +55,18 @@ class Batcher:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self.buckets = np.array(sorted(set(buckets)), dtype=np.int64)
-        if not len(self.buckets) or self.buckets[0] < 1:
-            raise ValueError(f"buckets must be positive lengths, got {list(buckets)}")
-        self.lengths = np.array([len(ids) for ids in encoded.input_ids], dtype=np.int64)
-        if len(self.lengths) and self.lengths.max() > self.buckets[-1]:
-            longest = int(np.argmax(self.lengths))
-            raise ValueError(
-                f"example {longest} has {self.lengths[longest]} tokens but the largest bucket is "
-                f"{self.buckets[-1]}: the largest bucket must be >= encode()'s max_length"
-            )
+        self.layout = encoded.layout
+        self.generate = generate
+        self.buckets = _buckets(buckets, "buckets")
+        if self.layout == "causal_lm" and generate:
+            self.lengths = encoded.prompt_lengths.astype(np.int64)
+        else:
+            self.lengths = np.array([len(ids) for ids in encoded.input_ids], dtype=np.int64)
+        _check_fits(self.lengths, self.buckets, "buckets", "tokens")
+        if self.layout == "seq2seq" and not generate:
+            self.target_buckets = _buckets(target_buckets, "target_buckets")
+            self.target_lengths = np.array([len(t) for t in encoded.target_ids], dtype=np.int64)
+            _check_fits(self.target_lengths, self.target_buckets, "target_buckets", "target tokens")
         self.encoded = encoded
         self.batch_size = batch_size
         self.local_size = batch_size // process_count
@@ -94,22 +108,69 @@ class Batcher:
 
     def _assemble(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         # The length is decided on the global batch so every process pads to the same shape.
-        length = int(self.buckets[np.searchsorted(self.buckets, self.lengths[indices].max())])
+        length = _fit(self.buckets, self.lengths[indices])
         rows = self.local_size
         mine = indices[self.process_index * rows : (self.process_index + 1) * rows]
-        labels = self.encoded.labels
+        enc = self.encoded
         batch = {
-            "input_ids": np.full((rows, length), self.encoded.pad_id, np.int32),  # [b, L]
-            "attention_mask": np.zeros((rows, length), np.int32),  # [b, L]
-            "token_type_ids": np.zeros((rows, length), np.int32),  # [b, L]
-            "labels": np.zeros((rows,), labels.dtype),  # [b]
             "weights": np.zeros((rows,), np.float32),  # [b]; 0 marks a padding row
+            "index": np.full((rows,), -1, np.int32),  # [b]; the example's position in the split
         }
-        for row, index in enumerate(mine):
-            size = self.lengths[index]
-            batch["input_ids"][row, :size] = self.encoded.input_ids[index]
-            batch["attention_mask"][row, :size] = 1
-            batch["token_type_ids"][row, :size] = self.encoded.token_type_ids[index]
-        batch["labels"][: len(mine)] = labels[mine]
         batch["weights"][: len(mine)] = 1.0
+        batch["index"][: len(mine)] = mine
+        ids = np.full((rows, length), enc.pad_id, np.int32)  # [b, L]
+        mask = np.zeros((rows, length), np.int32)  # [b, L]
+        batch.update(input_ids=ids, attention_mask=mask)
+        if self.layout == "classification":
+            types = batch["token_type_ids"] = np.zeros((rows, length), np.int32)  # [b, L]
+            batch["labels"] = np.zeros((rows,), enc.labels.dtype)  # [b]
+            batch["labels"][: len(mine)] = enc.labels[mine]
+            for row, index in enumerate(mine):
+                size = self.lengths[index]
+                ids[row, :size], mask[row, :size] = enc.input_ids[index], 1
+                types[row, :size] = enc.token_type_ids[index]
+        elif self.layout == "causal_lm" and self.generate:
+            for row, index in enumerate(mine):  # prompts, left-padded
+                size = self.lengths[index]
+                ids[row, length - size :] = enc.input_ids[index][:size]
+                mask[row, length - size :] = 1
+        elif self.layout == "causal_lm":
+            loss_mask = batch["loss_mask"] = np.zeros((rows, length), np.int32)  # [b, L]
+            for row, index in enumerate(mine):
+                size, start = self.lengths[index], enc.prompt_lengths[index]
+                ids[row, :size], mask[row, :size] = enc.input_ids[index], 1
+                loss_mask[row, start:size] = 1
+        else:  # seq2seq
+            for row, index in enumerate(mine):
+                size = self.lengths[index]
+                ids[row, :size], mask[row, :size] = enc.input_ids[index], 1
+            if not self.generate:
+                target_length = _fit(self.target_buckets, self.target_lengths[indices])
+                targets = np.full((rows, target_length), enc.pad_id, np.int32)  # [b, T]
+                target_mask = np.zeros((rows, target_length), np.int32)  # [b, T]
+                for row, index in enumerate(mine):
+                    size = self.target_lengths[index]
+                    targets[row, :size], target_mask[row, :size] = enc.target_ids[index], 1
+                batch.update(target_ids=targets, target_mask=target_mask)
         return batch
+
+
+def _buckets(lengths: Sequence[int], name: str) -> np.ndarray:
+    buckets = np.array(sorted(set(lengths)), dtype=np.int64)
+    if not len(buckets) or buckets[0] < 1:
+        raise ValueError(f"{name} must be positive lengths, got {list(lengths)}")
+    return buckets
+
+
+def _check_fits(lengths: np.ndarray, buckets: np.ndarray, name: str, what: str) -> None:
+    if len(lengths) and lengths.max() > buckets[-1]:
+        longest = int(np.argmax(lengths))
+        raise ValueError(
+            f"example {longest} has {lengths[longest]} {what} but the largest of {name} is "
+            f"{buckets[-1]}: the largest bucket must be >= the encoding's maximum length"
+        )
+
+
+def _fit(buckets: np.ndarray, lengths: np.ndarray) -> int:
+    """The smallest bucket that holds the longest of `lengths`."""
+    return int(buckets[np.searchsorted(buckets, lengths.max())])

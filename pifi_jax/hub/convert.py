@@ -51,7 +51,7 @@ def hf_key_to_path(key: str, target: dict[str, Any]) -> tuple[str, bool] | None:
     module_path = _INDEX_DOT.sub(r"_\1", module).replace(".", "/")
     # A leaf with no HF convention (DeBERTa's `q_bias`) keeps its name.
     for ours, transpose in _LEAF_CANDIDATES.get(leaf, ((leaf, False),)):
-        path = f"{module_path}/{ours}"
+        path = f"{module_path}/{ours}" if module_path else ours  # a top-level leaf (a buffer)
         if path in target:
             return path, transpose
     return None
@@ -70,7 +70,7 @@ def path_to_hf_key(
     parts = [
         p if p in literal_names else _INDEX_UNDERSCORE.sub(r".\1", p) for p in module.split("/")
     ]
-    key = ".".join(parts) + "." + hf_leaf
+    key = ".".join(parts) + "." + hf_leaf if module else hf_leaf
     return key, transpose and not _matches(in_out_kernels, key)
 
 

@@ -18,7 +18,7 @@ from pifi_jax.hub import convert, gguf
 from pifi_jax.hub.files import CheckpointReader, read_config, resolve_checkpoint
 from pifi_jax.models import registry
 
-TASKS = ("classification", "encoder", "causal_lm", "decoder")
+TASKS = ("classification", "encoder", "causal_lm", "decoder", "seq2seq")
 # Tasks whose module is the bare base model, saved without the base-model prefix.
 _BARE_TASKS = ("encoder", "decoder")
 
@@ -26,7 +26,9 @@ _BARE_TASKS = ("encoder", "decoder")
 def abstract_params(module: nn.Module, length: int = 8) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat {path: ShapeDtypeStruct} of a module's parameters, without allocating them."""
     ids = jnp.zeros((1, length), jnp.int32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, deterministic=True))
+    # An encoder-decoder creates its decoder's parameters only when it is given decoder inputs.
+    inputs = (ids, None, ids) if getattr(module, "is_encoder_decoder", False) else (ids,)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, deterministic=True))
     return _flatten(shapes["params"])
 
 
@@ -90,7 +92,8 @@ def from_pretrained(
         hub id (needs the network), an `asset:` name, or a llama.cpp GGUF file (dequantized).
       task: "classification" (logits [batch, num_labels]; num_labels == 1 is regression),
         "encoder" (last hidden state), "causal_lm" (decoders: float32 logits [batch, length,
-        vocab]) or "decoder" (a decoder's bare stack: last hidden state).
+        vocab]), "decoder" (a decoder's bare stack: last hidden state) or "seq2seq"
+        (encoder-decoders such as T5: float32 logits [batch, target, vocab], see models/t5.py).
       dtype: computation dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of the weights.
       mesh: when given, each tensor is placed straight into its sharding as it is read.
       seed: initialises a head the checkpoint lacks (and PEFT leaves).
@@ -111,6 +114,8 @@ def from_pretrained(
     reader, hf_config = open_checkpoint(path_or_hub_id, revision)
     config = registry.config_from_hf(hf_config)
     family = registry.family_for(config.model_type)
+    if hasattr(family, "config_for_checkpoint"):  # what a config leaves to the tensors (T5)
+        config = family.config_for_checkpoint(config, reader)
     module = family.build(config, task, num_labels, dtype, param_dtype)
     if scan_layers or remat_policy != "none":
         if not hasattr(module, "scan_layers"):

@@ -4,6 +4,7 @@ from pifi_jax.layers.activations import activation
 from pifi_jax.layers.attention import (
     ATTENTION_IMPLEMENTATIONS,
     KVCache,
+    Seq2SeqCache,
     attention_bias,
     attention_implementation,
     dot_product_attention,
@@ -21,6 +22,7 @@ __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "SUPPORTED_ROPE_TYPES",
     "KVCache",
+    "Seq2SeqCache",
     "Linear",
     "RMSNorm",
     "Rope",

@@ -298,6 +298,63 @@ class KVCache:
         return jnp.where(mask > 0, before + jnp.cumsum(mask, axis=1) - 1, slots)
 
 
+@struct.dataclass
+class Seq2SeqCache:
+    """What an encoder-decoder's decoder keeps between generation steps (a pytree).
+
+    self_attn: the decoder stack's KVCache ([layers, batch, max_target, kv_heads, head_dim]).
+    cross_key, cross_value: [layers, batch, source, heads, head_dim], the cross-attention keys and
+        values of the encoder output, projected once (by the first decoder call that is given
+        the encoder output) and read by every later step.
+    cross_mask: [batch, source] int32, 1 on real source tokens.
+    Beam search reorders every leaf's batch rows alike (`take_rows`).
+    """
+
+    self_attn: KVCache
+    cross_key: jax.Array
+    cross_value: jax.Array
+    cross_mask: jax.Array
+
+    @classmethod
+    def create(
+        cls,
+        batch: int,
+        max_target: int,
+        source_mask: jax.Array,
+        *,
+        layers: int,
+        kv_heads: int,
+        heads: int,
+        head_dim: int,
+        dtype=jnp.float32,
+    ) -> "Seq2SeqCache":
+        """An empty cache for `max_target` decoder slots over a source with mask [batch, source]."""
+        source = source_mask.shape[1]
+        cross = jnp.zeros((layers, batch, source, heads, head_dim), dtype)
+        return cls(
+            self_attn=KVCache.create(
+                batch, max_target, kv_heads, head_dim, layers=layers, dtype=dtype
+            ),
+            cross_key=cross,
+            cross_value=cross,
+            cross_mask=source_mask.astype(jnp.int32),
+        )
+
+    def take_rows(self, rows: jax.Array) -> "Seq2SeqCache":
+        """The cache of batch rows `rows` [n] (beam search: repeat or reorder beams)."""
+        kv = self.self_attn
+        return Seq2SeqCache(
+            self_attn=kv.replace(
+                key=jnp.take(kv.key, rows, axis=1),
+                value=jnp.take(kv.value, rows, axis=1),
+                mask=jnp.take(kv.mask, rows, axis=0),
+            ),
+            cross_key=jnp.take(self.cross_key, rows, axis=1),
+            cross_value=jnp.take(self.cross_value, rows, axis=1),
+            cross_mask=jnp.take(self.cross_mask, rows, axis=0),
+        )
+
+
 def self_attention_inputs(
     key: jax.Array,
     value: jax.Array,

@@ -37,8 +37,10 @@ from pifi_jax.layers.peft_hooks import bottleneck_adapter, prefix_block
 from pifi_jax.models import config_utils
 from pifi_jax.models.llama import read_rope
 from pifi_jax.models.stack import (
+    HF_TASK_SUFFIXES,
     BareDecoder,
     CausalLM,
+    SequenceClassifier,
     decoder_inputs,
     default_positions,
     make_layers,
@@ -271,6 +273,14 @@ class FalconForCausalLM(CausalLM):
     base_name = "transformer"
 
 
+class FalconForSequenceClassification(SequenceClassifier):
+    """Decoder + a bias-free `score` head on each row's last real token: float32 logits
+    [batch, num_labels]. Call as stack.SequenceClassifier."""
+
+    base_class = FalconModel
+    base_name = "transformer"
+
+
 class FalconDecoder(BareDecoder):
     """The bare stack under `transformer/`; returns the last hidden state."""
 
@@ -285,8 +295,9 @@ BASE_MODEL_PREFIX = "transformer"
 LAYER_KEYS = r"(?:transformer\.)?h\.(\d+)\.(.+)"
 LAYER_STACK = "h"
 IGNORED_SOURCE_KEYS = (r".*rotary_emb\.inv_freq",)
-OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
-NEW_HEAD_PATHS = ()
+# As in llama.py: the lm_head or the score head a task lacks; the classifier's new head.
+OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight", r"score\.weight")
+NEW_HEAD_PATHS = (r"score/.*",)
 LAYER_PARAM_AXES = (
     (r"self_attention/query_key_value/kernel", ("embed", "heads")),
     (r"self_attention/query_key_value/bias", ("heads",)),
@@ -299,15 +310,20 @@ PARAM_AXES = (
     (r"(.*/)?word_embeddings/embedding", ("vocab", "embed")),
     *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
+    (r"score/kernel", ("embed", None)),
 )
 
 
 def build(config: FalconConfig, task: str, num_labels: int, dtype, param_dtype) -> nn.Module:
     if task == "causal_lm":
         return FalconForCausalLM(config, dtype, param_dtype)
+    if task == "classification":
+        return FalconForSequenceClassification(config, num_labels, dtype, param_dtype)
     if task == "decoder":
         return FalconDecoder(config, dtype, param_dtype)
-    raise ValueError(f"task {task!r} is not supported by falcon; use causal_lm or decoder")
+    raise ValueError(
+        f"task {task!r} is not supported by falcon; use causal_lm, classification or decoder"
+    )
 
 
 def decoder_layer(config: FalconConfig, index: int, dtype, param_dtype) -> nn.Module:
@@ -315,7 +331,7 @@ def decoder_layer(config: FalconConfig, index: int, dtype, param_dtype) -> nn.Mo
 
 
 def hf_architecture(config: FalconConfig, task: str) -> str:
-    return "FalconForCausalLM" if task == "causal_lm" else "FalconModel"
+    return "Falcon" + HF_TASK_SUFFIXES[task]
 
 
 CONFIG = FalconConfig

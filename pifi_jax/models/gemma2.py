@@ -29,8 +29,10 @@ from pifi_jax.layers import KVCache, RMSNorm, Rope
 from pifi_jax.models import config_utils
 from pifi_jax.models.llama import LAYER_TYPES, Attention, GatedMLP, read_rope
 from pifi_jax.models.stack import (
+    HF_TASK_SUFFIXES,
     BareDecoder,
     CausalLM,
+    SequenceClassifier,
     decoder_inputs,
     default_positions,
     make_layers,
@@ -251,6 +253,14 @@ class Gemma2ForCausalLM(CausalLM):
     base_name = "model"
 
 
+class Gemma2ForSequenceClassification(SequenceClassifier):
+    """Decoder + a bias-free `score` head on each row's last real token: float32 logits
+    [batch, num_labels]. Call as stack.SequenceClassifier."""
+
+    base_class = Gemma2Model
+    base_name = "model"
+
+
 class Gemma2Decoder(BareDecoder):
     """The bare stack under `model/`; returns the last hidden state [batch, length, hidden]."""
 
@@ -265,8 +275,9 @@ BASE_MODEL_PREFIX = "model"
 LAYER_KEYS = r"(?:model\.)?layers\.(\d+)\.(.+)"
 LAYER_STACK = "layers"
 IGNORED_SOURCE_KEYS = (r".*rotary_emb\.inv_freq",)
-OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
-NEW_HEAD_PATHS = ()
+# As in llama.py: the lm_head or the score head a task lacks; the classifier's new head.
+OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight", r"score\.weight")
+NEW_HEAD_PATHS = (r"score/.*",)
 LAYER_PARAM_AXES = (
     (r"self_attn/q_proj/kernel", ("embed", "heads")),
     (r"self_attn/q_proj/bias", ("heads",)),
@@ -280,15 +291,20 @@ PARAM_AXES = (
     (r"(.*/)?embed_tokens/embedding", ("vocab", "embed")),
     *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
+    (r"score/kernel", ("embed", None)),
 )
 
 
 def build(config: Gemma2Config, task: str, num_labels: int, dtype, param_dtype) -> nn.Module:
     if task == "causal_lm":
         return Gemma2ForCausalLM(config, dtype, param_dtype)
+    if task == "classification":
+        return Gemma2ForSequenceClassification(config, num_labels, dtype, param_dtype)
     if task == "decoder":
         return Gemma2Decoder(config, dtype, param_dtype)
-    raise ValueError(f"task {task!r} is not supported by gemma2; use causal_lm or decoder")
+    raise ValueError(
+        f"task {task!r} is not supported by gemma2; use causal_lm, classification or decoder"
+    )
 
 
 def decoder_layer(config: Gemma2Config, index: int, dtype, param_dtype) -> nn.Module:
@@ -296,7 +312,7 @@ def decoder_layer(config: Gemma2Config, index: int, dtype, param_dtype) -> nn.Mo
 
 
 def hf_architecture(config: Gemma2Config, task: str) -> str:
-    return "Gemma2ForCausalLM" if task == "causal_lm" else "Gemma2Model"
+    return "Gemma2" + HF_TASK_SUFFIXES[task]
 
 
 CONFIG = Gemma2Config

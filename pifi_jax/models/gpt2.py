@@ -34,8 +34,10 @@ from pifi_jax.layers import (
 from pifi_jax.layers.peft_hooks import bottleneck_adapter, prefix_block
 from pifi_jax.models import config_utils
 from pifi_jax.models.stack import (
+    HF_TASK_SUFFIXES,
     BareDecoder,
     CausalLM,
+    SequenceClassifier,
     decoder_inputs,
     make_layers,
     run_layers,
@@ -290,6 +292,14 @@ class GPT2LMHeadModel(CausalLM):
     base_name = "transformer"
 
 
+class GPT2ForSequenceClassification(SequenceClassifier):
+    """Decoder + a bias-free `score` head on each row's last real token: float32 logits
+    [batch, num_labels]. Call as stack.SequenceClassifier."""
+
+    base_class = GPT2Model
+    base_name = "transformer"
+
+
 class GPT2Decoder(BareDecoder):
     """The bare stack under `transformer/`; returns the last hidden state."""
 
@@ -309,8 +319,9 @@ IN_OUT_KERNELS = (r"(.+\.)?(c_attn|c_proj|c_fc)\.weight",)
 LITERAL_NAMES = ("ln_1", "ln_2")
 # The causal-mask buffers old checkpoints stored as `attn.bias` / `attn.masked_bias`.
 IGNORED_SOURCE_KEYS = (r"(.+\.)?attn\.(masked_)?bias",)
-OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
-NEW_HEAD_PATHS = ()
+# As in llama.py: the lm_head or the score head a task lacks; the classifier's new head.
+OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight", r"score\.weight")
+NEW_HEAD_PATHS = (r"score/.*",)
 LAYER_PARAM_AXES = (
     (r"attn/c_attn/kernel", ("embed", "heads")),
     (r"attn/c_attn/bias", ("heads",)),
@@ -324,15 +335,20 @@ PARAM_AXES = (
     (r"(.*/)?wpe/embedding", (None, "embed")),
     *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
+    (r"score/kernel", ("embed", None)),
 )
 
 
 def build(config: GPT2Config, task: str, num_labels: int, dtype, param_dtype) -> nn.Module:
     if task == "causal_lm":
         return GPT2LMHeadModel(config, dtype, param_dtype)
+    if task == "classification":
+        return GPT2ForSequenceClassification(config, num_labels, dtype, param_dtype)
     if task == "decoder":
         return GPT2Decoder(config, dtype, param_dtype)
-    raise ValueError(f"task {task!r} is not supported by gpt2; use causal_lm or decoder")
+    raise ValueError(
+        f"task {task!r} is not supported by gpt2; use causal_lm, classification or decoder"
+    )
 
 
 def decoder_layer(config: GPT2Config, index: int, dtype, param_dtype) -> nn.Module:
@@ -340,7 +356,7 @@ def decoder_layer(config: GPT2Config, index: int, dtype, param_dtype) -> nn.Modu
 
 
 def hf_architecture(config: GPT2Config, task: str) -> str:
-    return "GPT2LMHeadModel" if task == "causal_lm" else "GPT2Model"
+    return "GPT2LMHeadModel" if task == "causal_lm" else "GPT2" + HF_TASK_SUFFIXES[task]
 
 
 CONFIG = GPT2Config

@@ -52,8 +52,10 @@ from pifi_jax.layers import (
 from pifi_jax.layers.peft_hooks import bottleneck_adapter, prefix_block
 from pifi_jax.models import config_utils
 from pifi_jax.models.stack import (
+    HF_TASK_SUFFIXES,
     BareDecoder,
     CausalLM,
+    SequenceClassifier,
     decoder_inputs,
     default_positions,
     make_layers,
@@ -423,6 +425,14 @@ class LlamaForCausalLM(CausalLM):
     base_name = "model"
 
 
+class LlamaForSequenceClassification(SequenceClassifier):
+    """Decoder + a bias-free `score` head on each row's last real token: float32 logits
+    [batch, num_labels]. Call as stack.SequenceClassifier."""
+
+    base_class = LlamaModel
+    base_name = "model"
+
+
 class LlamaDecoder(BareDecoder):
     """The bare stack under `model/`; returns the last hidden state [batch, length, hidden]."""
 
@@ -440,9 +450,12 @@ LAYER_KEYS = r"(?:model\.)?layers\.(\d+)\.(.+)"
 LAYER_STACK = "layers"
 # Old checkpoints stored the rotary table as a buffer.
 IGNORED_SOURCE_KEYS = (r".*rotary_emb\.inv_freq",)
-# Tied models and the bare stack have no lm_head; a checkpoint may still carry one.
-OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
-NEW_HEAD_PATHS = ()
+# Tied models, the bare stack and the classifier have no lm_head, and only the classifier has a
+# score head; a checkpoint may still carry either (a causal LM's lm_head is dropped on purpose when
+# it is loaded as a classifier).
+OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight", r"score\.weight")
+# The classifier's head, created fresh from a causal-LM or base checkpoint.
+NEW_HEAD_PATHS = (r"score/.*",)
 # Key/value projections use "kv" (replicated by default: they are few heads under GQA).
 LAYER_PARAM_AXES = (
     (r"self_attn/q_proj/kernel", ("embed", "heads")),
@@ -458,6 +471,7 @@ PARAM_AXES = (
     (r"(.*/)?embed_tokens/embedding", ("vocab", "embed")),
     *stacked_param_axes(LAYER_STACK, LAYER_PARAM_AXES),
     (r"lm_head/kernel", ("embed", "vocab")),
+    (r"score/kernel", ("embed", None)),
 )
 _HF_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
@@ -465,10 +479,13 @@ _HF_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 def build(config: LlamaConfig, task: str, num_labels: int, dtype, param_dtype) -> nn.Module:
     if task == "causal_lm":
         return LlamaForCausalLM(config, dtype, param_dtype)
+    if task == "classification":
+        return LlamaForSequenceClassification(config, num_labels, dtype, param_dtype)
     if task == "decoder":
         return LlamaDecoder(config, dtype, param_dtype)
     raise ValueError(
-        f"task {task!r} is not supported by {config.model_type}; use causal_lm or decoder"
+        f"task {task!r} is not supported by {config.model_type}; "
+        "use causal_lm, classification or decoder"
     )
 
 
@@ -477,8 +494,7 @@ def decoder_layer(config: LlamaConfig, index: int, dtype, param_dtype) -> nn.Mod
 
 
 def hf_architecture(config: LlamaConfig, task: str) -> str:
-    name = _HF_NAMES[config.model_type]
-    return f"{name}ForCausalLM" if task == "causal_lm" else f"{name}Model"
+    return _HF_NAMES[config.model_type] + HF_TASK_SUFFIXES[task]
 
 
 CONFIG = LlamaConfig

@@ -9,14 +9,26 @@ Optional: `BASE_MODEL_PREFIX` (HF's base_model_prefix when it is not the model t
 Decoder families also give `decoder_layer(config, index, dtype, param_dtype)`, `LAYER_KEYS` (regex
 of one layer's tensor names: group 1 the index, group 2 the name inside the layer) and
 `config.num_layers`, which `pifi_jax.load_layer` uses (see models/llama.py).
+`config_for_checkpoint(config, reader)`, optional: the config refined by the checkpoint's tensors,
+for what a config leaves to them (T5's lm-head tying under transformers 5, models/t5.py).
 Adding a family = one file in models/ and one entry in `_FAMILY_MODULES`.
 """
 
 from types import ModuleType
 
-from pifi_jax.models import albert, bert, deberta, falcon, gemma2, gpt2, llama
+from pifi_jax.models import albert, bart, bert, deberta, falcon, gemma2, gpt2, llama, t5
 
-_FAMILY_MODULES: tuple[ModuleType, ...] = (bert, albert, deberta, llama, gemma2, falcon, gpt2)
+_FAMILY_MODULES: tuple[ModuleType, ...] = (
+    bert,
+    albert,
+    deberta,
+    llama,
+    gemma2,
+    falcon,
+    gpt2,
+    bart,
+    t5,
+)
 _FAMILIES: dict[str, ModuleType] = {t: m for m in _FAMILY_MODULES for t in m.MODEL_TYPES}
 
 

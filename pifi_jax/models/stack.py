@@ -18,9 +18,10 @@ tokens in front of the sequence; prefix tuning puts P keys/values in front of ev
 (layers.attention.self_attention_inputs), so the sequence's positions start at P, as transformers
 numbers tokens that follow a cache of P entries (which is how Hugging Face PEFT passes a prefix).
 
-The task modules around a family's base model: `CausalLM` (lm_head or the tied embedding) and
-`BareDecoder` (the stack under the base prefix). A family subclasses them naming its base model
-class and Hugging Face's attribute name for it (`model`, `transformer`).
+The task modules around a family's base model: `CausalLM` (lm_head or the tied embedding),
+`SequenceClassifier` (a `score` head on the last real token of each row) and `BareDecoder` (the
+stack under the base prefix). A family subclasses them naming its base model class and Hugging
+Face's attribute name for it (`model`, `transformer`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def default_positions(x: jax.Array, attention_mask, positions, cache=None) -> ja
     return positions_from_mask(attention_mask)
 
 
+# Our task -> the suffix of the transformers class name of a decoder family
+# (`LlamaForSequenceClassification`; GPT-2's causal LM is the exception, `GPT2LMHeadModel`).
+HF_TASK_SUFFIXES = {
+    "causal_lm": "ForCausalLM",
+    "classification": "ForSequenceClassification",
+    "decoder": "Model",
+}
 # remat_policy -> what a layer keeps for the backward pass (None: everything is recomputed).
 REMAT_POLICIES = {
     "none": None,
@@ -225,6 +233,78 @@ class CausalLM(nn.Module):
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
         return logits if cache is None else (logits, cache)
+
+
+def last_token_index(attention_mask, length: int) -> jax.Array:
+    """The index of each row's last real token [batch]: the rightmost slot the mask marks (0 for a
+    row with no real token), whichever side the row is padded on; length - 1 without a mask."""
+    if attention_mask is None:
+        return jnp.full((1,), length - 1, jnp.int32)
+    slots = jnp.arange(length, dtype=jnp.int32)  # [length]
+    return jnp.max(jnp.where(attention_mask > 0, slots, 0), axis=-1)  # [batch]
+
+
+class SequenceClassifier(nn.Module):
+    """A family's base model + a bias-free linear `score` head on the hidden state of each row's
+    last real token; float32 logits [batch, num_labels] (num_labels == 1: one regression score).
+
+    As transformers' `<Family>ForSequenceClassification` (`score`, no dropout, no soft-capping),
+    with one difference in where the last token is found: transformers takes the rightmost token
+    that is not `pad_token_id`, here it is the rightmost slot `attention_mask` marks, which agrees
+    for right- and left-padded rows and needs no pad token in the config. Positions come from the
+    mask as everywhere in pifi_jax (a left-padded row scores as if unpadded; transformers, given no
+    position_ids, numbers it from the first slot, padding included).
+
+    Call: `module.apply({"params": params}, input_ids=..., attention_mask=..., deterministic=True)`
+    with input_ids / attention_mask [batch, length]; `token_type_ids` is accepted and ignored (the
+    decoders have no segment embedding; the trainer's batches carry it). Under prompt tuning the
+    P soft tokens stand in front, so the last real token is P slots further on; Hugging Face PEFT
+    scores the last slot there, which is the same token unless a row is right-padded.
+    """
+
+    task: ClassVar[str] = "classification"
+    base_class: ClassVar[type]
+    base_name: ClassVar[str]
+    config: Any
+    num_labels: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        positions=None,
+        deterministic=True,
+    ):
+        del token_type_ids  # no segment embedding in a decoder
+        base = self.base_class(
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.scan_layers,
+            self.remat_policy,
+            name=self.base_name,
+        )
+        h = base(input_ids, attention_mask, positions, deterministic=deterministic)
+        # [batch, n_prompt + length, hidden]: a soft prompt, if any, stands in front.
+        n_prompt = h.shape[1] - input_ids.shape[1]
+        last = last_token_index(attention_mask, input_ids.shape[1]) + n_prompt
+        last = jnp.broadcast_to(last, h.shape[:1])  # [batch]
+        pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [batch, hidden]
+        score = Linear(
+            self.num_labels,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="score",
+        )
+        return score(pooled).astype(jnp.float32)  # [batch, num_labels]
 
 
 class BareDecoder(nn.Module):

@@ -78,6 +78,10 @@ class PeftModel(nn.Module):
         return self.base.task
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        return getattr(self.base, "is_encoder_decoder", False)
+
+    @property
     def num_labels(self) -> int:
         return self.base.num_labels
 
@@ -155,11 +159,13 @@ def wrap(module: nn.Module, params: dict, config, *, seed: int = 0) -> tuple[Pef
     if not (plan.adapters or plan.bottlenecks or config.method in ("prefix", "prompt")):
         return peft_module, params
     ids = jnp.zeros((1, 4), jnp.int32)
+    # An encoder-decoder reaches its decoder's Linears only when it is given decoder inputs.
+    inputs = (ids, None, ids) if peft_module.is_encoder_decoder else (ids,)
 
     def new_leaves(p):
         _, state = peft_module.apply(
             {"params": p},
-            ids,
+            *inputs,
             deterministic=True,
             mutable=["params"],
             rngs={"params": jax.random.PRNGKey(seed)},

@@ -34,6 +34,7 @@ LORA_TARGETS = {
     "falcon": ("query_key_value",),
     "gpt2": ("c_attn",),
     "t5": ("q", "v"),
+    "bart": ("q_proj", "v_proj"),
 }
 IA3_TARGETS = {
     "bert": (("key", "value", "output.dense"), ("output.dense",)),
@@ -49,6 +50,7 @@ IA3_TARGETS = {
     "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
     "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
     "t5": (("k", "v", "wo"), ("wo",)),
+    "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
 }
 # Bottleneck adapters: the projections whose output passes through one (regexes on HF names), per
 # kind. Hugging Face PEFT has no adapters of this kind; these are the sites of the papers:
@@ -84,6 +86,11 @@ ADAPTER_TARGETS = {
     "gpt2": {
         "houlsby": r".*\.h\.\d+\.(attn|mlp)\.c_proj",
         "pfeiffer": r".*\.h\.\d+\.mlp\.c_proj",
+    },
+    # Encoder-decoder: after every sub-layer's output projection (cross-attention included).
+    "bart": {
+        "houlsby": r".*\.layers\.\d+\.((self|encoder)_attn\.out_proj|fc2)",
+        "pfeiffer": r".*\.layers\.\d+\.fc2",
     },
 }
 # Families whose self-attention takes prefix keys/values (`layers.peft_hooks.prefix_block`), by

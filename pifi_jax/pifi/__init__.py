@@ -8,6 +8,7 @@ select.py: automatic layer selection; run.py: the trainer's hook (config section
 names.py: short names of the paper's encoders and LLMs.
 """
 
+from pifi_jax.pifi import run  # noqa: F401 (registers the "pifi" model builder)
 from pifi_jax.pifi.names import LLMS, SLMS, resolve_llm, resolve_slm
 from pifi_jax.pifi.plugin import (
     FROZEN_RULES,

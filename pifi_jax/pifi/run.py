@@ -1,7 +1,8 @@
 """PiFi in the trainer: a run config's `pifi` section -> the model, the layer, and its provenance.
 
-`pifi_jax.train.loop.setup_run` calls `build_for_run` when the config has a `pifi` section
-(configs/pifi.py). Besides building the model it
+PiFi plugs into the trainer as the model builder "pifi" (`config.builder`, set by
+configs/pifi.py; see pifi_jax.train.builders): the trainer looks it up by name and never asks
+which method it trains. `build_for_run`, behind it, besides building the model
 
 - resolves `pifi.layer`: an index, or "auto" = run the layer selection (pifi_jax.pifi.select) on
   the task's training data first, writing its table, CSV and plot to <workdir>/layer_selection/;
@@ -25,6 +26,7 @@ from pifi_jax import data, peft
 from pifi_jax.pifi import select
 from pifi_jax.pifi.names import short_name
 from pifi_jax.pifi.plugin import build, layer_fingerprint
+from pifi_jax.train.builders import BuiltModel, peft_method, register_builder
 
 PROVENANCE_FILE = "pifi_layer.json"
 SELECTION_DIR = "layer_selection"
@@ -208,3 +210,39 @@ def save_adapter(module, params: dict, directory, format: str = "native") -> Pat
     flat = traverse_util.flatten_dict(jax.device_get(plugin), sep="/")
     save_file({p: np.asarray(v) for p, v in flat.items()}, str(directory / PLUGIN_WEIGHTS))
     return directory
+
+
+class PifiBuilder:
+    """The "pifi" model builder: the PiFi classifier (or its base) of the config's `pifi`
+    section; with a PEFT method on the SLM, its leaves, W_in, W_out and the head train, and the
+    adapter is written with the plug-in weights beside it (`save_adapter`)."""
+
+    def build(self, config, model_dir, model_task, task, workdir, *, mesh, logical_axis_rules, log):
+        if model_task != "classification":
+            raise ValueError(
+                f"the PiFi builder makes sequence classifiers; objective {model_task!r} is not "
+                "supported by it yet"
+            )
+        module, params = build_for_run(
+            config,
+            model_dir,
+            task,
+            workdir,
+            mesh=mesh,
+            logical_axis_rules=logical_axis_rules,
+            log=log,
+        )
+        built = BuiltModel(module, params, module.param_axes)
+        method = peft_method(config)
+        if method is not None:
+            log(f"PEFT method on the SLM: {method}")
+            built.trainable_rules = module.trainable_rules(params)
+            built.peft_module = module.encoder
+            built.save_adapter = lambda p, d, fmt: save_adapter(module, p, d, format=fmt)
+        return built
+
+    def run_name(self, config) -> str:
+        return run_name(config)
+
+
+register_builder("pifi", PifiBuilder())

@@ -4,7 +4,9 @@
 
 The run directory holds config.json (the resolved config), metrics.jsonl, TensorBoard event files
 (tb/), checkpoints/ (latest few, for resuming) and checkpoints/best/ (the best on validation), and
-results.json (validation and test metrics of the best checkpoint). Running the same command again on
+results.json (validation and test metrics of the best checkpoint) and predictions_<split>.jsonl
+(what the best checkpoint predicts for each evaluation example: class ids, or generated texts
+beside their references). Running the same command again on
 the same workdir resumes from the latest checkpoint: parameters, optimizer state, step, data
 position and early-stopping counters are restored, so the run ends exactly as an uninterrupted one.
 """
@@ -18,30 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from pifi_jax import data, parallel, peft
-from pifi_jax.hub import from_pretrained, resolve_checkpoint
+from pifi_jax.hub import resolve_checkpoint
+from pifi_jax.hub.pretrained import open_checkpoint
 from pifi_jax.layers import set_attention_implementation
-from pifi_jax.models import registry
-from pifi_jax.train import checkpoint, metrics, optim, partition
+from pifi_jax.train import checkpoint, objectives, optim, partition
+from pifi_jax.train.builders import BuiltModel, dtype_of, get_builder
 from pifi_jax.train.step import TrainState, make_eval_step, make_train_step
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-
-def _dtype(name: str):
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def load_splits(config, tokenizer, task) -> dict[str, data.Encoded]:
-    """Encoded train/validation/test splits (those the task defines), capped by data.max_examples."""
+def load_splits(config, tokenizer, task, layout: str = "classification") -> dict[str, data.Encoded]:
+    """Encoded train/validation/test splits (those the task defines), capped by data.max_examples,
+    in the objective's `layout` (pifi_jax.data.tokenize)."""
     cfg = config.data
     out = {}
     files = {split: path for split, path in cfg.data_files.items() if path}
@@ -59,11 +54,22 @@ def load_splits(config, tokenizer, task) -> dict[str, data.Encoded]:
             seed=cfg.split_seed,
         )
         if cfg.max_examples:
-            n = min(cfg.max_examples, len(examples))
-            examples = data.Examples(
-                tuple(t[:n] for t in examples.texts), examples.labels[:n], examples.origin
+            examples = examples.head(min(cfg.max_examples, len(examples)))
+        if layout == "classification":
+            out[split] = data.encode(tokenizer, examples, cfg.max_length)
+        else:
+            prompt = cfg.get("prompt", "") or (
+                task.causal_prompt if layout == "causal_lm" else task.prompt
             )
-        out[split] = data.encode(tokenizer, examples, cfg.max_length)
+            out[split] = data.encode_generation(
+                tokenizer,
+                examples,
+                layout=layout,
+                prompt=prompt,
+                max_length=cfg.max_length,
+                max_target_length=cfg.max_target_length,
+                target_column=column_map.get(task.target_column, task.target_column),
+            )
     if "train" not in out:
         raise ValueError(f"task {task.name!r} has no train split with data.source={cfg.source!r}")
     return out
@@ -129,25 +135,33 @@ def _global(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def evaluate(eval_step, state, batcher: data.Batcher, sharding, metric_names) -> dict[str, float]:
-    preds, labels, weights = [], [], []
-    for batch in batcher.batches(0):
-        global_batch = _global(batch, sharding)
-        p, y, w = eval_step(state, global_batch)
-        preds.append(np.asarray(p))
-        labels.append(np.asarray(y))
-        weights.append(np.asarray(w))
-    return metrics.compute_metrics(
-        metric_names, np.concatenate(preds), np.concatenate(labels), np.concatenate(weights)
+def evaluate(run: Run, state, split: str, progress: bool = False) -> dict[str, float]:
+    """The objective's metrics of `state` on one evaluation split (all of it, in order)."""
+    return run.objective.score(
+        predict_split(run, state, split, progress), run.eval_batches[split].encoded
     )
+
+
+def predict_split(run: Run, state, split: str, progress: bool = False) -> dict[str, np.ndarray]:
+    """The objective's outputs (predict) over one whole evaluation split, rows in order."""
+    batcher = run.eval_batches[split]
+    outputs: dict[str, list] = {}
+    batches = batcher.batches(0)
+    if progress:
+        batches = tqdm(batches, total=batcher.num_batches(), desc=split, leave=False)
+    for batch in batches:
+        for key, value in run.eval_step(state, _global(batch, run.batch_sharding)).items():
+            outputs.setdefault(key, []).append(np.asarray(value))
+    return {key: np.concatenate(values) for key, values in outputs.items()}
 
 
 @dataclasses.dataclass
 class Run:
     """The pieces of a run that training and evaluation share (see setup_run)."""
 
-    task: data.TaskSpec
-    method: Any
+    task: Any  # data.TaskSpec | data.GenerationTask
+    objective: Any  # train.objectives
+    built: BuiltModel
     module: Any
     state: TrainState
     batch_sharding: Any
@@ -162,16 +176,13 @@ class Run:
     total_steps: int
     trainable_params: int
     total_params: int
+    progress: bool = False
 
 
 def default_workdir(config) -> str:
-    """runs/<task>_<model name>: the same command always finds (and resumes) the same run."""
-    if "pifi" in config:
-        from pifi_jax.pifi.run import run_name
-
-        return str(Path("runs") / run_name(config))
-    model = Path(str(config.model.path).rstrip("/")).name.replace("asset:", "")
-    return str(Path("runs") / f"{config.task}_{model}")
+    """runs/<name>, the name given by the config's model builder (pretrained: <task>_<model>):
+    the same command always finds (and resumes) the same run."""
+    return str(Path("runs") / get_builder(config.get("builder", "pretrained")).run_name(config))
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Run:
@@ -189,10 +200,16 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
 
     task = data.get_task(config.task)
     model_dir = resolve_checkpoint(config.model.path)
+    _, hf_config = open_checkpoint(model_dir)
+    objective_cls = objectives.objective_class(config.get("objective", "auto"), task, hf_config)
     tokenizer = data.load_tokenizer(str(config.model.tokenizer or model_dir))
-    splits = load_splits(config, tokenizer, task)
+    splits = load_splits(config, tokenizer, task, objective_cls.layout)
     tc = config.train
-    batcher_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batcher_kw = dict(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        target_buckets=tuple(config.data.get("target_buckets", ())),
+    )
     buckets = tuple(config.data.buckets)
     train_batches = data.Batcher(
         splits["train"],
@@ -203,6 +220,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
         drop_remainder=True,
         **batcher_kw,
     )
+    # Generative objectives evaluate by generating: their evaluation batches hold inputs only.
+    generates = objective_cls.layout != "classification"
     eval_batches = {
         name: data.Batcher(
             enc,
@@ -211,6 +230,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
             shuffle=False,
             seed=0,
             drop_remainder=False,
+            generate=generates,
             **batcher_kw,
         )
         for name, enc in splits.items()
@@ -223,69 +243,43 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, global batch {tc.batch_size}, mesh {dict(mesh.shape)}"
     )
 
-    method = peft.config.from_flat_config(config.peft)
-    if "pifi" in config:
-        # PiFi (configs/pifi.py): SLM + frozen LLM layer + head; the layer's provenance is
-        # recorded in (and checked against) the run directory.
-        from pifi_jax.pifi.run import build_for_run
-
-        module, params = build_for_run(
-            config, model_dir, task, workdir, mesh=mesh, logical_axis_rules=rules, log=log
-        )
-        param_axes = module.param_axes
-    else:
-        module, params = from_pretrained(
-            model_dir,
-            task="classification",
-            num_labels=task.num_labels,
-            dtype=_dtype(config.model.dtype),
-            mesh=mesh,
-            logical_axis_rules=rules,
-            seed=config.seed,
-            peft=method if method.method != "full" else None,
-            log=log,
-        )
-        param_axes = registry.family_for(module.config.model_type).PARAM_AXES
-    param_sh = parallel.param_shardings(partition.flatten(params), param_axes, mesh, rules)
-    if method.method == "full":
+    builder = get_builder(config.get("builder", "pretrained"))
+    built = builder.build(
+        config,
+        model_dir,
+        objective_cls.model_task,
+        task,
+        workdir,
+        mesh=mesh,
+        logical_axis_rules=rules,
+        log=log,
+    )
+    module, params = built.module, built.params
+    objective = objectives.make_objective(config, task, module, tokenizer, hf_config)
+    log(f"objective: {objective.name}")
+    param_sh = parallel.param_shardings(partition.flatten(params), built.param_axes, mesh, rules)
+    trainable_rules = built.trainable_rules
+    if trainable_rules is None:
         trainable_rules = [tuple(r) for r in tc.trainable_rules]
-    elif "pifi" in config:
-        # PiFi with a PEFT SLM: the method's leaves, W_in, W_out and the head train.
-        trainable_rules = module.trainable_rules(params)
-        log(f"PEFT method on the SLM: {method}")
-    else:
-        trainable_rules = peft.trainable_rules(module, params)
-        log(f"PEFT method: {method}")
     log(partition.partition_table(params, trainable_rules))
     trainable, frozen = partition.split_params(params, trainable_rules)
     if config.model.frozen_dtype:
-        frozen = jax.tree.map(lambda x: x.astype(_dtype(config.model.frozen_dtype)), frozen)
+        frozen = jax.tree.map(lambda x: x.astype(dtype_of(config.model.frozen_dtype)), frozen)
 
     optimizer = optim.make_optimizer(config.optim, trainable, total_steps)
     schedule = optim.schedule_from_config(config.optim, total_steps)
     state = TrainState.create(trainable, frozen, optimizer)
     state_sh = _state_shardings(state, optimizer, param_sh, mesh)
     state = jax.device_put(state, state_sh)
-    num_labels = task.num_labels
 
     train_step = jax.jit(
-        make_train_step(
-            module,
-            optimizer,
-            num_labels=num_labels,
-            label_smoothing=tc.label_smoothing,
-            accum_steps=tc.grad_accum_steps,
-            schedule=schedule,
-        ),
+        make_train_step(objective, optimizer, accum_steps=tc.grad_accum_steps, schedule=schedule),
         in_shardings=(state_sh, batch_sh, repl),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
     )
-    predict = make_eval_step(module, num_labels)
     eval_step = jax.jit(
-        lambda s, b: (predict(s, b), b["labels"], b["weights"]),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=repl,
+        make_eval_step(objective), in_shardings=(state_sh, batch_sh), out_shardings=repl
     )
 
     best_key = f"validation/{tc.best_metric or task.primary_metric}"
@@ -297,7 +291,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     )
     return Run(
         task=task,
-        method=method,
+        objective=objective,
+        built=built,
         module=module,
         state=state,
         batch_sharding=batch_sh,
@@ -312,6 +307,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
         total_steps=total_steps,
         trainable_params=sum(x.size for x in jax.tree.leaves(trainable)),
         total_params=sum(x.size for x in jax.tree.leaves(params)),
+        progress=bool(tc.progress_bar) and jax.process_index() == 0,
     )
 
 
@@ -335,8 +331,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
         raise FileNotFoundError(f"no best checkpoint under {Path(workdir) / 'checkpoints'}")
     state = run.state.replace(params=params)
     results: dict[str, float] = {}
-    for name, batcher in run.eval_batches.items():
-        scores = evaluate(run.eval_step, state, batcher, run.batch_sharding, run.task.metrics)
+    for name in run.eval_batches:
+        scores = evaluate(run, state, name)
         results.update({f"{name}/{k}": v for k, v in scores.items()})
     run.checkpointer.close()
     return results
@@ -351,16 +347,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     run = setup_run(config, workdir, log)  # refuses a run directory it must not resume first
     if lead:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    task, method, module, state = run.task, run.method, run.module, run.state
+    state = run.state
     batch_sh, repl, tc = run.batch_sharding, run.replicated, config.train
     train_batches, eval_batches = run.train_batches, run.eval_batches
-    train_step, eval_step, ckpt, best_key = (
-        run.train_step,
-        run.eval_step,
-        run.checkpointer,
-        run.best_key,
-    )
-    steps_per_epoch, total_steps, num_labels = run.steps_per_epoch, run.total_steps, task.num_labels
+    train_step, ckpt, best_key = run.train_step, run.checkpointer, run.best_key
+    steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     # Replicated over the mesh: orbax cannot save a process-local array in a multi-process run.
     base_rng = jax.device_put(jax.random.PRNGKey(config.seed), repl)
     position = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0}
@@ -418,16 +409,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 values = {f"train/{k}": float(v) for k, v in step_metrics.items()}
                 writer.write(step, values)
                 shown = {"loss": f"{values['train/loss']:.4f}"}
-                if num_labels > 1:
+                if "train/accuracy" in values:
                     shown["acc"] = f"{values['train/accuracy']:.3f}"
                 bar.set_postfix(shown)
             bar.update(1)
             evaluated = False
             if "validation" in eval_batches and (step % eval_every == 0 or step == total_steps):
                 evaluated = True
-                scores = evaluate(
-                    eval_step, state, eval_batches["validation"], batch_sh, task.metrics
-                )
+                scores = evaluate(run, state, "validation", run.progress)
                 scores = {f"validation/{k}": v for k, v in scores.items()}
                 writer.write(step, scores)
                 value = scores[best_key]
@@ -467,28 +456,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if step > first_step:
         results["steps_per_second"] = round((step - first_step) / elapsed, 3)
     for name, batcher in eval_batches.items():
-        for k, v in evaluate(eval_step, state, batcher, batch_sh, task.metrics).items():
+        outputs = predict_split(run, state, name, run.progress)
+        for k, v in run.objective.score(outputs, batcher.encoded).items():
             results[f"{name}/{k}"] = v
+        if lead:  # what the best checkpoint predicts, example by example
+            records = run.objective.records(outputs, batcher.encoded)
+            with open(workdir / f"predictions_{name}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     writer.write(step, {f"final/{k}": v for k, v in results.items() if "/" in k})
     writer.close()
     ckpt.close()
     if lead:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    if method.method != "full" and lead:
-        # The best adapter alone, in Hugging Face PEFT's format where PEFT has one (PiFi: the
-        # SLM's adapter, with W_in, W_out and the head beside it).
-        peft_model = module.encoder if "pifi" in config else module
-        refusal = peft.hf_refusal(peft_model)
+    built = run.built
+    if built.save_adapter is not None and lead:
+        # The best adapter alone, in Hugging Face PEFT's format where PEFT has one.
+        refusal = peft.hf_refusal(built.peft_module)
         fmt = "native" if refusal else "peft"
         if refusal:
             log(f"adapter saved in pifi_jax's native format: {refusal}")
-        full = partition.merge_params(state.params, state.frozen)
-        if "pifi" in config:
-            from pifi_jax.pifi.run import save_adapter
-
-            save_adapter(module, full, workdir / "adapter", format=fmt)
-        else:
-            peft.save_adapter(module, full, workdir / "adapter", format=fmt)
+        built.save_adapter(
+            partition.merge_params(state.params, state.frozen), workdir / "adapter", fmt
+        )
         log(f"adapter ({fmt} format): {workdir / 'adapter'}")
     log(
         "best checkpoint: "

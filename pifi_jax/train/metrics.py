@@ -52,6 +52,46 @@ def cross_entropy_loss(
     return _weighted_mean(per_row, weights.astype(jnp.float32))
 
 
+def token_cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(weighted sum of the token negative log-likelihoods, weight sum) over any leading shape.
+
+    logits: [..., vocab] (any float dtype; reduced in float32); targets (int), weights: [...].
+    The target logit is picked with a gather and normalised with logsumexp, so no one-hot
+    [..., vocab] tensor is built (forward or backward: the gather's gradient is a scatter-add),
+    which matters for vocabularies of 32k-262k tokens. A sum, not a mean, so that micro-batches
+    and data shards add up exactly; divide by the weight sum for the mean.
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # logsumexp with the max held constant: its gradient is then the softmax alone, without the
+    # [..., vocab] argmax mask that differentiating through the max would build.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [..., 1]
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
+    nll = log_normaliser - picked  # [...]
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def next_token_loss(
+    logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Causal-LM loss with the shift: position t predicts token t + 1, counted where
+    `loss_mask[:, t + 1]` is 1 (e.g. the answer tokens only; prompt and padding 0).
+
+    logits: [batch, length, vocab]; input_ids, loss_mask: [batch, length].
+    Returns (sum of the NLLs, number of counted tokens), as token_cross_entropy.
+    """
+    return token_cross_entropy(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
+
+
+def mean_next_token_loss(logits, input_ids, loss_mask) -> jax.Array:
+    """The mean of next_token_loss over the counted tokens (0 when none is counted)."""
+    total, count = next_token_loss(logits, input_ids, loss_mask)
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
+
+
 def mse_loss(preds: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
     """Weighted mean squared error; ``preds`` may carry a regression head's trailing axis of 1."""
     if preds.ndim == labels.ndim + 1 and preds.shape[-1] == 1:

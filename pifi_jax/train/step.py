@@ -1,4 +1,4 @@
-"""The train state and the pure train / eval steps.
+"""The train state and the pure train / eval steps of any objective (train/objectives.py).
 
 `train_step(state, batch, rng) -> (state, metrics)` differentiates only with respect to the
 trainable tree (`state.params`); the frozen tree (`state.frozen`) rides along unchanged, so it gets
@@ -12,15 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from pifi_jax.train.metrics import cross_entropy_loss, mse_loss
 from pifi_jax.train.partition import merge_params
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @flax.struct.dataclass
@@ -35,71 +31,55 @@ class TrainState:
         return cls(jnp.zeros((), jnp.int32), params, frozen, optimizer.init(params))
 
 
-def _loss(module: nn.Module, num_labels: int, label_smoothing: float):
-    def loss_fn(params, frozen, batch, rng):
-        variables = {"params": merge_params(params, frozen)}
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        logits = module.apply(variables, **inputs, deterministic=False, rngs={"dropout": rng})
-        weights = batch["weights"]
-        if num_labels == 1:
-            loss = mse_loss(logits[:, 0], batch["labels"], weights)
-            correct = jnp.zeros(())
-        else:
-            labels = batch["labels"].astype(jnp.int32)
-            loss = cross_entropy_loss(logits, labels, weights, label_smoothing, num_labels)
-            correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
-        return loss, correct
-
-    return loss_fn
-
-
 def make_train_step(
-    module: nn.Module,
+    objective,
     optimizer: optax.GradientTransformation,
     *,
-    num_labels: int,
-    label_smoothing: float = 0.0,
     accum_steps: int = 1,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
 ):
-    """Returns train_step(state, batch, rng) -> (state, metrics); jit it with shardings."""
-    grad_fn = jax.value_and_grad(_loss(module, num_labels, label_smoothing), has_aux=True)
+    """Returns train_step(state, batch, rng) -> (state, metrics); jit it with shardings.
+
+    objective: anything with `loss_fn(trainable, frozen, batch, rng) -> (mean loss, aux)`, aux a
+    dict of batch sums holding "weight" (pifi_jax.train.objectives). metrics: "loss" (the mean
+    over the whole batch's weight), "grad_norm", every other aux sum divided by the weight
+    (e.g. "accuracy"), and "lr" when a schedule is given.
+    """
+    grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         if accum_steps == 1:
-            (loss, correct), grads = grad_fn(state.params, state.frozen, batch, rng)
-            weight = jnp.sum(batch["weights"])
+            (loss, aux), grads = grad_fn(state.params, state.frozen, batch, rng)
         else:
-            # [accum * micro, ...] -> [accum, micro, ...]; each micro-batch loss is a weighted mean,
-            # so re-weight by its weight sum to get the mean over the whole batch.
+            # [accum * micro, ...] -> [accum, micro, ...]; each micro-batch loss is a mean over
+            # its weight, so re-weight by that weight to get the mean over the whole batch.
             micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
             def body(carry, xs):
                 mb, i = xs
-                (mb_loss, c), g = grad_fn(
+                (mb_loss, mb_aux), g = grad_fn(
                     state.params, state.frozen, mb, jax.random.fold_in(rng, i)
                 )
-                w = jnp.sum(mb["weights"])
-                acc_g, acc_l, acc_c, acc_w = carry
+                w = mb_aux["weight"]
+                acc_g, acc_l, acc_aux = carry
                 acc_g = jax.tree.map(lambda a, b: a + b * w, acc_g, g)
-                return (acc_g, acc_l + mb_loss * w, acc_c + c, acc_w + w), None
+                acc_aux = jax.tree.map(jnp.add, acc_aux, mb_aux)
+                return (acc_g, acc_l + mb_loss * w, acc_aux), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-            (grads, loss, correct, weight), _ = jax.lax.scan(
-                body, init, (micro, jnp.arange(accum_steps))
-            )
-            denom = jnp.maximum(weight, 1.0)
+            _, aux_shape = jax.eval_shape(grad_fn, state.params, state.frozen, batch, rng)[0]
+            aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+            init = (zeros, jnp.zeros(()), aux_zeros)
+            (grads, loss, aux), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum_steps)))
+            denom = jnp.maximum(aux["weight"], 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = loss / denom
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "accuracy": correct / jnp.maximum(weight, 1.0),
-        }
+        weight = jnp.maximum(aux["weight"], 1.0)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics.update({k: v / weight for k, v in aux.items() if k != "weight"})
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -108,13 +88,11 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(module: nn.Module, num_labels: int):
-    """Returns eval_step(state, batch) -> predictions (class ids, or scores for regression)."""
+def make_eval_step(objective):
+    """Returns eval_step(state, batch) -> the objective's per-row outputs (class ids, scores or
+    generated tokens, with what scoring needs beside them); jit it with shardings."""
 
     def eval_step(state: TrainState, batch: dict):
-        variables = {"params": merge_params(state.params, state.frozen)}
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        logits = module.apply(variables, **inputs, deterministic=True)
-        return logits[:, 0] if num_labels == 1 else jnp.argmax(logits, -1)
+        return objective.predict(merge_params(state.params, state.frozen), batch)
 
     return eval_step
