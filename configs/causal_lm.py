@@ -65,8 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Format of the prompt over {source}; empty = the task's `causal_prompt`.
     config.data.prompt = ""
 
+    # Decoding of the evaluation: max_new_tokens, greedy | beam, num_beams, length_penalty.
     config.generation = generation_section(max_new_tokens=32)
 
+    # Global batch sizes of training and of evaluation (generation).
     config.train.batch_size = 8
     config.train.eval_batch_size = 16
     # Label smoothing is for classification.
@@ -74,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every_steps = 0
     config.train.log_every_steps = 5
 
+    # Peak learning rate and warm-up share (LoRA takes a larger rate than full fine-tuning).
     config.optim.lr = 2e-4
     config.optim.warmup_ratio = 0.06
     # No weight decay on biases and norm scales (Llama: input_layernorm, model/norm, ...).
@@ -91,12 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def apply_runlocal(config) -> None:
     """A few steps on a few examples; the tests point model.path at tiny models."""
+    # Tiny everything: a few examples, short sequences, a few steps, no progress bar.
     config.data.max_examples = 24
     config.data.max_length = 24
     config.data.max_target_length = 8
     config.data.buckets = (16, 32)
-    if "target_buckets" in config.data:  # encoder-decoders (configs/seq2seq.py)
-        config.data.target_buckets = (8,)
     config.generation.max_new_tokens = 4
     config.train.batch_size = 4
     config.train.eval_batch_size = 8
@@ -104,3 +106,6 @@ def apply_runlocal(config) -> None:
     config.train.eval_every_steps = 2
     config.train.checkpoint_every_steps = 1
     config.train.progress_bar = False
+    if "target_buckets" in config.data:
+        # Encoder-decoders (configs/seq2seq.py): target lengths of their own.
+        config.data.target_buckets = (8,)

@@ -46,8 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Format of the encoder input over {source}; empty = the task's `prompt`.
     config.data.prompt = ""
 
+    # Decoding of the evaluation: max_new_tokens, greedy | beam, num_beams, length_penalty.
     config.generation = generation_section(max_new_tokens=32)
 
+    # Global batch sizes of training and of evaluation (generation).
     config.train.batch_size = 8
     config.train.eval_batch_size = 16
     # Label smoothing is for classification.
@@ -55,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every_steps = 0
     config.train.log_every_steps = 5
 
+    # Peak learning rate and warm-up share (LoRA takes a larger rate than full fine-tuning).
     config.optim.lr = 3e-4
     config.optim.warmup_ratio = 0.06
     # No weight decay on biases and norm scales (T5: layer_norm, final_layer_norm; BART too).

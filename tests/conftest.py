@@ -113,10 +113,10 @@ def write_tiny_encoder(directory: Path, family: str = "bert", seed: int = 0) -> 
 DECODER_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
-def tiny_word_tokenizer(directory: Path, *, bos: bool = False):
+def tiny_word_tokenizer(directory: Path, *, bos: bool = False, eos: bool = False):
     """A whitespace word-level fast tokenizer over DECODER_SPECIAL + the tiny task words, saved in
     `directory`: pad 0, unk 1, bos 2, eos 3. With `bos` it puts <s> in front of every text (as
-    Llama's tokenizer does); without, it adds nothing (as GPT-2's)."""
+    Llama's tokenizer does); with `eos` </s> behind it (as T5's); else it adds nothing (GPT-2)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -127,6 +127,10 @@ def tiny_word_tokenizer(directory: Path, *, bos: bool = False):
     if bos:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    elif eos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", vocab["</s>"])]
         )
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -171,6 +175,33 @@ def write_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0) ->
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(**common, **extra)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_seq2seq(directory: Path, family: str = "t5", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random encoder-decoder ("t5" or "bart") with the tiny word-level
+    tokenizer (eos behind every text), saved as a Hugging Face checkpoint. No dropout, so a
+    training loss equals the reference model's in eval mode."""
+    import torch
+    import transformers
+
+    directory = Path(directory)
+    fast = tiny_word_tokenizer(directory, eos=True)
+    common = dict(vocab_size=len(fast), pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    if family == "t5":
+        config = transformers.T5Config(
+            **common, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        )  # fmt: skip
+    else:
+        common.update(decoder_start_token_id=3, bos_token_id=2, forced_eos_token_id=None)
+        config = transformers.BartConfig(
+            **common, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        )  # fmt: skip
+    torch.manual_seed(seed)
+    transformers.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(directory)
     return directory
 
 
@@ -230,6 +261,11 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return write_tiny_decoder(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    return write_tiny_seq2seq(tmp_path_factory.mktemp("tiny_t5"), "t5")
 
 
 @pytest.fixture(scope="session")

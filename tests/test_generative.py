@@ -115,9 +115,7 @@ def test_token_cross_entropy_builds_no_one_hot():
 
     ours = compiled(lambda lg: token_cross_entropy(lg, targets, weights)[0])
     assert mask_shape not in ours
-    one_hot = compiled(
-        lambda lg: -jnp.sum(jax.nn.one_hot(targets, vocab) * jax.nn.log_softmax(lg))
-    )
+    one_hot = compiled(lambda lg: -jnp.sum(jax.nn.one_hot(targets, vocab) * jax.nn.log_softmax(lg)))
     assert mask_shape in one_hot  # the check sees a one-hot when there is one
     # ...and it is the cross-entropy: log(vocab) for uniform logits.
     total, count = token_cross_entropy(logits, targets, weights)
@@ -237,3 +235,43 @@ def test_causal_lm_resume_equals_uninterrupted_run(
     assert losses("a") == losses("b") and len(losses("a")) == 4
     for key in ("validation/rougeL", "test/rougeL", "test/bleu"):
         assert resumed[key] == whole[key]
+
+
+def test_seq2seq_loss_matches_transformers_with_padding_ignored(tiny_t5_dir):
+    """The seq2seq objective (targets shifted right behind the decoder start token, padding
+    ignored) equals transformers' T5ForConditionalGeneration loss with -100 on padded labels."""
+    from pifi_jax.train import Seq2Seq
+
+    module, params = pifi_jax.from_pretrained(tiny_t5_dir, task="seq2seq", log=_quiet)
+    tok = data.load_tokenizer(str(tiny_t5_dir))
+    examples = data.Examples(
+        (["the movie was good", "a dull plot"],), None, "test", targets=["positive the", "negative"]
+    )
+    enc = data.encode_generation(
+        tok,
+        examples,
+        layout="seq2seq",
+        prompt="summary : {source}",
+        max_length=12,
+        max_target_length=6,
+    )
+    assert enc.target_ids[1].tolist()[-1] == tok.eos_token_id
+    batch = next(
+        data.Batcher(
+            enc, 2, (8,), shuffle=False, seed=0, drop_remainder=False, target_buckets=(4, 6)
+        ).batches(0)
+    )
+    assert batch["target_ids"].shape == (2, 4) and batch["target_mask"].sum() == 5
+    trainable, frozen = split_params(params, [(".*", "trainable")])
+    loss, aux = Seq2Seq(module, tok).loss_fn(trainable, frozen, batch, jax.random.key(0))
+
+    reference = transformers.AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
+    labels = np.where(batch["target_mask"] == 1, batch["target_ids"], -100)
+    with torch.no_grad():
+        out = reference(
+            input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.as_tensor(batch["attention_mask"], dtype=torch.long),
+            labels=torch.as_tensor(labels, dtype=torch.long),
+        )
+    np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-5)
+    assert int(aux["weight"]) == 5

@@ -30,9 +30,10 @@ Calls (`module.apply({"params": p}, ...)`, always through `__call__`, so PEFT wr
 Initialising needs decoder inputs (`module.init(rng, ids, None, ids)`), or the decoder's leaves
 are not made: hub.pretrained and peft.wrap pass them to encoder-decoders.
 
-PEFT: every projection is a layers.Linear (LoRA, DoRA, IA3); bottleneck adapters follow
-self_attn.out_proj (and encoder_attn.out_proj if targeted) and fc2. Prefix and prompt tuning are
-not supported (refused by peft.prefix / peft.prompt).
+PEFT: every projection is a layers.Linear (LoRA, DoRA, IA3; Hugging Face PEFT's defaults
+target the q_proj / v_proj of all three kinds of attention); bottleneck adapters follow each
+attention's out_proj and fc2 (Houlsby) or fc2 alone (Pfeiffer). Prefix and prompt tuning are not
+supported (refused by peft.prefix / peft.prompt).
 """
 
 from __future__ import annotations
