@@ -65,6 +65,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Format of the prompt over {source}; empty = the task's `causal_prompt`.
     config.data.prompt = ""
 
+    generative_defaults(config, lr=2e-4)
+
+    if args.get("runlocal"):
+        apply_runlocal(config)
+    return config
+
+
+def generative_defaults(config, lr: float) -> None:
+    """What configs/causal_lm.py and configs/seq2seq.py share: decoding, batch sizes, the
+    optimiser and LoRA r 8 / alpha 16."""
     # Decoding of the evaluation: max_new_tokens, greedy | beam, num_beams, length_penalty.
     config.generation = generation_section(max_new_tokens=32)
 
@@ -77,19 +87,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every_steps = 5
 
     # Peak learning rate and warm-up share (LoRA takes a larger rate than full fine-tuning).
-    config.optim.lr = 2e-4
+    config.optim.lr = lr
     config.optim.warmup_ratio = 0.06
-    # No weight decay on biases and norm scales (Llama: input_layernorm, model/norm, ...).
+    # No weight decay on biases and norm scales (Llama input_layernorm, T5 layer_norm...).
     config.optim.no_decay = ("bias$", "norm")
 
-    # LoRA r 8, alpha 16 on the architecture's Hugging Face PEFT default targets (llama: q, v).
+    # LoRA r 8, alpha 16 on the architecture's Hugging Face PEFT default targets (llama: q, v; t5: q, v).
     config.peft.method = "lora"
     config.peft.r = 8
     config.peft.lora_alpha = 16.0
-
-    if args.get("runlocal"):
-        apply_runlocal(config)
-    return config
 
 
 def apply_runlocal(config) -> None:

@@ -21,7 +21,7 @@ configs/classify.py's.
 
 import ml_collections
 
-from configs.causal_lm import DEFAULT_TASK, apply_runlocal, generation_section
+from configs.causal_lm import DEFAULT_TASK, apply_runlocal, generative_defaults
 from configs.classify import _parse
 from configs.classify import get_config as classify_config
 
@@ -46,27 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Format of the encoder input over {source}; empty = the task's `prompt`.
     config.data.prompt = ""
 
-    # Decoding of the evaluation: max_new_tokens, greedy | beam, num_beams, length_penalty.
-    config.generation = generation_section(max_new_tokens=32)
-
-    # Global batch sizes of training and of evaluation (generation).
-    config.train.batch_size = 8
-    config.train.eval_batch_size = 16
-    # Label smoothing is for classification.
-    config.train.label_smoothing = 0.0
-    config.train.eval_every_steps = 0
-    config.train.log_every_steps = 5
-
-    # Peak learning rate and warm-up share (LoRA takes a larger rate than full fine-tuning).
-    config.optim.lr = 3e-4
-    config.optim.warmup_ratio = 0.06
-    # No weight decay on biases and norm scales (T5: layer_norm, final_layer_norm; BART too).
-    config.optim.no_decay = ("bias$", "norm")
-
-    # LoRA r 8, alpha 16 on the architecture's Hugging Face PEFT default targets (t5: q, v).
-    config.peft.method = "lora"
-    config.peft.r = 8
-    config.peft.lora_alpha = 16.0
+    generative_defaults(config, lr=3e-4)
 
     if args.get("runlocal"):
         apply_runlocal(config)

@@ -187,8 +187,8 @@ def test_config_is_strict():
 def hf_generate(model, ids, mask, **kw) -> np.ndarray:
     """transformers' new tokens (start token dropped), padded to NEW with PAD."""
     with torch.no_grad():
-        out = model.generate(
-            torch.as_tensor(ids, dtype=torch.long),
+        out = model.generate(  # keywords only: PEFT's seq2seq model takes no positional input
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
             attention_mask=torch.as_tensor(mask, dtype=torch.long),
             max_new_tokens=NEW,
             do_sample=False,

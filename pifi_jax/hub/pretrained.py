@@ -157,7 +157,8 @@ def from_pretrained(
 def save_pretrained(module: nn.Module, params: dict, directory: str | os.PathLike) -> Path:
     """Writes config.json + model.safetensors that transformers loads into the matching class.
 
-    A classification model becomes `<Family>ForSequenceClassification`, an encoder `<Family>Model`.
+    A classification model becomes `<Family>ForSequenceClassification`, an encoder `<Family>Model`,
+    a seq2seq model `<Family>ForConditionalGeneration`.
     """
     from safetensors.numpy import save_file
 

@@ -71,29 +71,6 @@ from pifi_jax.models import config_utils
 
 MODEL_TYPES = ("t5", "mt5")
 
-_FIELDS = frozenset(
-    {
-        "model_type",
-        "vocab_size",
-        "d_model",
-        "d_kv",
-        "d_ff",
-        "num_decoder_layers",
-        "num_heads",
-        "relative_attention_num_buckets",
-        "relative_attention_max_distance",
-        "dropout_rate",
-        "layer_norm_epsilon",
-        "feed_forward_proj",
-        "dense_act_fn",
-        "is_gated_act",
-        "tie_word_embeddings",
-        "scale_decoder_outputs",
-        "pad_token_id",
-        "eos_token_id",
-        "decoder_start_token_id",
-    }
-)
 # Initialisation, training and generation switches, and heads this module does not build.
 _IGNORED_FIELDS = frozenset(
     {
@@ -166,7 +143,7 @@ class T5Config:
         if model_type == "mt5":  # transformers' MT5 never scales (its config has no such field)
             required["scale_decoder_outputs"] = False
         kwargs = config_utils.select_fields(
-            hf, _FIELDS, _IGNORED_FIELDS, required, family=model_type
+            hf, _hf_fields(), _IGNORED_FIELDS, required, family=model_type
         )
         if encoder_layers is not None:
             kwargs["num_encoder_layers"] = encoder_layers
@@ -175,7 +152,7 @@ class T5Config:
         return cls(**kwargs)
 
     def to_hf_config(self) -> dict[str, Any]:
-        out = {f: getattr(self, f) for f in sorted(_FIELDS)}
+        out = {f: getattr(self, f) for f in sorted(_hf_fields())}
         out["num_layers"] = self.num_encoder_layers
         if isinstance(self.eos_token_id, tuple):
             out["eos_token_id"] = list(self.eos_token_id)
@@ -194,6 +171,11 @@ class T5Config:
     @property
     def head_dim(self) -> int:
         return self.d_kv
+
+
+def _hf_fields() -> set[str]:
+    """The config fields that a Hugging Face config spells the same way."""
+    return {f.name for f in dataclasses.fields(T5Config)} - {"num_encoder_layers"}
 
 
 def relative_position_bucket(

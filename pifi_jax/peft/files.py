@@ -58,6 +58,7 @@ _TASK_TYPES = {
     "classification": "SEQ_CLS",
     "encoder": "FEATURE_EXTRACTION",
     "causal_lm": "CAUSAL_LM",
+    "seq2seq": "SEQ_2_SEQ_LM",
 }
 
 
