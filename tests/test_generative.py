@@ -275,3 +275,29 @@ def test_seq2seq_loss_matches_transformers_with_padding_ignored(tiny_t5_dir):
         )
     np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-5)
     assert int(aux["weight"]) == 5
+
+
+def test_best_checkpoint_is_chosen_by_a_generation_metric_and_reevaluated(
+    tmp_path, tiny_llama_dir, tiny_pair_files
+):
+    """Evaluated after every step, the run keeps the checkpoint with the best validation rougeL
+    (the task's primary metric), and `evaluate_run` (launch/eval.py) scores that checkpoint again
+    to the same numbers."""
+    from pifi_jax.train import evaluate_run
+
+    extra = [
+        "--config.train.num_steps=4",
+        "--config.train.eval_every_steps=1",
+        "--config.peft.method=full",
+        "--config.optim.lr=0.02",
+        "--config.optim.warmup_ratio=0",
+    ]
+    config = _causal_config(tiny_llama_dir, tiny_pair_files, extra)
+    results = train_and_evaluate(config, tmp_path / "run")
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    scores = [x["validation/rougeL"] for x in lines if "validation/rougeL" in x]
+    assert len(scores) == 4 and len(set(scores)) > 1, scores  # the choice is not trivial
+    assert results["validation/rougeL"] == max(scores)
+    again = evaluate_run(config, tmp_path / "run")
+    for key in ("validation/rougeL", "test/rouge1", "test/bleu"):
+        assert again[key] == results[key]

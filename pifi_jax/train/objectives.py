@@ -149,10 +149,13 @@ class Generation:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
+        """Where generation stops: the model config's eos ids and the tokenizer's (the token
+        the targets were closed with, see data.encode_generation)."""
         eos = self.module.config.eos_token_id
-        if eos is None:
-            return ()
-        return (int(eos),) if np.ndim(eos) == 0 else tuple(int(e) for e in eos)
+        ids = [] if eos is None else [int(e) for e in np.atleast_1d(eos)]
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return tuple(dict.fromkeys(ids))
 
     def _generate(self, params, input_ids, attention_mask):
         from pifi_jax.generate import generate  # noqa: PLC0415 (generate imports models)
@@ -164,6 +167,7 @@ class Generation:
             attention_mask,
             max_new_tokens=self.max_new_tokens,
             method=self.method,
+            eos_token_id=self.eos_ids,
             num_beams=self.num_beams,
             length_penalty=self.length_penalty,
         )
