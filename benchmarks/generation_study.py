@@ -28,6 +28,7 @@ Prints markdown headed by the machine, the versions and the date.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import statistics
 import sys
@@ -52,7 +53,9 @@ TRAINED = ("full", "lora", "ia3")
 SCORES = ("rouge1", "rouge2", "rougeL", "bleu")
 
 
-def method_config(name: str, train_examples: int, epochs: int, model: str):
+def method_config(name: str, train_examples: int, epochs: int, model: str, extra=()):
+    """configs/causal_lm.py with the method's overrides, then `extra` ("a.b=value" strings, as
+    the launcher's --config.a.b=value)."""
     from configs import causal_lm
 
     config = causal_lm.get_config()
@@ -60,9 +63,16 @@ def method_config(name: str, train_examples: int, epochs: int, model: str):
     config.data.max_examples = train_examples
     config.train.epochs = epochs
     config.train.progress_bar = False
-    for dotted, value in METHODS[name].items():
-        section, key = dotted.split(".")
-        config[section][key] = value
+    items = [*METHODS[name].items(), *(item.split("=", 1) for item in extra)]
+    for dotted, value in items:
+        *sections, key = dotted.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        current = node[key]
+        if isinstance(value, str) and not isinstance(current, str):
+            value = type(current)(ast.literal_eval(value))
+        node[key] = value
     return config
 
 
@@ -86,7 +96,7 @@ def quality(args) -> str:
             results = json.loads(done.read_text())
         else:
             print(f"[generation_study] training {name}", file=sys.stderr, flush=True)
-            config = method_config(name, args.train_examples, args.epochs, args.model)
+            config = method_config(name, args.train_examples, args.epochs, args.model, args.set)
             results = train_and_evaluate(config, workdir)
         kept = _dir_bytes(workdir / "adapter") if name in ("lora", "ia3") else None
         if name == "full":
@@ -105,8 +115,8 @@ def quality(args) -> str:
         "### SmolLM2-135M on sciq_question: zero-shot vs full fine-tuning vs LoRA vs IA3 (CPU)",
         "",
         *common.environment_lines(common.environment()),
-        f"- {args.train_examples} training pairs, {args.epochs} epoch(s), batch 8; greedy "
-        "generation, at most 32 new tokens; the whole validation (89) and test (89) splits",
+        f"- {args.train_examples or 'all 709'} training pairs, {args.epochs} epoch(s), batch 8; greedy "
+        "generation, at most 64 new tokens; the whole validation (89) and test (89) splits",
         "- command per row: `python -m launch.train --config=configs/causal_lm.py "
         "--workdir=... <overrides>`, overrides: "
         + "; ".join(f"{n}: `{overrides_of(n, args.train_examples, args.epochs)}`" for n in METHODS),
@@ -132,9 +142,12 @@ def _torch_model(name: str, gguf_path: Path):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
-    )
+    if gguf_path.is_dir():  # a Hugging Face checkpoint directory
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path))
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
+        )
     if name == "lora":
         config = peft.LoraConfig(
             task_type="CAUSAL_LM",
@@ -173,7 +186,7 @@ def speed(args) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for name in TRAINED:
             print(f"[generation_study] setting up {name}", file=sys.stderr, flush=True)
-            config = method_config(name, args.train_examples, 1, args.model)
+            config = method_config(name, args.train_examples, 1, args.model, args.set)
             runs[name] = setup_run(config, Path(tmp) / name, log=quiet)
             if batches is None:
                 batches = [
@@ -205,7 +218,9 @@ def speed(args) -> str:
         def torch_step(name, batch):
             model, optimizer = torch_models[name]
             ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
-            labels = torch.as_tensor(np.where(batch["loss_mask"] == 1, batch["input_ids"], -100))
+            labels = torch.as_tensor(
+                np.where(batch["loss_mask"] == 1, batch["input_ids"], -100), dtype=torch.long
+            )
             loss = model(
                 input_ids=ids,
                 attention_mask=torch.as_tensor(batch["attention_mask"], dtype=torch.long),
@@ -214,7 +229,7 @@ def speed(args) -> str:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
 
         torch_first = {n: torch_step(n, batches[0]) for n in TRAINED}
         times = {(f, n): [] for f in ("jax", "torch") for n in TRAINED}
@@ -265,7 +280,7 @@ def speed(args) -> str:
                 "pifi_jax step memory",
                 "memory / full FT",
                 "first loss pifi_jax / torch",
-                "compile s",
+                "first call s",
             ],
             rows,
             "lrrrrrrrrr",
@@ -278,11 +293,20 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("quality", "speed", "both"), default="both")
     parser.add_argument("--model", default="asset:smollm2")
-    parser.add_argument("--train-examples", type=int, default=320)
+    parser.add_argument(
+        "--train-examples", type=int, default=0, help="cap of every split (0 = all)"
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per method")
     parser.add_argument("--length", type=int, default=128, help="bucket length of the batches")
     parser.add_argument("--workdir", default="runs/generation_study")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run, e.g. data.max_length=64 (repeatable)",
+    )
     args = parser.parse_args(argv)
     parts = []
     if args.part in ("quality", "both"):

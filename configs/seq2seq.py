@@ -39,10 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Source tokens at most (the tokenizer truncates, keeping its eos).
     config.data.max_length = 256
     # Target tokens at most, eos included; a longer target is refused with its file and row.
-    config.data.max_target_length = 32
+    config.data.max_target_length = 64
     # Static lengths of the sources, and separately of the targets.
     config.data.buckets = (64, 128, 256)
-    config.data.target_buckets = (16, 32)
+    config.data.target_buckets = (16, 32, 64)
     # Format of the encoder input over {source}; empty = the task's `prompt`.
     config.data.prompt = ""
 

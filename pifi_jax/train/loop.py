@@ -266,8 +266,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     if config.model.frozen_dtype:
         frozen = jax.tree.map(lambda x: x.astype(dtype_of(config.model.frozen_dtype)), frozen)
 
-    optimizer = optim.make_optimizer(config.optim, trainable, total_steps)
-    schedule = optim.schedule_from_config(config.optim, total_steps)
+    # A run of 0 steps (train.epochs=0) only evaluates the model as loaded: the zero-shot floor.
+    optimizer = optim.make_optimizer(config.optim, trainable, max(total_steps, 1))
+    schedule = optim.schedule_from_config(config.optim, max(total_steps, 1))
     state = TrainState.create(trainable, frozen, optimizer)
     state_sh = _state_shardings(state, optimizer, param_sh, mesh)
     state = jax.device_put(state, state_sh)
