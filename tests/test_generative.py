@@ -301,3 +301,19 @@ def test_best_checkpoint_is_chosen_by_a_generation_metric_and_reevaluated(
     again = evaluate_run(config, tmp_path / "run")
     for key in ("validation/rougeL", "test/rouge1", "test/bleu"):
         assert again[key] == results[key]
+
+
+def test_sweep_runs_a_generative_config_and_plots_its_primary_metric(
+    tmp_path, tiny_llama_dir, tiny_pair_files
+):
+    """launch/sweep.py's library call on configs/causal_lm.py: one run per LoRA rank, a CSV with
+    the generation scores, and the plot of validation rougeL (the task's primary metric)."""
+    from pifi_jax.train import sweep
+
+    config = _causal_config(tiny_llama_dir, tiny_pair_files, ["--config.train.num_steps=1"])
+    rows = sweep.run_sweep(config, ["peft.r"], [2, 4], tmp_path)
+    assert [row["peft.r"] for row in rows] == [2, 4]
+    assert rows[0]["trainable_params"] < rows[1]["trainable_params"]
+    header = open(tmp_path / sweep.CSV_NAME).readline()
+    assert "validation/rougeL" in header and "test/bleu" in header
+    assert (tmp_path / sweep.PLOT_NAME).stat().st_size > 0
