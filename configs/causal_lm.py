@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.buckets = (64, 128, 256)
     # Format of the prompt over {source}; empty = the task's `causal_prompt`.
     config.data.prompt = ""
+    # Packing: several training examples per row of the largest bucket's length, each attending
+    # only to itself (segment ids in the mask, positions from each start); fewer padding tokens.
+    config.data.pack = False
 
     generative_defaults(config, lr=1e-3)
 

@@ -175,6 +175,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # prompt with TEXT: the tokenizer that splits the text (a directory or hub id).
     config.peft.tokenizer_name_or_path = ""
 
+    # IST / RST (pifi_jax.ist, shared/spec/ist.md): train a sampled subset of the layers' PEFT
+    # parameters each step (lora, dora, adapter_houlsby, adapter_pfeiffer; adam or adamw).
+    config.ist = ml_collections.ConfigDict()
+    # off | ist (sampled by learned layer scores) | rst (uniform).
+    config.ist.mode = "off"
+    # Layers trained per step and suppressed per probe; 0 = int(0.25 L) and int(0.5 L).
+    config.ist.n_update = 0
+    config.ist.n_suppress = 0
+    # IST's score refresh: every `interval` steps, `probes` suppression sets, each layer's PEFT
+    # branch scaled by `suppression`, on a batch of `probe_batch_size` rows; step `score_lr`.
+    config.ist.probes = 3
+    config.ist.suppression = 0.25
+    config.ist.score_lr = 10.0
+    config.ist.interval = 10
+    config.ist.probe_batch_size = 16
+
     # Device mesh over (data, fsdp, tensor); -1 = all remaining devices.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # Logical axis -> mesh axes (see pifi_jax.parallel).

@@ -68,8 +68,11 @@ def write_tiny_bert(directory: Path, seed: int = 0) -> Path:
     return write_tiny_encoder(directory, "bert", seed)
 
 
-def write_tiny_encoder(directory: Path, family: str = "bert", seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random encoder of `family` (ENCODER_FAMILIES) with the tiny tokenizer."""
+def write_tiny_encoder(
+    directory: Path, family: str = "bert", seed: int = 0, layers: int = 2
+) -> Path:
+    """A `layers`-layer (2), 32-wide random encoder of `family` (ENCODER_FAMILIES) with the tiny
+    tokenizer."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -97,7 +100,7 @@ def write_tiny_encoder(directory: Path, family: str = "bert", seed: int = 0) -> 
     config = getattr(transformers, config_class)(
         vocab_size=len(vocab),
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=37,
         max_position_embeddings=64,
@@ -153,14 +156,17 @@ _TINY_DECODERS = {
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, intermediate_size=37)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, intermediate_size=37)),
     "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, intermediate_size=37, head_dim=8)),
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_head=4, n_positions=128)),
     "falcon": ("FalconConfig", dict(new_decoder_architecture=False, multi_query=True)),
 }
 
 
-def write_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer, 32-wide random causal LM of `family` (_TINY_DECODERS) with the tiny word-level
-    tokenizer (Llama-like families put <s> in front), saved as a Hugging Face checkpoint."""
+def write_tiny_decoder(
+    directory: Path, family: str = "llama", seed: int = 0, layers: int = 2
+) -> Path:
+    """A `layers`-layer (2), 32-wide random causal LM of `family` (_TINY_DECODERS) with the tiny
+    word-level tokenizer (Llama-like families put <s> in front), saved as a Hugging Face
+    checkpoint."""
     import torch
     import transformers
 
@@ -170,8 +176,13 @@ def write_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0) ->
     common = dict(vocab_size=len(fast), pad_token_id=0, bos_token_id=2, eos_token_id=3)
     if family != "gpt2":
         common.update(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=128,
         )
+    else:
+        common.update(n_layer=layers)
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(**common, **extra)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
@@ -304,3 +315,30 @@ def load_config(spec: str, overrides: list[str] = ()):
     config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
     flag_values(argv)
     return flag_values.config
+
+
+def run_crashing_after(monkeypatch, steps: int, config, workdir) -> None:
+    """Runs train_and_evaluate(config, workdir) until `steps` train steps are done and their
+    checkpoint is on disk, then crashes it (as a kill would); the next run resumes from there."""
+    from pifi_jax.train import loop, train_and_evaluate
+
+    setup = loop.setup_run
+
+    def crashing_setup(*args, **kwargs):
+        run = setup(*args, **kwargs)
+        step, calls = run.train_step, []
+
+        def train_step(*a):
+            if len(calls) == steps:
+                run.checkpointer.wait()
+                raise RuntimeError("simulated crash")
+            calls.append(1)
+            return step(*a)
+
+        run.train_step = train_step
+        return run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "setup_run", crashing_setup)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train_and_evaluate(config, workdir)

@@ -48,3 +48,24 @@ def test_study_reports_every_method_for_both_parts(tmp_path, tiny_llama_dir, tin
         ours, theirs = (float(x) for x in cells[8].split(" / "))
         assert abs(ours - theirs) < 1e-4 * max(1.0, abs(theirs))  # the same weights and batch
     assert speed["full"][5] == "1.00" and speed["full"][7] == "1.00"
+
+
+def test_packing_benchmark_reports_both_arms(tmp_path, tiny_llama_dir, tiny_pair_files):
+    from benchmarks import packing
+
+    extra = ["--set=task=pairs", "--set=data.source=local"]
+    extra += [f"--set=data.data_files.{s}={p}" for s, p in tiny_pair_files.items()]
+    extra += ["--set=data.max_length=24", "--set=data.max_target_length=8"]
+    extra += ["--set=data.buckets=(16, 32)", "--set=generation.max_new_tokens=4"]
+    report = packing.main([f"--model={tiny_llama_dir}", f"--workdir={tmp_path}", *extra])
+    scores, epoch = report.split("### One LoRA epoch")
+    assert set(_rows(scores, packing.ARMS)) == set(packing.ARMS)
+    rows = _rows(epoch, packing.ARMS)
+    steps = {arm: int(rows[arm][1]) for arm in packing.ARMS}
+    slots = {arm: int(rows[arm][2].replace(",", "")) for arm in packing.ARMS}
+    fill = {arm: float(rows[arm][3].rstrip("%")) for arm in packing.ARMS}
+    # Fewer slots and steps, a larger share of them real (each run drops its last partial batch,
+    # so the target counts differ).
+    assert steps["packed"] < steps["unpacked"] and slots["packed"] < slots["unpacked"]
+    assert fill["packed"] > fill["unpacked"]
+    assert rows["unpacked"][6] == "1.00"

@@ -18,7 +18,7 @@ from pifi_jax import data
 from pifi_jax.train import CausalLM, train_and_evaluate
 from pifi_jax.train.metrics import next_token_loss, token_cross_entropy
 from pifi_jax.train.partition import split_params
-from tests.conftest import load_config
+from tests.conftest import load_config, run_crashing_after
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -197,33 +197,15 @@ def test_causal_lm_resume_equals_uninterrupted_run(
 ):
     """Crashed after 3 of 4 steps and run again, a generative run ends as the uninterrupted one:
     the same training losses and the same scores."""
-    from pifi_jax.train import loop
 
     extra = ["--config.train.num_steps=4", "--config.train.log_every_steps=1"]
     whole = train_and_evaluate(
         _causal_config(tiny_llama_dir, tiny_pair_files, extra), tmp_path / "a"
     )
 
-    setup = loop.setup_run
-
-    def crashing_setup(*args, **kwargs):
-        run = setup(*args, **kwargs)
-        step, calls = run.train_step, []
-
-        def train_step(*a):
-            if len(calls) == 3:
-                run.checkpointer.wait()  # step 3's checkpoint is on disk, as after a kill
-                raise RuntimeError("simulated crash")
-            calls.append(1)
-            return step(*a)
-
-        run.train_step = train_step
-        return run
-
-    monkeypatch.setattr(loop, "setup_run", crashing_setup)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_and_evaluate(_causal_config(tiny_llama_dir, tiny_pair_files, extra), tmp_path / "b")
-    monkeypatch.setattr(loop, "setup_run", setup)
+    run_crashing_after(
+        monkeypatch, 3, _causal_config(tiny_llama_dir, tiny_pair_files, extra), tmp_path / "b"
+    )
     resumed = train_and_evaluate(
         _causal_config(tiny_llama_dir, tiny_pair_files, extra), tmp_path / "b"
     )

@@ -20,10 +20,20 @@ What a batch holds depends on the encoding's layout (data.tokenize) and on `gene
                       the smallest of `target_buckets` that fits (generate=True: sources only)
 and always weights [b] (0 on padding rows) and index [b] (the example's position in the split,
 -1 on padding rows: scoring looks references up by it).
+
+Packing (`pack=True`, causal_lm training batches only): several examples share a row of at most
+the largest bucket's length, one after another, and `attention_mask` holds each one's segment
+id 1, 2, ... instead of 1 (0 on padding), which the models read as "attend within your segment,
+count positions from its start" (layers.attention). loss_mask is 0 on each segment's first
+token, so no target is predicted across a boundary; index is -1 (a row is no single example).
+The rows are formed once, from the seed: the examples in a seeded random order, each put into
+the fullest row it fits in (best fit); an epoch shuffles and batches the rows, so the number of
+batches per epoch is fixed and a resumed run sees the same rows.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -47,6 +57,7 @@ class Batcher:
         process_count: int = 1,
         target_buckets: Sequence[int] = (),
         generate: bool = False,
+        pack: bool = False,
     ):
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(
@@ -63,6 +74,17 @@ class Batcher:
         else:
             self.lengths = np.array([len(ids) for ids in encoded.input_ids], dtype=np.int64)
         _check_fits(self.lengths, self.buckets, "buckets", "tokens")
+        self.pack = pack
+        self.rows: list[np.ndarray] | None = None  # packing: each row's example indices
+        if pack:
+            if self.layout != "causal_lm" or generate:
+                what = "generation" if generate else f"the {self.layout} layout"
+                raise ValueError(
+                    f"packing (data.pack) is for causal-LM training batches, not {what}: set "
+                    "data.pack=False"
+                )
+            self.rows = pack_rows(self.lengths, int(self.buckets[-1]), seed)
+            self.lengths = np.array([self.lengths[r].sum() for r in self.rows], dtype=np.int64)
         if self.layout == "seq2seq" and not generate:
             self.target_buckets = _buckets(target_buckets, "target_buckets")
             self.target_lengths = np.array([len(t) for t in encoded.target_ids], dtype=np.int64)
@@ -117,7 +139,8 @@ class Batcher:
             "index": np.full((rows,), -1, np.int32),  # [b]; the example's position in the split
         }
         batch["weights"][: len(mine)] = 1.0
-        batch["index"][: len(mine)] = mine
+        if not self.pack:
+            batch["index"][: len(mine)] = mine
         ids = np.full((rows, length), enc.pad_id, np.int32)  # [b, L]
         mask = np.zeros((rows, length), np.int32)  # [b, L]
         batch.update(input_ids=ids, attention_mask=mask)
@@ -134,6 +157,16 @@ class Batcher:
                 size = self.lengths[index]
                 ids[row, length - size :] = enc.input_ids[index][:size]
                 mask[row, length - size :] = 1
+        elif self.pack:
+            loss_mask = batch["loss_mask"] = np.zeros((rows, length), np.int32)  # [b, L]
+            for row, packed in enumerate(mine):
+                end = 0
+                for segment, index in enumerate(self.rows[packed], start=1):
+                    begin, end = end, end + len(enc.input_ids[index])
+                    ids[row, begin:end], mask[row, begin:end] = enc.input_ids[index], segment
+                    # Targets only, and never the segment's first token (the previous
+                    # segment's last position would predict it).
+                    loss_mask[row, max(begin + enc.prompt_lengths[index], begin + 1) : end] = 1
         elif self.layout == "causal_lm":
             loss_mask = batch["loss_mask"] = np.zeros((rows, length), np.int32)  # [b, L]
             for row, index in enumerate(mine):
@@ -153,6 +186,27 @@ class Batcher:
                     targets[row, :size], target_mask[row, :size] = enc.target_ids[index], 1
                 batch.update(target_ids=targets, target_mask=target_mask)
         return batch
+
+
+def pack_rows(lengths: np.ndarray, capacity: int, seed: int) -> list[np.ndarray]:
+    """Groups example indices into rows of at most `capacity` tokens: the examples in a random
+    order from `seed`, each into the row with the least room that still holds it (best fit; a new
+    row when none does). Every example lands in exactly one row, in that order within the row."""
+    order = np.random.default_rng([seed, 0x7061636B]).permutation(len(lengths))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for index in order:
+        size = int(lengths[index])
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            rows.append([])
+            room, row = capacity, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+        rows[row].append(int(index))
+        if room > size:
+            bisect.insort(free, (room - size, row))
+    return [np.array(r, dtype=np.int64) for r in rows]
 
 
 def _buckets(lengths: Sequence[int], name: str) -> np.ndarray:

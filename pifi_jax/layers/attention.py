@@ -35,16 +35,25 @@ def padding_bias(attention_mask: jax.Array, dtype) -> jax.Array:
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """Position ids [batch, length] that work for right and left padding.
+    """Position ids [batch, length] that work for right and left padding, and for packed rows.
 
-    Real tokens are numbered 0, 1, ... from the row's first real token (`cumsum(mask) - 1`), so a
-    left-padded row gets the positions of its unpadded sequence, as transformers' generate() passes
-    them. Padding slots keep their slot index; their outputs mean nothing either way. Under right
-    padding this equals `arange(length)`, transformers' default when no position_ids are given.
+    Real tokens (mask != 0) are numbered 0, 1, ... from the first token of their segment: a row of
+    one segment (a 0/1 mask) counts from its first real token (`cumsum(mask) - 1`), so a
+    left-padded row gets the positions of its unpadded sequence, as transformers' generate()
+    passes them; in a packed row (segment ids 1, 2, ..., see `attention_bias`) each segment starts
+    again at 0. Padding slots keep their slot index; their outputs mean nothing either way. Under
+    right padding this equals `arange(length)`, transformers' default when no position_ids are
+    given.
     """
     mask = attention_mask.astype(jnp.int32)
+    real = mask != 0
     slots = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
-    return jnp.where(mask > 0, jnp.cumsum(mask, axis=1) - 1, slots)
+    count = jnp.cumsum(real.astype(jnp.int32), axis=1)  # real tokens up to and including a slot
+    before = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)))  # the previous slot's segment (0 in front)
+    starts = real & (mask != before)  # the first slot of each segment
+    # Real tokens before the current segment: the count at its start, carried forward.
+    offset = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)
+    return jnp.where(real, count - 1 - offset, slots)
 
 
 def attention_bias(
@@ -61,6 +70,10 @@ def attention_bias(
 
     Args:
       attention_mask: [batch, kv_length] 1 for real tokens, 0 for padding; None = no padding.
+        Packed rows (several sequences in one row) give each sequence's tokens its segment id
+        1, 2, ... instead of 1: a real query then attends only to keys of its own segment, and
+        to keys marked negative (shared: a prefix or soft prompt every segment sees). A 0/1
+        mask is the one-segment case. The query at slot s has the segment of key slot s.
       causal: query slot q sees key slots k <= q.
       sliding_window: also require q - k < window (causal), or |q - k| <= window (non-causal, as
         transformers' bidirectional sliding window does).
@@ -84,7 +97,18 @@ def attention_bias(
         keep = near if keep is None else keep & near
     keep = None if keep is None else keep[None, None]  # [1, 1, q, kv]
     if attention_mask is not None:
-        padding = attention_mask[:, None, None, :].astype(bool)  # [batch, 1, 1, kv]
+        segments = attention_mask.astype(jnp.int32)  # [batch, kv]
+        # Each query's own segment: that of its slot (0 for a padding query).
+        if isinstance(q_offset, int):
+            q_segment = segments[:, q_offset : q_offset + q_length]  # [batch, q]
+        else:  # a cache's traced fill level
+            q_segment = jax.lax.dynamic_slice_in_dim(segments, q_offset, q_length, axis=1)
+        k_segment = segments[:, None, :]  # [batch, 1, kv]
+        q_segment = q_segment[:, :, None]  # [batch, q, 1]
+        # A padding query looks at every real key (its output is unused; no row fully masked).
+        visible = (k_segment == q_segment) | (k_segment < 0) | (q_segment == 0)
+        padding = (k_segment != 0) & visible  # [batch, q, kv]
+        padding = padding[:, None]  # [batch, 1, q, kv]
         keep = padding if keep is None else keep & padding
     if keep is None:
         return None
@@ -293,7 +317,7 @@ class KVCache:
         if attention_mask is None:
             attention_mask = jnp.ones((self.mask.shape[0], length), jnp.int32)
         mask = attention_mask.astype(jnp.int32)
-        before = jnp.sum(self.mask, axis=1, keepdims=True)  # [batch, 1]
+        before = jnp.sum(self.mask != 0, axis=1, keepdims=True, dtype=jnp.int32)  # [batch, 1]
         slots = self.index + jnp.arange(length, dtype=jnp.int32)[None, :]
         return jnp.where(mask > 0, before + jnp.cumsum(mask, axis=1) - 1, slots)
 
@@ -389,7 +413,8 @@ def self_attention_inputs(
         n = prefix[0].shape[1]
         key = jnp.concatenate([prefix[0].astype(key.dtype), key], axis=1)
         value = jnp.concatenate([prefix[1].astype(value.dtype), value], axis=1)
-        mask = None if mask is None else jnp.pad(mask, ((0, 0), (n, 0)), constant_values=1)
+        # -1: slots every segment of a packed row sees (for a 0/1 mask the same as 1).
+        mask = None if mask is None else jnp.pad(mask, ((0, 0), (n, 0)), constant_values=-1)
         q_offset = q_offset + n
     bias = attention_bias(
         mask,

@@ -111,6 +111,46 @@ def active_scope() -> Scope | None:
     return _SCOPE.get()
 
 
+@dataclasses.dataclass(frozen=True)
+class BranchScales:
+    """Per-layer factors on the PEFT branches (LoRA / DoRA deltas, bottleneck adapters).
+
+    scales: [groups] float, traced; group_of: module path -> group index, or None for a module
+    outside every group (its branch is left as it is).
+    """
+
+    scales: jax.Array
+    group_of: Any  # Callable[[str], int | None]
+
+    def of(self, path: str) -> jax.Array | None:
+        group = self.group_of(path)
+        return None if group is None else self.scales[group]
+
+
+_BRANCH_SCALES: contextvars.ContextVar[BranchScales | None] = contextvars.ContextVar(
+    "pifi_jax_branch_scales", default=None
+)
+
+
+@contextlib.contextmanager
+def branch_scales(scales: jax.Array, group_of):
+    """Inside this context (while a model is traced), the PEFT branch of every module that
+    `group_of(path)` puts in group g is multiplied by `scales[g]`: LoRA's and DoRA's delta (as if
+    its alpha / r scaling were scaled) and a bottleneck adapter's output. One traced vector, so
+    every choice of factors runs the same compiled function (IST's probe, pifi_jax.ist)."""
+    token = _BRANCH_SCALES.set(BranchScales(scales, group_of))
+    try:
+        yield
+    finally:
+        _BRANCH_SCALES.reset(token)
+
+
+def branch_scale(path: str) -> jax.Array | None:
+    """The factor on the PEFT branch of the module at `path`; None: unscaled."""
+    active = _BRANCH_SCALES.get()
+    return None if active is None else active.of(path)
+
+
 def _kaiming_uniform_a(key, shape, dtype):
     # PyTorch's default nn.Linear init with a=sqrt(5), which HF PEFT uses for lora_A:
     # bound = 1 / sqrt(fan_in); our lora_a is [in, r], fan_in = in.
@@ -178,9 +218,16 @@ class Linear(nn.Module):
             return nn.Dropout(adapter.lora_dropout)(x, deterministic=False)
         return x
 
+    def _scaling(self, adapter: LinearAdapter):
+        """alpha / r, times the branch factor when one is set (`branch_scales`)."""
+        factor = branch_scale("/".join(self.path))
+        if factor is None:
+            return adapter.lora_scaling
+        return adapter.lora_scaling * factor.astype(self.dtype)
+
     def _lora_delta(self, x, lora_a, lora_b, adapter: LinearAdapter):
         h = jnp.einsum("...i,ir->...r", x.astype(self.dtype), lora_a.astype(self.dtype))  # [..., r]
-        return adapter.lora_scaling * jnp.einsum("...r,ro->...o", h, lora_b.astype(self.dtype))
+        return self._scaling(adapter) * jnp.einsum("...r,ro->...o", h, lora_b.astype(self.dtype))
 
     def _lora(self, x, adapter: LinearAdapter, deterministic: bool):
         lora_a, lora_b = self._lora_factors(x.shape[-1], adapter)
@@ -193,7 +240,8 @@ class Linear(nn.Module):
             "lora_magnitude",
             lambda *_: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(self.param_dtype),
         )
-        delta = adapter.lora_scaling * (lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
+        scaling = self._scaling(adapter)
+        delta = scaling * (lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
         # The norm is a constant in the backward pass (DoRA paper, section 4.3), as in HF PEFT.
         norm = jax.lax.stop_gradient(jnp.linalg.norm(kernel.astype(jnp.float32) + delta, axis=0))
         ratio = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)  # [out]

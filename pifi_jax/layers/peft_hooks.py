@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pifi_jax.layers.activations import activation
-from pifi_jax.layers.linear import Linear, active_scope
+from pifi_jax.layers.linear import Linear, active_scope, branch_scale
 
 
 def virtual_tokens() -> tuple[int, int]:
@@ -121,4 +121,6 @@ def bottleneck_adapter(module: nn.Module, h: jax.Array) -> jax.Array:
     down = Linear(spec.size, name="adapter_down", **kw)(h)  # [..., m]
     zeros = nn.initializers.zeros
     up = Linear(h.shape[-1], kernel_init=zeros, name="adapter_up", **kw)
-    return h + up(activation(spec.non_linearity)(down))  # [..., d]
+    branch = up(activation(spec.non_linearity)(down))  # [..., d]
+    factor = branch_scale("/".join(module.path))  # a probe's per-layer factor (branch_scales)
+    return h + (branch if factor is None else factor.astype(branch.dtype) * branch)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pifi_jax.layers import Linear, positions_from_mask
-from pifi_jax.layers.peft_hooks import prepend_prompt, prompt_inputs, virtual_tokens
+from pifi_jax.layers.peft_hooks import prepend_prompt, virtual_tokens
 
 
 def default_positions(x: jax.Array, attention_mask, positions, cache=None) -> jax.Array:
@@ -155,8 +155,9 @@ def decoder_inputs(x: jax.Array, attention_mask, positions, cache=None):
     """(x, attention_mask, positions) a stack runs on, PEFT's virtual tokens included.
 
     x: the embedded sequence [batch, length, hidden]. Prompt tuning: x becomes [prompt; x]
-    ([batch, P + length, hidden]), the mask gets 1 on the prompt, and given positions move behind
-    the prompt's 0..P-1 (otherwise they come from the extended mask). Prefix tuning: positions
+    ([batch, P + length, hidden]), the mask gets -1 on the prompt (real, and shared by every
+    segment of a packed row), and the positions (given, or from the mask) move behind the
+    prompt's 0..P-1. Prefix tuning: positions
     start at P (given ones are shifted by P, as Hugging Face PEFT shifts position_ids). Otherwise
     the positions of `default_positions`.
     """
@@ -167,12 +168,15 @@ def decoder_inputs(x: jax.Array, attention_mask, positions, cache=None):
                 "prompt tuning with a KV cache (generation) is not supported: the soft prompt would "
                 "need P cache slots of its own; run the model on whole sequences"
             )
+        if positions is None:  # numbered over the real sequence, each packed segment apart
+            positions = default_positions(x, attention_mask, None)
+        front = jnp.arange(n_prompt, dtype=positions.dtype)
+        front = jnp.broadcast_to(front, (x.shape[0], n_prompt))
+        positions = jnp.concatenate([front, positions + n_prompt], axis=1)
         x = prepend_prompt(x)
-        attention_mask, _ = prompt_inputs(attention_mask)
-        if positions is not None:
-            front = jnp.arange(n_prompt, dtype=positions.dtype)
-            front = jnp.broadcast_to(front, (positions.shape[0], n_prompt))
-            positions = jnp.concatenate([front, positions + n_prompt], axis=1)
+        if attention_mask is not None:
+            # -1: the prompt's slots, which every segment of a packed row sees (layers.attention).
+            attention_mask = jnp.pad(attention_mask, ((0, 0), (n_prompt, 0)), constant_values=-1)
     positions = default_positions(x, attention_mask, positions, cache)
     return x, attention_mask, positions + n_prefix
 

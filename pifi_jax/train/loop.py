@@ -29,9 +29,14 @@ from pifi_jax import data, parallel, peft
 from pifi_jax.hub import resolve_checkpoint
 from pifi_jax.hub.pretrained import open_checkpoint
 from pifi_jax.layers import set_attention_implementation
-from pifi_jax.train import checkpoint, objectives, optim, partition
+from pifi_jax.train import checkpoint, objectives, optim, partition, plugins
 from pifi_jax.train.builders import BuiltModel, dtype_of, get_builder
 from pifi_jax.train.step import TrainState, make_eval_step, make_train_step
+
+# A step plugin's own batch stream is shuffled with config.seed + this (train.plugins).
+PERIODIC_SEED_OFFSET = 7919
+# fold_in tag of a plugin's periodic step's randomness.
+PERIODIC_RNG_TAG = 0x9E71
 
 
 def load_splits(config, tokenizer, task, layout: str = "classification") -> dict[str, data.Encoded]:
@@ -127,7 +132,10 @@ def _state_shardings(state: TrainState, optimizer, param_sh: dict, mesh) -> Trai
         trainable_sh,
         transform_non_params=lambda _: repl,
     )
-    return TrainState(step=repl, params=trainable_sh, frozen=frozen_sh, opt_state=opt_sh)
+    extra_sh = jax.tree.map(lambda _: repl, state.extra)  # a plugin's state: small, replicated
+    return TrainState(
+        step=repl, params=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, extra=extra_sh
+    )
 
 
 def _global(batch: dict, sharding) -> dict:
@@ -177,6 +185,9 @@ class Run:
     trainable_params: int
     total_params: int
     progress: bool = False
+    plugin: plugins.StepPlugin | None = None
+    periodic_step: Any = None  # the plugin's jitted periodic step
+    periodic_batches: data.Batcher | None = None  # and its batch stream
 
 
 def default_workdir(config) -> str:
@@ -218,8 +229,15 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
         shuffle=True,
         seed=config.seed,
         drop_remainder=True,
+        pack=bool(config.data.get("pack", False)),
         **batcher_kw,
     )
+    if train_batches.pack:
+        tokens, rows = int(train_batches.lengths.sum()), len(train_batches.lengths)
+        log(
+            f"packing: {len(splits['train'])} training examples in {rows} rows of "
+            f"{max(buckets)} slots ({tokens / (rows * max(buckets)):.1%} filled)"
+        )
     # Generative objectives evaluate by generating: their evaluation batches hold inputs only.
     generates = objective_cls.layout != "classification"
     eval_batches = {
@@ -266,19 +284,48 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     if config.model.frozen_dtype:
         frozen = jax.tree.map(lambda x: x.astype(dtype_of(config.model.frozen_dtype)), frozen)
 
+    plugin = plugins.make_plugin(config, objective, trainable, log)
     # A run of 0 steps (train.epochs=0) only evaluates the model as loaded: the zero-shot floor.
-    optimizer = optim.make_optimizer(config.optim, trainable, max(total_steps, 1))
+    make_optimizer = optim.make_optimizer
+    if plugin is not None and plugin.make_optimizer is not None:
+        make_optimizer = plugin.make_optimizer
+    optimizer = make_optimizer(config.optim, trainable, max(total_steps, 1))
     schedule = optim.schedule_from_config(config.optim, max(total_steps, 1))
-    state = TrainState.create(trainable, frozen, optimizer)
+    state = TrainState.create(
+        trainable, frozen, optimizer, None if plugin is None else plugin.extra
+    )
     state_sh = _state_shardings(state, optimizer, param_sh, mesh)
     state = jax.device_put(state, state_sh)
 
     train_step = jax.jit(
-        make_train_step(objective, optimizer, accum_steps=tc.grad_accum_steps, schedule=schedule),
+        make_train_step(
+            objective,
+            optimizer,
+            accum_steps=tc.grad_accum_steps,
+            schedule=schedule,
+            plugin=plugin,
+        ),
         in_shardings=(state_sh, batch_sh, repl),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
     )
+    periodic_step = periodic_batches = None
+    if plugin is not None and plugin.periodic is not None:
+        periodic_step = jax.jit(
+            plugin.periodic,
+            in_shardings=(state_sh, batch_sh, repl),
+            out_shardings=(state_sh.extra, repl),
+        )
+        periodic_batches = data.Batcher(
+            splits["train"],
+            plugin.periodic_batch_size,
+            buckets,
+            shuffle=True,
+            seed=config.seed + PERIODIC_SEED_OFFSET,  # a stream apart from the training batches
+            drop_remainder=True,
+            pack=bool(config.data.get("pack", False)),
+            **batcher_kw,
+        )
     eval_step = jax.jit(
         make_eval_step(objective), in_shardings=(state_sh, batch_sh), out_shardings=repl
     )
@@ -309,6 +356,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
         trainable_params=sum(x.size for x in jax.tree.leaves(trainable)),
         total_params=sum(x.size for x in jax.tree.leaves(params)),
         progress=bool(tc.progress_bar) and jax.process_index() == 0,
+        plugin=plugin,
+        periodic_step=periodic_step,
+        periodic_batches=periodic_batches,
     )
 
 
@@ -356,21 +406,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Replicated over the mesh: orbax cannot save a process-local array in a multi-process run.
     base_rng = jax.device_put(jax.random.PRNGKey(config.seed), repl)
     position = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0}
-    latest = ckpt.latest_step()
-    if latest is not None:
+    periodic = run.periodic_batches
+    if periodic is not None:  # where the plugin's own stream is
+        position.update(periodic_epoch=0, periodic_batch=0)
+
+    def saved_tree():
         saved = {
             "step": state.step,
             "params": state.params,
             "opt_state": state.opt_state,
             "rng": base_rng,
         }
+        if state.extra is not None:
+            saved["extra"] = state.extra
+        return saved
+
+    latest = ckpt.latest_step()
+    if latest is not None:
+        saved = saved_tree()
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             saved,
         )
         restored, meta = ckpt.restore(abstract)
         state = state.replace(
-            step=restored["step"], params=restored["params"], opt_state=restored["opt_state"]
+            step=restored["step"],
+            params=restored["params"],
+            opt_state=restored["opt_state"],
+            extra=restored.get("extra"),
         )
         base_rng = restored["rng"]
         position = {k: meta[k] for k in position}
@@ -379,13 +442,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         )
 
     def save(step: int):
-        saved = {
-            "step": state.step,
-            "params": state.params,
-            "opt_state": state.opt_state,
-            "rng": base_rng,
-        }
-        ckpt.save(step, saved, dict(position))
+        ckpt.save(step, saved_tree(), dict(position))
+
+    def periodic_batch() -> dict:
+        """The next batch of the plugin's stream, wrapping around its epochs."""
+        if position["periodic_batch"] == periodic.num_batches():
+            position["periodic_epoch"], position["periodic_batch"] = (
+                position["periodic_epoch"] + 1,
+                0,
+            )
+        batch = next(periodic.batches(position["periodic_epoch"], start=position["periodic_batch"]))
+        position["periodic_batch"] += 1
+        return batch
 
     writer = _Writer(workdir, lead, int(state.step))
     step = int(state.step)
@@ -401,6 +469,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     started, first_step = time.time(), step
     while step < total_steps and not stop:
         for batch in train_batches.batches(position["epoch"], start=position["batch"]):
+            plugin = run.plugin
+            if periodic is not None and step > 0 and step % plugin.interval == 0:
+                rng = jax.random.fold_in(base_rng, PERIODIC_RNG_TAG)
+                extra, periodic_metrics = run.periodic_step(
+                    state, _global(periodic_batch(), batch_sh), jax.random.fold_in(rng, step)
+                )
+                state = state.replace(extra=extra)
+                # Recorded under the step it serves (step + 1), so a run resumed from the
+                # checkpoint of `step` drops and redoes it like that step's own record.
+                writer.write(step + 1, {k: float(v) for k, v in periodic_metrics.items()})
             state, step_metrics = train_step(state, _global(batch, batch_sh), base_rng)
             step += 1
             position["batch"] += 1
@@ -445,6 +523,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     bar.close()
     elapsed = time.time() - started
     ckpt.wait()
+    if run.plugin is not None and run.plugin.finish is not None and lead:
+        run.plugin.finish(workdir)
 
     if position["best"] is not None:
         state = state.replace(params=_best_params(run))

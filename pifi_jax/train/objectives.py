@@ -2,7 +2,8 @@
 
 An objective says
 - which batch layout it reads (`layout`: what `pifi_jax.data.Batcher` assembles),
-- its loss `loss_fn(trainable, frozen, batch, rng) -> (loss, aux)`: the mean loss of the batch
+- its loss `loss_fn(trainable, frozen, batch, rng, deterministic=False) -> (loss, aux)` (dropout
+  on unless `deterministic`, which a method's probe of the model asks for): the mean loss of the batch
   and `aux`, a dict of sums over the batch that always holds "weight" (rows or target tokens
   counted) and may hold more (e.g. "accuracy": the number of correct rows); the train step
   accumulates micro-batches by these sums and reports every other sum divided by "weight",
@@ -68,9 +69,9 @@ class Classification:
         inputs = {k: batch[k] for k in CLASSIFIER_INPUTS if k in batch}
         return self.module.apply({"params": params}, **inputs, **kw)
 
-    def loss_fn(self, trainable, frozen, batch, rng):
+    def loss_fn(self, trainable, frozen, batch, rng, deterministic: bool = False):
         params = merge_params(trainable, frozen)
-        logits = self._logits(params, batch, deterministic=False, rngs={"dropout": rng})
+        logits = self._logits(params, batch, deterministic=deterministic, rngs={"dropout": rng})
         weights = batch["weights"]
         labels = batch["labels"].astype(jnp.int32)
         loss = cross_entropy_loss(logits, labels, weights, self.label_smoothing, self.num_labels)
@@ -112,9 +113,9 @@ class Regression(Classification):
     num_labels: int = 1
     metrics: tuple[str, ...] = ("pearson",)
 
-    def loss_fn(self, trainable, frozen, batch, rng):
+    def loss_fn(self, trainable, frozen, batch, rng, deterministic: bool = False):
         params = merge_params(trainable, frozen)
-        logits = self._logits(params, batch, deterministic=False, rngs={"dropout": rng})
+        logits = self._logits(params, batch, deterministic=deterministic, rngs={"dropout": rng})
         loss = mse_loss(logits[:, 0], batch["labels"], batch["weights"])
         return loss, {"weight": jnp.sum(batch["weights"])}
 
@@ -221,14 +222,14 @@ class CausalLM(Generation):
     model_task: ClassVar[str] = "causal_lm"
     layout: ClassVar[str] = "causal_lm"
 
-    def loss_fn(self, trainable, frozen, batch, rng):
+    def loss_fn(self, trainable, frozen, batch, rng, deterministic: bool = False):
         params = merge_params(trainable, frozen)
         ids = batch["input_ids"]
         logits = self.module.apply(
             {"params": params},
             ids,
             batch["attention_mask"],
-            deterministic=False,
+            deterministic=deterministic,
             rngs={"dropout": rng},
         )
         logits = logits[:, -ids.shape[1] :]  # [batch, length, vocab] (soft-prompt slots dropped)
@@ -255,7 +256,7 @@ class Seq2Seq(Generation):
         front = jnp.full((target_ids.shape[0], 1), start, target_ids.dtype)
         return jnp.concatenate([front, target_ids[:, :-1]], axis=1)  # [batch, target]
 
-    def loss_fn(self, trainable, frozen, batch, rng):
+    def loss_fn(self, trainable, frozen, batch, rng, deterministic: bool = False):
         params = merge_params(trainable, frozen)
         targets, mask = batch["target_ids"], batch["target_mask"]
         logits = self.module.apply(
@@ -264,7 +265,7 @@ class Seq2Seq(Generation):
             batch["attention_mask"],
             self.decoder_inputs(targets),
             mask,
-            deterministic=False,
+            deterministic=deterministic,
             rngs={"dropout": rng},
         )  # [batch, target, vocab]
         total, count = token_cross_entropy(logits, targets, mask)

@@ -18,6 +18,9 @@ import optax
 
 from pifi_jax.train.partition import merge_params
 
+# fold_in tag of a plugin's randomness, apart from the dropout stream of the same step.
+PLUGIN_RNG_TAG = 0x1575
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -25,10 +28,13 @@ class TrainState:
     params: Any  # trainable tree (fp32 master weights)
     frozen: Any  # frozen tree (never updated, not checkpointed)
     opt_state: Any
+    extra: Any = None  # a step plugin's state (train.plugins), checkpointed; None without one
 
     @classmethod
-    def create(cls, params, frozen, optimizer: optax.GradientTransformation) -> TrainState:
-        return cls(jnp.zeros((), jnp.int32), params, frozen, optimizer.init(params))
+    def create(
+        cls, params, frozen, optimizer: optax.GradientTransformation, extra=None
+    ) -> TrainState:
+        return cls(jnp.zeros((), jnp.int32), params, frozen, optimizer.init(params), extra)
 
 
 def make_train_step(
@@ -37,8 +43,12 @@ def make_train_step(
     *,
     accum_steps: int = 1,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
+    plugin=None,
 ):
     """Returns train_step(state, batch, rng) -> (state, metrics); jit it with shardings.
+
+    plugin: a train.plugins.StepPlugin whose `update_args(state.extra, rng, step)` gives the
+    optimizer's extra update arguments (and metrics) of this step; None: a plain update.
 
     objective: anything with `loss_fn(trainable, frozen, batch, rng) -> (mean loss, aux)`, aux a
     dict of batch sums holding "weight" (pifi_jax.train.objectives). metrics: "loss" (the mean
@@ -75,10 +85,14 @@ def make_train_step(
             denom = jnp.maximum(aux["weight"], 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = loss / denom
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        update_args, plugin_metrics = {}, {}
+        if plugin is not None and plugin.update_args is not None:
+            plugin_rng = jax.random.fold_in(rng, PLUGIN_RNG_TAG)
+            update_args, plugin_metrics = plugin.update_args(state.extra, plugin_rng, state.step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **update_args)
         params = optax.apply_updates(state.params, updates)
         weight = jnp.maximum(aux["weight"], 1.0)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **plugin_metrics}
         metrics.update({k: v / weight for k, v in aux.items() if k != "weight"})
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
