@@ -1,7 +1,9 @@
 """pifi_jax: plug frozen LLM layers into small encoders, and fine-tune them cheaply, in JAX/Flax."""
 
-from pifi_jax import ist  # IST / RST: the trainer's "ist" step plugin (config.ist)
-from pifi_jax import pifi  # PiFi: pifi_jax.pifi.build, pifi_jax.pifi.select_layer
+from pifi_jax import (
+    ist,  # IST / RST: the trainer's "ist" step plugin (config.ist)
+    pifi,  # PiFi: pifi_jax.pifi.build, pifi_jax.pifi.select_layer
+)
 from pifi_jax.generate import generate
 from pifi_jax.hub import from_pretrained, save_pretrained
 from pifi_jax.hub.layer import load_layer
