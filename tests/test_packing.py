@@ -54,15 +54,21 @@ def _logits(module, params, ids, mask):
     return out[:, -ids.shape[1] :]  # prompt tuning: the soft prompt's slots dropped
 
 
+# In the default run: one case per family and mask rule (windows + soft-capping: gemma2); the
+# rest with -m slow.
+_DEFAULT = {"llama", "gemma2", "falcon", "gpt2", "prefix-llama", "prompt-gpt2"}
+
+
 def _cases():
     # Dynamic NTK scaling grows theta from a call's largest position, padding slots included,
     # so a segment alone and in a longer row differ by design (layers/rotary.py).
-    for case in CASES:
-        if case != "llama_tied_dynamic":
-            yield pytest.param(case, None, id=case)
+    cases = [(case, None, case) for case in CASES if case != "llama_tied_dynamic"]
     for case in ("llama", "gpt2"):
-        yield pytest.param(case, peft.PrefixTuningConfig(num_virtual_tokens=3), id=f"prefix-{case}")
-        yield pytest.param(case, peft.PromptTuningConfig(num_virtual_tokens=3), id=f"prompt-{case}")
+        cases.append((case, peft.PrefixTuningConfig(num_virtual_tokens=3), f"prefix-{case}"))
+        cases.append((case, peft.PromptTuningConfig(num_virtual_tokens=3), f"prompt-{case}"))
+    for case, method, name in cases:
+        marks = [] if name in _DEFAULT else [pytest.mark.slow]
+        yield pytest.param(case, method, id=name, marks=marks)
 
 
 @pytest.mark.parametrize("case, method", list(_cases()))
