@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from pifi_jax.layers.linear import AdapterPlan, LinearAdapter, adapter_scope
+from pifi_jax.partition import label_leaves, partition_table
 from pifi_jax.peft import adapters, prefix, prompt
 from pifi_jax.peft import config as peft_config
 from pifi_jax.peft.targets import (
@@ -240,16 +241,12 @@ def trainable_rules(module: nn.Module, params: dict) -> list[tuple[str, str]]:
 
 def trainable_mask(module: nn.Module, params: dict) -> dict:
     """A tree like `params` with True where the leaf trains under the model's method."""
-    from pifi_jax.train.partition import label_leaves
-
     labels = label_leaves(params, trainable_rules(module, params))
     return _unflat({p: label == "trainable" for p, label in labels.items()})
 
 
 def summary(module: nn.Module, params: dict) -> str:
     """The printed table of trainable vs frozen parameters under the model's method."""
-    from pifi_jax.train.partition import partition_table
-
     return partition_table(params, trainable_rules(module, params))
 
 
