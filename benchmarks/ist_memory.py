@@ -3,12 +3,15 @@
     python benchmarks/ist_memory.py                      # the issue's Llama shape, float32
     python benchmarks/ist_memory.py --layers 4 --hidden 256 --ffn 704 --length 64   # smaller
     python benchmarks/ist_memory.py --remat full
+    python benchmarks/ist_memory.py --time-rounds 5      # also step times, on random weights
 
 A random Llama-shaped causal LM (default: 16 layers, hidden 1024, FFN 2816, 16 heads, vocab
 32000), LoRA r 32 / alpha 64 on q, k, v, up and down, batch 8 x 256, is set up abstractly
 (nothing is allocated: jax.ShapeDtypeStruct parameters and batch), and the project's train step
-is lowered and compiled three times: plain LoRA (AdamW), IST and RST (4 of 16 layers trained per
-step; the IST step plugin of pifi_jax.ist, its layer-masked AdamW). Reported per step: the
+is lowered and compiled for four arms: plain LoRA (AdamW); IST and RST (4 of 16 layers trained
+per step; the IST step plugin of pifi_jax.ist, its layer-masked AdamW, and its sparse gradients:
+pifi_jax/ist/sparse_grad.py); and IST differentiating every layer (`ist.sparse_grad=False`,
+the same updates: what the sparse gradients save). Reported per step: the
 compiled `memory_analysis()` (arguments, temporaries, outputs, and temporaries + arguments), as
 ratios to plain LoRA. The frozen weights are arguments of every step alike.
 """
@@ -26,24 +29,32 @@ if str(REPO) not in sys.path:
 
 from benchmarks import common  # noqa: E402
 
-ARMS = ("lora", "ist", "rst")
+ARMS = ("lora", "ist", "rst", "ist_dense")
+# What each arm is: (ist.mode, ist.sparse_grad).
+_ARM_SETTINGS = {
+    "lora": ("off", True),
+    "ist": ("ist", True),
+    "rst": ("rst", True),
+    "ist_dense": ("ist", False),
+}
 
 
-def _run_config(arm: str, n_update: int):
+def _run_config(arm: str, n_update: int, remat: str = "none"):
     import ml_collections
 
     from configs import classify
 
     config = classify.get_config()
     config.peft.method = "lora"
-    config.ist.mode = "off" if arm == "lora" else arm
+    config.ist.mode, config.ist.sparse_grad = _ARM_SETTINGS[arm]
+    config.model.remat_policy = remat
     config.ist.n_update = n_update
     config.optim.weight_decay = 0.0
     config.optim.no_decay = ("bias$", "norm")
     return ml_collections.ConfigDict(config)
 
 
-def lower(args, arm: str) -> dict:
+def lower(args, arm: str, materialize: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -85,7 +96,7 @@ def lower(args, arm: str) -> dict:
     params = jax.eval_shape(init_of(module), key)
     trainable, frozen = partition.split_params(params, peft.trainable_rules(module, params))
     objective = CausalLM(module, tokenizer=None)
-    run_config = _run_config(arm, args.n_update)
+    run_config = _run_config(arm, args.n_update, args.remat)
     plugin = make_ist_plugin(run_config, objective, trainable, lambda *_: None)
     make_optimizer = optim.make_optimizer if plugin is None else plugin.make_optimizer
     optimizer = make_optimizer(run_config.optim, trainable, 100)
@@ -102,7 +113,21 @@ def lower(args, arm: str) -> dict:
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch, key).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    live = None
+    if materialize:  # real random weights (the step's time does not depend on their values)
+        real = module.init(key, ids, deterministic=True)["params"]
+        trainable, frozen = partition.split_params(real, peft.trainable_rules(module, real))
+        live = {
+            "state": TrainState.create(trainable, frozen, optimizer, extra),
+            "batch": {
+                "input_ids": jax.random.randint(key, (args.batch, args.length), 0, args.vocab),
+                "attention_mask": jnp.ones((args.batch, args.length), jnp.int32),
+                "loss_mask": jnp.ones((args.batch, args.length), jnp.int32),
+            },
+            "step": compiled,
+        }
     return {
+        "live": live,
         "arguments": memory.argument_size_in_bytes,
         "temporaries": memory.temp_size_in_bytes,
         "outputs": memory.output_size_in_bytes,
@@ -110,6 +135,28 @@ def lower(args, arm: str) -> dict:
         "compile_s": seconds,
         "trainable": sum(x.size for x in jax.tree.leaves(trainable)),
     }
+
+
+def _time_arms(results: dict, rounds: int) -> None:
+    """Median step seconds of every arm (results[arm]["step_s"]), the arms taking turns."""
+    import statistics
+
+    import jax
+
+    key = jax.random.PRNGKey(1)
+    times = {arm: [] for arm in results}
+    for round_ in range(rounds + 1):
+        for arm, result in results.items():
+            live = result["live"]
+            start = time.perf_counter()
+            live["state"], metrics = live["step"](live["state"], live["batch"], key)
+            jax.block_until_ready(metrics)
+            if round_ > 0:  # the first step of each arm is not timed
+                times[arm].append(time.perf_counter() - start)
+        print(f"[ist_memory] round {round_}/{rounds}", file=sys.stderr, flush=True)
+    for arm, result in results.items():
+        result["step_s"] = statistics.median(times[arm])
+        result["live"] = None
 
 
 def main(argv=None) -> str:
@@ -124,11 +171,20 @@ def main(argv=None) -> str:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--n-update", type=int, default=4)
     parser.add_argument("--remat", default="none", help="none | full | dots | dots_no_batch")
+    parser.add_argument(
+        "--time-rounds",
+        type=int,
+        default=0,
+        help="also run the steps on random weights: this many timed rounds, the arms taking "
+        "turns step by step after one untimed step each (0: memory only)",
+    )
     args = parser.parse_args(argv)
     results = {}
     for arm in ARMS:
         print(f"[ist_memory] compiling {arm}", file=sys.stderr, flush=True)
-        results[arm] = lower(args, arm)
+        results[arm] = lower(args, arm, materialize=args.time_rounds > 0)
+    if args.time_rounds > 0:
+        _time_arms(results, args.time_rounds)
     base = results["lora"]
     rows = [
         [
@@ -140,6 +196,11 @@ def main(argv=None) -> str:
             f"{r['total'] / base['total']:.3f}",
             f"{r['temporaries'] / base['temporaries']:.3f}",
             f"{r['compile_s']:.0f}",
+            *(
+                [f"{r['step_s']:.3g}", f"{r['step_s'] / base['step_s']:.3f}"]
+                if args.time_rounds > 0
+                else []
+            ),
         ]
         for arm, r in results.items()
     ]
@@ -162,9 +223,10 @@ def main(argv=None) -> str:
                 "total / LoRA",
                 "temporaries / LoRA",
                 "compile s",
+                *(["median step s", "step / LoRA"] if args.time_rounds > 0 else []),
             ],
             rows,
-            "lrrrrrrr",
+            "lrrrrrrrrr",
         ),
     ]
     report = "\n".join(lines)

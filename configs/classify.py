@@ -190,6 +190,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.ist.score_lr = 10.0
     config.ist.interval = 10
     config.ist.probe_batch_size = 16
+    # Form the weight gradients of the active layers only, keeping only their inputs for the
+    # backward pass (less memory, pifi_jax/ist/sparse_grad.py); False: differentiate every
+    # layer and drop the inactive layers' gradients (same updates). Off under remat.
+    config.ist.sparse_grad = True
 
     # Device mesh over (data, fsdp, tensor); -1 = all remaining devices.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

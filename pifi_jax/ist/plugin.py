@@ -26,6 +26,7 @@ import optax
 
 from pifi_jax.ist import scores as ist_scores
 from pifi_jax.ist.optim import groups_from_paths, layer_masked_adam
+from pifi_jax.ist.sparse_grad import sparse_value_and_grad
 from pifi_jax.layers.linear import branch_scales
 from pifi_jax.train import optim, partition
 from pifi_jax.train.plugins import StepPlugin, register_plugin
@@ -43,6 +44,11 @@ def layer_index_of(path: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def layer_free_path(path: str) -> str:
+    """The path with its layer index replaced by `*` (`model/layers_3/mlp` -> `model/layers_*/mlp`)."""
+    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), "*"), path)
+
+
 def layer_groups(trainable) -> tuple[dict, dict[int, int]]:
     """(groups tree: each trainable leaf's group or -1, {layer index: group}), groups numbered in
     layer order."""
@@ -50,12 +56,17 @@ def layer_groups(trainable) -> tuple[dict, dict[int, int]]:
         {i for p in partition.flatten(trainable) if (i := layer_index_of(p)) is not None}
     )
     group_of_layer = {layer: g for g, layer in enumerate(layers)}
+    return groups_from_paths(trainable, _group_finder(group_of_layer)), group_of_layer
+
+
+def _group_finder(group_of_layer: dict[int, int]):
+    """path -> the group of the layer it names, or None."""
 
     def group_of_path(path: str) -> int | None:
         layer = layer_index_of(path)
         return None if layer is None else group_of_layer.get(layer)
 
-    return groups_from_paths(trainable, group_of_path), group_of_layer
+    return group_of_path
 
 
 def _settings(config, num_layers: int) -> dict:
@@ -134,9 +145,21 @@ def make_ist_plugin(config, objective, trainable, log) -> StepPlugin | None:
         active = ist_scores.active_layers(rng, extra["scores"], n_update, mode)
         return {"active": active}, {}
 
-    def group_of_module(path: str) -> int | None:
-        layer = layer_index_of(path)
-        return None if layer is None else group_of_layer.get(layer)
+    group_of_module = _group_finder(group_of_layer)
+    flat_trainable = partition.flatten(trainable)
+
+    def group_of_weight(path: str) -> int | None:
+        """The layer of a trainable weight [in, out] with in > out (lora_a, adapter_down), whose
+        input only its own gradient needs: tapped (ist.sparse_grad); others None."""
+        leaf = flat_trainable.get(path)
+        if leaf is None or len(leaf.shape) != 2 or leaf.shape[0] <= leaf.shape[1]:
+            return None
+        return group_of_module(path)
+
+    def make_grad(loss_fn):
+        return sparse_value_and_grad(loss_fn, group_of_weight, layer_free_path, n_update)
+
+    remat = config.get("model", {}).get("remat_policy", "none") not in (None, "none")
 
     def periodic(state, batch, rng):
         scores = state.extra["scores"]
@@ -173,6 +196,8 @@ def make_ist_plugin(config, objective, trainable, log) -> StepPlugin | None:
         extra={"scores": jnp.zeros((num_layers,), jnp.float32)},
         make_optimizer=make_optimizer,
         update_args=update_args,
+        # Under remat the layers keep no inputs for the backward pass anyway.
+        make_grad=None if remat or not cfg.sparse_grad else make_grad,
         periodic=periodic if ist_mode else None,
         interval=cfg.interval if ist_mode else 0,
         periodic_batch_size=cfg.probe_batch_size if ist_mode else 0,

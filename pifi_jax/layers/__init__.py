@@ -1,6 +1,6 @@
 """Building blocks shared by every architecture. Imports nothing else from the package."""
 
-from pifi_jax.layers.activations import activation
+from pifi_jax.layers.activations import activation, gated_activation, softmax
 from pifi_jax.layers.attention import (
     ATTENTION_IMPLEMENTATIONS,
     KVCache,
@@ -27,6 +27,8 @@ __all__ = [
     "RMSNorm",
     "Rope",
     "activation",
+    "gated_activation",
+    "softmax",
     "attention_bias",
     "attention_implementation",
     "dot_product_attention",

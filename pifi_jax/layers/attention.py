@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pifi_jax.layers.activations import softmax
+
 
 def padding_bias(attention_mask: jax.Array, dtype) -> jax.Array:
     """Turns a [batch, kv_length] 0/1 mask into an additive bias [batch, 1, 1, kv_length]."""
@@ -225,7 +227,7 @@ def dot_product_attention(
     if bias is not None:
         logits = logits + bias
     # Softmax in fp32 whatever the compute dtype, as the reference implementations do.
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(query.dtype)
+    probs = softmax(logits.astype(jnp.float32), -1).astype(query.dtype)
     if dropout_active:
         probs = dropout_module(probs, deterministic=deterministic)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # [batch, q, heads, head_dim]

@@ -151,6 +151,94 @@ def branch_scale(path: str) -> jax.Array | None:
     return None if active is None else active.of(path)
 
 
+class InputTaps:
+    """Weight gradients of selected layers only, from inputs kept for those layers only.
+
+    Reverse-mode differentiation of `y = x @ W` keeps x for W's gradient, in every layer, even
+    when only a few layers' W are trained at this step (IST, pifi_jax.ist). Inside
+    `input_taps(taps)`, a product with a weight that `group_of(weight path)` puts in a group is
+    computed as
+
+        y = x @ stop_gradient(W) + tap[weight path]
+
+    with `tap` a zero array [..., out] that the caller differentiates: d loss / d tap is
+    d loss / d y, and the caller forms dW = x^T (d loss / d y) for the selected groups. x is
+    written (not differentiated) into slot `slots[group]` of one buffer [n_slots, *x.shape] per
+    input site; a slot >= n_slots is dropped, so the other groups' inputs live only as long as the
+    forward pass needs them. Products in one group that read the same input (q, k and v of a
+    layer) share one site, named `kind_of(weight path)` of the first of them (a name without the
+    layer, so that every layer writes the same buffer).
+
+    With `tapping=False` (discovery: the caller's first, abstract pass) products are computed
+    plainly and only their shapes are recorded, so the caller can make the taps.
+    """
+
+    def __init__(self, group_of, kind_of=None, slots=None, n_slots: int = 0, taps=None):
+        self.group_of = group_of
+        self.kind_of = kind_of
+        self.slots = slots
+        self.n_slots = n_slots
+        self.taps = taps
+        self.shapes: dict[str, tuple] = {}  # weight path -> (x shape, x dtype, tap shape)
+        self.sites: dict[str, str] = {}  # weight path -> its input's buffer
+        self.groups: dict[str, int] = {}  # weight path -> group
+        self.buffers: dict[str, jax.Array] = {}  # site -> [n_slots, *x.shape]
+        self._seen: dict[int, list] = {}  # group -> [(x, site)], to share one input's buffer
+
+    def matmul(self, path: str, x: jax.Array, weight: jax.Array, spec: str) -> jax.Array | None:
+        """`einsum(spec, x, weight)` if the weight at `path` is tapped (else None)."""
+        group = self.group_of(path)
+        if group is None:
+            return None
+        y = jnp.einsum(spec, x, jax.lax.stop_gradient(weight))
+        self.groups[path] = group
+        if self.taps is None:
+            self.shapes[path] = (x.shape, x.dtype, y.shape)
+            return y
+        self.sites[path] = self._keep(group, path, x)
+        return y + self.taps[path].astype(y.dtype)
+
+    def _keep(self, group: int, path: str, x: jax.Array) -> str:
+        seen = self._seen.setdefault(group, [])
+        for earlier, site in seen:
+            if earlier is x:
+                return site
+        site = self.kind_of(path)
+        if site in self.buffers and self.buffers[site].shape[1:] != x.shape:
+            site = path  # an input of another shape under the same name: a buffer of its own
+        buffer = self.buffers.get(site)
+        if buffer is None:
+            buffer = jnp.zeros((self.n_slots, *x.shape), x.dtype)
+        self.buffers[site] = buffer.at[self.slots[group]].set(
+            jax.lax.stop_gradient(x).astype(buffer.dtype), mode="drop"
+        )
+        seen.append((x, site))
+        return site
+
+
+_INPUT_TAPS: contextvars.ContextVar[InputTaps | None] = contextvars.ContextVar(
+    "pifi_jax_input_taps", default=None
+)
+
+
+@contextlib.contextmanager
+def input_taps(taps: InputTaps):
+    """Products with tapped weights, while a model is traced in this context, go through `taps`
+    (InputTaps)."""
+    token = _INPUT_TAPS.set(taps)
+    try:
+        yield taps
+    finally:
+        _INPUT_TAPS.reset(token)
+
+
+def _product(path: str, spec: str, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """einsum(spec, x, weight), through the active InputTaps when it taps `path`."""
+    taps = _INPUT_TAPS.get()
+    y = None if taps is None else taps.matmul(path, x, weight, spec)
+    return jnp.einsum(spec, x, weight) if y is None else y
+
+
 def _kaiming_uniform_a(key, shape, dtype):
     # PyTorch's default nn.Linear init with a=sqrt(5), which HF PEFT uses for lora_A:
     # bound = 1 / sqrt(fan_in); our lora_a is [in, r], fan_in = in.
@@ -198,8 +286,16 @@ class Linear(nn.Module):
             y = y * scale.astype(self.dtype)
         return y
 
+    def _weight_path(self, name: str) -> str:
+        return "/".join((*self.path, name))
+
     def _project(self, x, kernel, add_bias: bool = True):
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = _product(
+            self._weight_path("kernel"),
+            "...i,io->...o",
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+        )
         return y + self._bias() if add_bias else y
 
     def _lora_factors(self, in_features: int, adapter: LinearAdapter):
@@ -226,7 +322,12 @@ class Linear(nn.Module):
         return adapter.lora_scaling * factor.astype(self.dtype)
 
     def _lora_delta(self, x, lora_a, lora_b, adapter: LinearAdapter):
-        h = jnp.einsum("...i,ir->...r", x.astype(self.dtype), lora_a.astype(self.dtype))  # [..., r]
+        h = _product(  # [..., r]
+            self._weight_path("lora_a"),
+            "...i,ir->...r",
+            x.astype(self.dtype),
+            lora_a.astype(self.dtype),
+        )
         return self._scaling(adapter) * jnp.einsum("...r,ro->...o", h, lora_b.astype(self.dtype))
 
     def _lora(self, x, adapter: LinearAdapter, deterministic: bool):

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pifi_jax.layers import Linear, activation
+from pifi_jax.layers import Linear, activation, softmax
 from pifi_jax.layers.peft_hooks import (
     bottleneck_adapter,
     prefix_block,
@@ -391,7 +391,7 @@ class DisentangledSelfAttention(nn.Module):
             scores = jnp.moveaxis(mix(name="head_logits_proj")(jnp.moveaxis(scores, 1, -1)), -1, 1)
         scores = scores.astype(jnp.float32)
         scores = jnp.where(pair_mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [batch, heads, q, k]
+        probs = softmax(scores, -1).astype(self.dtype)  # [batch, heads, q, k]
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         if cfg.talking_head:
             probs = jnp.moveaxis(mix(name="head_weights_proj")(jnp.moveaxis(probs, 1, -1)), -1, 1)

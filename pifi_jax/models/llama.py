@@ -45,8 +45,8 @@ from pifi_jax.layers import (
     Linear,
     RMSNorm,
     Rope,
-    activation,
     dot_product_attention,
+    gated_activation,
     self_attention_inputs,
 )
 from pifi_jax.layers.peft_hooks import bottleneck_adapter, prefix_block
@@ -311,7 +311,7 @@ class GatedMLP(nn.Module):
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         gate = Linear(self.intermediate_size, **kw, name="gate_proj")(x)  # [batch, length, inter]
         up = Linear(self.intermediate_size, **kw, name="up_proj")(x)
-        h = Linear(x.shape[-1], **kw, name="down_proj")(activation(self.hidden_act)(gate) * up)
+        h = Linear(x.shape[-1], **kw, name="down_proj")(gated_activation(self.hidden_act)(gate, up))
         return bottleneck_adapter(self, h)  # Houlsby / Pfeiffer adapters, where planned
 
 

@@ -11,6 +11,9 @@ section leaves it off, and at most one may return one. What a plugin may do:
                      GradientTransformationExtraArgs (instead of train.optim.make_optimizer)
     update_args      (extra, rng, step) -> (keyword arguments of the optimizer's update, metrics),
                      inside the jitted train step (e.g. this step's active layers, drawn on device)
+    make_grad        (loss_fn) -> grad_fn(trainable, frozen, batch, rng, **update_args) ->
+                     ((loss, aux), grads), instead of jax.value_and_grad(loss_fn, has_aux=True)
+                     (e.g. gradients of this step's active layers only)
     periodic         (state, batch, rng) -> (extra, metrics), jitted on its own, run before the
                      train step of every step t > 0 with t % interval == 0, on batches of its own
                      stream (`periodic_batch_size` rows, shuffled with a seed of its own; the
@@ -35,6 +38,7 @@ class StepPlugin:
     extra: Any = None
     make_optimizer: Callable | None = None
     update_args: Callable | None = None
+    make_grad: Callable | None = None
     periodic: Callable | None = None
     interval: int = 0
     periodic_batch_size: int = 0

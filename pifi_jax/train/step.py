@@ -8,6 +8,7 @@ micro-batches (`lax.scan`), so one call is one optimizer update whatever the acc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -48,17 +49,29 @@ def make_train_step(
     """Returns train_step(state, batch, rng) -> (state, metrics); jit it with shardings.
 
     plugin: a train.plugins.StepPlugin whose `update_args(state.extra, rng, step)` gives the
-    optimizer's extra update arguments (and metrics) of this step; None: a plain update.
+    optimizer's extra update arguments (and metrics) of this step, and whose `make_grad`, when
+    set, differentiates instead of jax.value_and_grad (given the same arguments); None: a plain
+    update.
 
     objective: anything with `loss_fn(trainable, frozen, batch, rng) -> (mean loss, aux)`, aux a
     dict of batch sums holding "weight" (pifi_jax.train.objectives). metrics: "loss" (the mean
     over the whole batch's weight), "grad_norm", every other aux sum divided by the weight
     (e.g. "accuracy"), and "lr" when a schedule is given.
     """
-    grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+    plain_grad = jax.value_and_grad(objective.loss_fn, has_aux=True)
+    make_grad = None if plugin is None else plugin.make_grad
+    plugin_grad = None if make_grad is None else make_grad(objective.loss_fn)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
+        update_args, plugin_metrics = {}, {}
+        if plugin is not None and plugin.update_args is not None:
+            plugin_rng = jax.random.fold_in(rng, PLUGIN_RNG_TAG)
+            update_args, plugin_metrics = plugin.update_args(state.extra, plugin_rng, state.step)
+        if plugin_grad is None:
+            grad_fn = plain_grad
+        else:
+            grad_fn = functools.partial(plugin_grad, **update_args)
         if accum_steps == 1:
             (loss, aux), grads = grad_fn(state.params, state.frozen, batch, rng)
         else:
@@ -85,10 +98,6 @@ def make_train_step(
             denom = jnp.maximum(aux["weight"], 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = loss / denom
-        update_args, plugin_metrics = {}, {}
-        if plugin is not None and plugin.update_args is not None:
-            plugin_rng = jax.random.fold_in(rng, PLUGIN_RNG_TAG)
-            update_args, plugin_metrics = plugin.update_args(state.extra, plugin_rng, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **update_args)
         params = optax.apply_updates(state.params, updates)
         weight = jnp.maximum(aux["weight"], 1.0)
