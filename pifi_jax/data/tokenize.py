@@ -23,14 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pifi_jax import assets
 from pifi_jax.data.sources import Examples
 
 
 def load_tokenizer(path_or_hub_id: str):
     """A fast tokenizer from a local directory (works offline), a GGUF file (the tokenizer
-    llama.cpp stores in it; transformers reads it offline) or a hub id."""
+    llama.cpp stores in it; transformers reads it offline), an offline asset (`asset:minilm`)
+    or a hub id."""
     import transformers  # heavy; imported when a tokenizer is needed
 
+    if str(path_or_hub_id).startswith(assets.PREFIX):
+        path_or_hub_id = assets.locate(str(path_or_hub_id))
     path = Path(str(path_or_hub_id)).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

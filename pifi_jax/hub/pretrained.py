@@ -154,14 +154,42 @@ def from_pretrained(
     return module, params
 
 
+def _plain_model(module: nn.Module, params: dict) -> tuple[nn.Module, dict]:
+    """(family module, its params) of a PEFT model, merged where the method has extra leaves."""
+    peft_config = getattr(module, "peft_config", None)
+    if peft_config is None:
+        return module, params
+    from pifi_jax import peft  # noqa: PLC0415 (peft builds on hub: imported when needed)
+
+    method = peft_config.method
+    if method in ("adapter", "prefix", "prompt"):
+        raise ValueError(
+            f"save_pretrained: a {method!r} PEFT model has no plain form that transformers can "
+            "load (its extra leaves are not weights of the base architecture). Save the adapter "
+            "with pifi_jax.peft.save_adapter(module, params, directory) (Hugging Face PEFT files, "
+            "loaded by peft.PeftModel.from_pretrained on the base model), or save the base with "
+            "save_pretrained(module.base, base_params)"
+        )
+    if method in ("lora", "ia3"):  # DoRA is LoRA with use_dora
+        base, merged, _ = peft.merge(module, params)
+        return base, merged
+    return module.base, params
+
+
 def save_pretrained(module: nn.Module, params: dict, directory: str | os.PathLike) -> Path:
     """Writes config.json + model.safetensors that transformers loads into the matching class.
 
     A classification model becomes `<Family>ForSequenceClassification`, an encoder `<Family>Model`,
     a seq2seq model `<Family>ForConditionalGeneration`.
+
+    A PEFT model (pifi_jax.peft) is saved as the plain model it computes: LoRA, DoRA and IA3 are
+    merged into the weights first (peft.merge), and methods whose leaves are plain weights (BitFit,
+    top-k layers, full fine-tuning) are saved as they are. Bottleneck adapters and prefix / prompt
+    tuning have no plain form: refused, with what to do instead.
     """
     from safetensors.numpy import save_file
 
+    module, params = _plain_model(module, params)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = module.config
