@@ -9,6 +9,9 @@ Other tasks and models (hub names need the network; local directories and files 
     python -m launch.train --config=configs/classify.py:task=rt \
         --config.data.source=local --config.data.data_files.train=train.csv \
         --config.data.data_files.validation=dev.csv --config.data.column_map=text=sentence
+    python -m launch.train --config=configs/classify.py:task=local,model=PATH \
+        --config.data.data_files.train=train.csv --config.data.data_files.validation=dev.csv \
+        --config.data.data_files.test=test.csv   # any text,label csv/tsv/jsonl/parquet files
 
 The argument after the colon is comma-separated: `task=NAME`, `model=PATH_OR_HUB_ID`, and the flag
 `runlocal` (a tiny, seconds-long setting used by the tests).
@@ -37,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Seed of parameter init (new head), dropout and data order.
     config.seed = 0
     # What the trainer optimises (pifi_jax.train.objectives): auto (from the task and model),
-    # classification, regression, causal_lm or seq2seq.
+    # classification, regression, multi_label, causal_lm or seq2seq.
     config.objective = "auto"
     # How the model is built (pifi_jax.train.builders): pretrained (a checkpoint under the
     # objective's head, with config.peft), or a method's builder (configs/pifi.py: pifi).
@@ -63,6 +66,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.data_files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
     # For source=local: "task_column=file_column,..." when the file's column names differ.
     config.data.column_map = ""
+    # task=local (your own files, no registry entry; pifi_jax/data/local.py): the text column,
+    # or two comma-separated for a text pair (e.g. "text,text_pair"), and the label column.
+    config.data.text_columns = "text"
+    config.data.label_column = "label"
+    # task=local: auto | single_label | regression | multi_label. auto: numbers that are not
+    # all integers -> regression, anything else -> single_label (classes: the training file's
+    # labels, integers sorted numerically, else strings sorted; run_dir/labels.json). Lists
+    # (jsonl) or comma-separated strings are multi-label only when set here.
+    config.data.problem_type = "auto"
     # Seed of held-out splits (e.g. the movie-grouped RT split), independent of config.seed.
     config.data.split_seed = 0
     # Tokens per example after truncation (special tokens included).

@@ -28,7 +28,7 @@ def main(argv):
 
     config = _CONFIG.value
     out = Path(_OUT.value or f"runs/select_{config.task}_{short_name(str(config.pifi.llm))}")
-    scores = select_for_config(config, data.get_task(config.task), out)
+    scores = select_for_config(config, data.task_for_config(config), out)
     print(f"chosen layer {scores.chosen}; table, CSV and plot in {out.resolve()}")
 
 

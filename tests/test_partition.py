@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from pifi_jax.train.partition import (
+from pifi_jax.partition import (
     flatten,
     label_leaves,
     merge_params,

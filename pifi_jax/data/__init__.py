@@ -6,11 +6,15 @@ encoded = encode(load_tokenizer(path), examples, 128)     # variable-length int3
 batcher = Batcher(encoded, 32, (32, 64, 128), shuffle=True, seed=0, drop_remainder=True)
 for batch in batcher.batches(epoch=0): ...                # static shapes, weights for padding
 
+Task "local" (your own files, no registry entry): `task_for_config(config)` reads the label set
+from the training file (pifi_jax.data.local).
+
 Generation tasks (`GenerationTask`: source -> target text) encode with `encode_generation` in the
 causal_lm or seq2seq layout; their Batcher pads targets too (see batching.py).
 """
 
 from pifi_jax.data.batching import Batcher
+from pifi_jax.data.local import resolve_task, task_for_config
 from pifi_jax.data.sources import Examples, load_examples
 from pifi_jax.data.tasks import TASKS, GenerationTask, TaskSpec, get_task
 from pifi_jax.data.tokenize import Encoded, encode, encode_generation, load_tokenizer
@@ -27,4 +31,6 @@ __all__ = [
     "get_task",
     "load_examples",
     "load_tokenizer",
+    "resolve_task",
+    "task_for_config",
 ]

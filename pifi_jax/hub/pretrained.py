@@ -176,7 +176,14 @@ def _plain_model(module: nn.Module, params: dict) -> tuple[nn.Module, dict]:
     return module.base, params
 
 
-def save_pretrained(module: nn.Module, params: dict, directory: str | os.PathLike) -> Path:
+def save_pretrained(
+    module: nn.Module,
+    params: dict,
+    directory: str | os.PathLike,
+    *,
+    label_names=None,
+    problem_type: str | None = None,
+) -> Path:
     """Writes config.json + model.safetensors that transformers loads into the matching class.
 
     A classification model becomes `<Family>ForSequenceClassification`, an encoder `<Family>Model`,
@@ -186,6 +193,11 @@ def save_pretrained(module: nn.Module, params: dict, directory: str | os.PathLik
     merged into the weights first (peft.merge), and methods whose leaves are plain weights (BitFit,
     top-k layers, full fine-tuning) are saved as they are. Bottleneck adapters and prefix / prompt
     tuning have no plain form: refused, with what to do instead.
+
+    label_names: a classification model's class names in id order (config.json's id2label /
+    label2id; e.g. labels.json of a training run); None: LABEL_0, LABEL_1, ...
+    problem_type: "multi_label" writes transformers' "multi_label_classification" (sigmoid +
+    BCE); a one-output model is always "regression"; otherwise left to transformers.
     """
     from safetensors.numpy import save_file
 
@@ -197,10 +209,20 @@ def save_pretrained(module: nn.Module, params: dict, directory: str | os.PathLik
     hf_config = dict(config.to_hf_config())
     hf_config["architectures"] = [family.hf_architecture(config, module.task)]
     if module.task == "classification":
-        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(module.num_labels)}
-        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(module.num_labels)}
+        names = [f"LABEL_{i}" for i in range(module.num_labels)]
+        if label_names is not None:
+            names = [str(name) for name in label_names]
+            if len(names) != module.num_labels or len(set(names)) != len(names):
+                raise ValueError(
+                    f"save_pretrained: label_names must be {module.num_labels} distinct names "
+                    f"(the model's outputs), got {names}"
+                )
+        hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf_config["label2id"] = {name: i for i, name in enumerate(names)}
         if module.num_labels == 1:
             hf_config["problem_type"] = "regression"
+        elif problem_type == "multi_label":
+            hf_config["problem_type"] = "multi_label_classification"
     tensors = {}
     strip = base_model_prefix(family, config) + "." if module.task in _BARE_TASKS else None
     flat = _flatten(params)

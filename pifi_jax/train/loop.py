@@ -4,7 +4,8 @@
 
 The run directory holds config.json (the resolved config), metrics.jsonl, TensorBoard event files
 (tb/), checkpoints/ (latest few, for resuming) and checkpoints/best/ (the best on validation), and
-results.json (validation and test metrics of the best checkpoint) and predictions_<split>.jsonl
+results.json (validation and test metrics of the best checkpoint), labels.json (classification:
+the problem type and the class names in id order) and predictions_<split>.jsonl
 (what the best checkpoint predicts for each evaluation example: class ids, or generated texts
 beside their references). Running the same command again on
 the same workdir resumes from the latest checkpoint: parameters, optimizer state, step, data
@@ -14,6 +15,7 @@ position and early-stopping counters are restored, so the run ends exactly as an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -192,8 +194,15 @@ class Run:
 
 def default_workdir(config) -> str:
     """runs/<name>, the name given by the config's model builder (pretrained: <task>_<model>):
-    the same command always finds (and resumes) the same run."""
-    return str(Path("runs") / get_builder(config.get("builder", "pretrained")).run_name(config))
+    the same command always finds (and resumes) the same run. A task read from your own files
+    (task "local") adds a digest of the training file's absolute path, so that another data set
+    never resumes this one's checkpoints."""
+    name = get_builder(config.get("builder", "pretrained")).run_name(config)
+    train_file = config.data.data_files.get("train", "")
+    if getattr(data.get_task(config.task), "labels_from_data", False) and train_file:
+        digest = hashlib.sha1(str(Path(train_file).resolve()).encode("utf-8")).hexdigest()[:8]
+        name = f"{name}_{digest}"
+    return str(Path("runs") / name)
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Run:
@@ -209,7 +218,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     batch_sh = parallel.batch_sharding(mesh, rules)
     repl = parallel.replicated(mesh)
 
-    task = data.get_task(config.task)
+    task = data.task_for_config(config)  # a registry entry, or read from the files (local)
     model_dir = resolve_checkpoint(config.model.path)
     _, hf_config = open_checkpoint(model_dir)
     objective_cls = objectives.objective_class(config.get("objective", "auto"), task, hf_config)
@@ -362,6 +371,18 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     )
 
 
+def task_labels(task) -> dict:
+    """What labels.json holds: the problem type and the class names in id order (None for
+    regression), e.g. for `save_pretrained(..., label_names=...)`."""
+    names = task.label_names
+    if names is None and not task.is_regression:
+        names = tuple(f"LABEL_{i}" for i in range(task.num_labels))
+    return {
+        "problem_type": task.problem_type,
+        "label_names": None if names is None else list(names),
+    }
+
+
 def _best_params(run: Run):
     """The best checkpoint's trainable parameters, or None if no evaluation has been saved."""
     abstract = jax.tree.map(
@@ -398,6 +419,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     run = setup_run(config, workdir, log)  # refuses a run directory it must not resume first
     if lead:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if run.task.kind == "classification":
+            (workdir / "labels.json").write_text(json.dumps(task_labels(run.task), indent=2))
     state = run.state
     batch_sh, repl, tc = run.batch_sharding, run.replicated, config.train
     train_batches, eval_batches = run.train_batches, run.eval_batches

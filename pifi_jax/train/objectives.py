@@ -19,6 +19,8 @@ head to build (`model_task`: "classification", "causal_lm" or "seq2seq") before 
 
     classification  cross-entropy (label smoothing as PyTorch's), argmax, accuracy / F1 / MCC
     regression      mean squared error on a 1-output head, Pearson / Spearman
+    multi_label     sigmoid + binary cross-entropy per label, labels [batch, K] 0/1; a label
+                    is predicted where its sigmoid is > 0.5; micro / macro F1 (scikit-learn)
     causal_lm       prompt + target (+ eos) in one sequence, next-token loss on the target
                     tokens only (`loss_mask`: prompt and padding 0); evaluation generates after
                     the prompt and scores the text (ROUGE, BLEU)
@@ -35,6 +37,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from pifi_jax.train.metrics import (
     compute_metrics,
@@ -122,6 +125,72 @@ class Regression(Classification):
     def predict(self, params, batch):
         logits = self._logits(params, batch, deterministic=True)
         return {"predictions": logits[:, 0], "labels": batch["labels"], "weights": batch["weights"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLabel(Classification):
+    """Multi-label classification: K independent sigmoids over logits [batch, K], trained with
+    binary cross-entropy (the mean over the K labels of a row, then the weighted mean over rows,
+    as PyTorch's BCEWithLogitsLoss); labels [batch, K] are 0/1 indicators."""
+
+    name: ClassVar[str] = "multi_label"
+    metrics: tuple[str, ...] = ("f1_micro", "f1_macro")
+    threshold: float = 0.5
+
+    def loss_fn(self, trainable, frozen, batch, rng, deterministic: bool = False):
+        params = merge_params(trainable, frozen)
+        logits = self._logits(params, batch, deterministic=deterministic, rngs={"dropout": rng})
+        logits = logits.astype(jnp.float32)  # [batch, K]
+        labels = batch["labels"].astype(jnp.float32)  # [batch, K]
+        weights = batch["weights"].astype(jnp.float32)  # [batch]
+        per_row = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
+        total = jnp.sum(weights)
+        loss = _safe_mean(jnp.sum(per_row * weights), total)
+        exact = jnp.all((jax.nn.sigmoid(logits) > self.threshold) == (labels > 0.5), axis=-1)
+        return loss, {"weight": total, "exact_match": jnp.sum(exact * weights)}
+
+    def predict(self, params, batch):
+        logits = self._logits(params, batch, deterministic=True)
+        predicted = jax.nn.sigmoid(logits.astype(jnp.float32)) > self.threshold
+        return {
+            "predictions": predicted.astype(jnp.int32),  # [batch, K]
+            "labels": batch["labels"],
+            "weights": batch["weights"],
+        }
+
+    def _rows(self, outputs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keep = np.asarray(outputs["weights"]) != 0
+        predictions = np.asarray(outputs["predictions"])[keep].astype(np.int32)
+        labels = (np.asarray(outputs["labels"])[keep] > 0.5).astype(np.int32)
+        return np.flatnonzero(keep), predictions, labels
+
+    def score(self, outputs: dict, split=None) -> dict[str, float]:
+        from sklearn.metrics import f1_score  # noqa: PLC0415 (only multi-label runs need it)
+
+        _, predictions, labels = self._rows(outputs)
+        if not len(labels):
+            raise ValueError("No rows with nonzero weight to compute metrics on.")
+        averages = {"f1_micro": "micro", "f1_macro": "macro"}
+        unknown = [m for m in self.metrics if m not in averages]
+        if unknown:
+            raise ValueError(f"multi-label metrics {unknown} are not among {sorted(averages)}")
+        return {
+            name: float(f1_score(labels, predictions, average=averages[name], zero_division=0))
+            for name in self.metrics
+        }
+
+    def records(self, outputs: dict, split=None) -> list[dict]:
+        """One {"index", "prediction", "label"} per real row: the ids of the labels predicted
+        and of the true labels."""
+        index, predictions, labels = self._rows(outputs)
+        return [
+            {
+                "index": int(i),
+                "prediction": np.flatnonzero(p).tolist(),
+                "label": np.flatnonzero(y).tolist(),
+            }
+            for i, p, y in zip(index, predictions, labels, strict=True)
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,12 +341,13 @@ class Seq2Seq(Generation):
         return _safe_mean(total, count), {"weight": count}
 
 
-OBJECTIVES = {cls.name: cls for cls in (Classification, Regression, CausalLM, Seq2Seq)}
+OBJECTIVES = {cls.name: cls for cls in (Classification, Regression, MultiLabel, CausalLM, Seq2Seq)}
 
 
 def objective_class(name: str, task, model_config: dict | None = None) -> type:
     """The objective `name` names, or for "auto" the one the task and model call for: a
-    classification task -> classification (regression with one label); a generation task ->
+    classification task -> classification (regression with one label, multi_label for a task of
+    problem_type "multi_label"); a generation task ->
     seq2seq for an encoder-decoder (the Hugging Face config's `is_encoder_decoder`), else
     causal_lm."""
     if name != "auto":
@@ -287,6 +357,8 @@ def objective_class(name: str, task, model_config: dict | None = None) -> type:
     if task.kind == "generation":
         encoder_decoder = bool((model_config or {}).get("is_encoder_decoder", False))
         return Seq2Seq if encoder_decoder else CausalLM
+    if getattr(task, "problem_type", None) == "multi_label":
+        return MultiLabel
     return Regression if task.num_labels == 1 else Classification
 
 
@@ -313,4 +385,8 @@ def make_objective(config, task, module, tokenizer=None, model_config: dict | No
         )
     if cls is Regression:
         return Regression(module, metrics=tuple(task.metrics))
+    if cls is MultiLabel:
+        if smoothing:
+            raise ValueError("train.label_smoothing applies to single-label classification")
+        return MultiLabel(module, task.num_labels, tuple(task.metrics))
     return cls(module, task.num_labels, tuple(task.metrics), smoothing)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ml_collections
 
-from pifi_jax.data import get_task
+from pifi_jax.data import task_for_config
 from pifi_jax.train.loop import train_and_evaluate
 
 CSV_NAME, PLOT_NAME = "sweep.csv", "sweep.png"
@@ -65,7 +65,7 @@ def run_sweep(
         )
         rows.append({label: value, **results, "adapter_bytes": _dir_bytes(run_dir / "adapter")})
     write_csv(rows, workdir / CSV_NAME)
-    chosen = f"validation/{config.train.best_metric or get_task(config.task).primary_metric}"
+    chosen = f"validation/{config.train.best_metric or task_for_config(config).primary_metric}"
     plot(
         [(label, rows)], workdir / PLOT_NAME, metric=chosen if chosen in rows[0] else _primary(rows)
     )

@@ -1,0 +1,193 @@
+"""Task "local": your own classification / regression files, no registry entry needed.
+
+    task = resolve_task(get_task("local"), data_files={"train": "train.csv", ...},
+                        text_columns=("text",), label_column="label", problem_type="auto")
+
+The registry's `local` entry is a template (`TaskSpec.labels_from_data`); `resolve_task` reads the
+training file and returns the run's task, with its label set, problem type and metrics:
+
+- problem_type "auto": a numeric label column whose values are not all integers is regression;
+  any other column (strings, integers) is single-label classification. Multi-label is never
+  guessed: list labels (jsonl) or comma-separated strings need problem_type="multi_label".
+- single_label: the classes are the distinct labels of the TRAINING split, sorted: numerically
+  when every label is an integer (so 1..5 star ratings become ids 0..4), else as strings
+  (Python's sort, so the order never depends on the order of the rows). Labels are matched by
+  their text (`label_key`): 1, 1.0 and "1" are the same label. A validation or test label that
+  the training split lacks is refused, naming the file, the column, the row and the value.
+- regression: one output; the labels must be numbers. Metrics pearson, spearman.
+- multi_label: each label is a list (jsonl) or a comma-separated string ("sports,politics");
+  the classes are every label seen in training, sorted as above; an empty list or string means
+  no label. Metrics f1_micro, f1_macro (threshold 0.5 on the sigmoid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pifi_jax.data import sources
+from pifi_jax.data.tasks import TaskSpec, get_task
+
+PROBLEM_TYPES = ("auto", "single_label", "regression", "multi_label")
+
+
+def label_key(value) -> str | None:
+    """The text a label is matched by: integers (and integral floats) as "3", other floats as
+    repr, strings as they are; None for a missing label."""
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return str(int(value))
+    return repr(float(value)) if isinstance(value, numbers.Real) else str(value)
+
+
+def split_labels(value) -> list[str]:
+    """The labels of one multi-label row: a list's items or a comma-separated string's parts
+    (stripped, empty parts dropped), each as its `label_key`."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        items = list(value)
+    elif isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    else:
+        items = [value]
+    return [label_key(item) for item in items if label_key(item) not in (None, "")]
+
+
+def _sorted_labels(keys) -> list[str]:
+    keys = list(dict.fromkeys(keys))
+    try:
+        numbers_ = [int(k) for k in keys]
+    except ValueError:
+        return sorted(keys)
+    if all(str(n) == k for n, k in zip(numbers_, keys, strict=True)):
+        return [str(n) for n in sorted(numbers_)]
+    return sorted(keys)
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _refuse_lists(raw: pd.Series, origin: str, column: str) -> None:
+    lists = raw.map(_is_list)
+    if lists.any():
+        row = lists.index[np.argmax(lists.to_numpy())]
+        raise ValueError(
+            f"{origin}: column {column!r} row {row}: label {raw.loc[row]!r} is a list; set "
+            "data.problem_type=multi_label for multi-label data"
+        )
+
+
+def _problem_type(raw: pd.Series) -> str:
+    """problem_type "auto": regression for non-integral numbers, else single-label."""
+    if pd.api.types.is_bool_dtype(raw) or not pd.api.types.is_numeric_dtype(raw):
+        return "single_label"
+    values = raw.to_numpy(dtype=np.float64)
+    return "single_label" if np.all(values == np.round(values)) else "regression"
+
+
+def resolve_task(
+    task: TaskSpec,
+    *,
+    data_files: Mapping[str, str] | None,
+    text_columns: Sequence[str] = ("text",),
+    label_column: str = "label",
+    problem_type: str = "auto",
+    column_map: Mapping[str, str] | None = None,
+) -> TaskSpec:
+    """The run's task from a `labels_from_data` template and the training file (see the module
+    docstring); any other task is returned as it is."""
+    if not getattr(task, "labels_from_data", False):
+        return task
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"data.problem_type {problem_type!r} must be one of {PROBLEM_TYPES}")
+    train_file = (data_files or {}).get("train")
+    if not train_file:
+        raise ValueError(
+            f"task {task.name!r} reads your own files: give at least "
+            "--config.data.data_files.train=FILE (and validation / test)"
+        )
+    text_columns = tuple(c.strip() for c in text_columns if c.strip())
+    if len(text_columns) not in (1, 2):
+        raise ValueError(
+            f"data.text_columns must name one column or two (a text pair), got {text_columns}"
+        )
+    origin = str(train_file)
+    shaped = dataclasses.replace(task, text_columns=text_columns, label_column=label_column)
+    frame = sources._select_columns(
+        shaped, sources._read_table(origin).reset_index(drop=True), column_map or {}, origin
+    )
+    raw = frame[label_column]
+    missing = raw.isna()
+    if missing.any():
+        row = missing.index[np.argmax(missing.to_numpy())]
+        raise ValueError(
+            f"{origin}: column {label_column!r} row {row}: missing label {raw.loc[row]!r}"
+        )
+    if problem_type != "multi_label":
+        _refuse_lists(raw, origin, label_column)
+    if problem_type == "auto":
+        problem_type = _problem_type(raw)
+
+    if problem_type == "regression":
+        return dataclasses.replace(
+            shaped,
+            num_labels=1,
+            problem_type="regression",
+            metrics=("pearson", "spearman"),
+            primary_metric="pearson",
+            label_names=None,
+            label_map=None,
+        )
+    if problem_type == "multi_label":
+        names = _sorted_labels(label for value in raw for label in split_labels(value))
+        metrics, primary = ("f1_micro", "f1_macro"), "f1_micro"
+    else:
+        names = _sorted_labels(raw.map(label_key))
+        metrics, primary = ("accuracy", "f1_macro"), "accuracy"
+    if len(names) < 2:  # one output would be a regression head
+        raise ValueError(
+            f"{origin}: column {label_column!r}: the training split has {len(names)} distinct "
+            f"label(s) {names}; {problem_type} classification needs at least 2 (for a numeric "
+            "target set data.problem_type=regression)"
+        )
+    return dataclasses.replace(
+        shaped,
+        num_labels=len(names),
+        problem_type=problem_type,
+        metrics=metrics,
+        primary_metric=primary,
+        label_names=tuple(names),
+        label_map={name: i for i, name in enumerate(names)},
+    )
+
+
+def task_for_config(config) -> TaskSpec:
+    """The task a run config trains: `config.task` from the registry, resolved from the data
+    files when it is a template (task "local": data.text_columns, data.label_column,
+    data.problem_type)."""
+    task = get_task(config.task)
+    if not getattr(task, "labels_from_data", False):
+        return task
+    cfg = config.data
+    files = {split: path for split, path in cfg.data_files.items() if path}
+    column_map = dict(item.split("=", 1) for item in cfg.get("column_map", "").split(",") if item)
+    return resolve_task(
+        task,
+        data_files=files,
+        text_columns=tuple(str(cfg.get("text_columns", "text")).split(",")),
+        label_column=cfg.get("label_column", "label"),
+        problem_type=cfg.get("problem_type", "auto"),
+        column_map=column_map,
+    )
