@@ -351,3 +351,26 @@ def fmt_number(x: float | None, digits: int = 1) -> str:
 
 def fmt_count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def apply_overrides(config, items: Sequence[tuple[str, Any] | str]) -> None:
+    """Sets dotted fields of an ml_collections config in place, as the launcher's
+    --config.a.b=value does: each item is ("a.b", value) or "a.b=value"; a string value for a
+    field that is not a string is read as a Python literal and cast to the field's type
+    (e.g. "data.buckets=(64, 128)")."""
+    import ast
+
+    for item in items:
+        dotted, value = item.split("=", 1) if isinstance(item, str) else item
+        *sections, key = dotted.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        current = node[key]
+        if isinstance(value, str) and not isinstance(current, str):
+            value = type(current)(ast.literal_eval(value))
+        node[key] = value

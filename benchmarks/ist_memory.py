@@ -171,6 +171,7 @@ def main(argv=None) -> str:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--n-update", type=int, default=4)
     parser.add_argument("--remat", default="none", help="none | full | dots | dots_no_batch")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS}")
     parser.add_argument(
         "--time-rounds",
         type=int,
@@ -179,8 +180,12 @@ def main(argv=None) -> str:
         "turns step by step after one untimed step each (0: memory only)",
     )
     args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or "lora" not in arms:
+        raise SystemExit(f"--arms: {unknown} not among {ARMS}, or 'lora' (the reference) missing")
     results = {}
-    for arm in ARMS:
+    for arm in arms:
         print(f"[ist_memory] compiling {arm}", file=sys.stderr, flush=True)
         results[arm] = lower(args, arm, materialize=args.time_rounds > 0)
     if args.time_rounds > 0:

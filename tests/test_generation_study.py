@@ -1,6 +1,8 @@
 """benchmarks/generation_study.py: the full-FT / LoRA / IA3 generation study runs end to end on a
 tiny decoder and tiny text pairs (a harness check), and its two frameworks train the same weights."""
 
+import pytest
+
 from benchmarks import generation_study
 
 
@@ -16,6 +18,7 @@ def _rows(report: str, names) -> dict:
     }
 
 
+@pytest.mark.slow  # a minute of the default suite's budget: run with -m slow
 def test_study_reports_every_method_for_both_parts(tmp_path, tiny_llama_dir, tiny_pair_files):
     extra = ["--set=task=pairs", "--set=data.source=local"]
     extra += [f"--set=data.data_files.{s}={p}" for s, p in tiny_pair_files.items()]

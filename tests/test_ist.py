@@ -300,7 +300,7 @@ def test_memory_benchmark_compares_the_three_steps():
 
     report = ist_memory.main(
         ["--layers=4", "--hidden=32", "--ffn=64", "--heads=4", "--vocab=64", "--r=2"]
-        + ["--length=8", "--batch=2", "--n-update=1"]
+        + ["--length=8", "--batch=2", "--n-update=1", "--arms=lora,ist"]
     )
     rows = {
         cells[0]: cells
@@ -309,6 +309,6 @@ def test_memory_benchmark_compares_the_three_steps():
         )
         if cells[0] in ist_memory.ARMS
     }
-    assert set(rows) == set(ist_memory.ARMS)
+    assert set(rows) == {"lora", "ist"}
     assert rows["lora"][5] == "1.000"
-    assert all(float(rows[arm][5]) > 0 for arm in ist_memory.ARMS)
+    assert 0 < float(rows["ist"][5]) < 1.0  # the sparse gradients save even at this size

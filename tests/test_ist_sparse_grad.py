@@ -58,7 +58,7 @@ CASES = {
 }
 
 
-SLOW_CASES = {"lora-gpt2", "adapter-bert"}
+SLOW_CASES = {"lora-gpt2", "adapter-bert", "lora-bert"}  # (test_ist runs IST on an encoder)
 
 
 @pytest.mark.parametrize(
