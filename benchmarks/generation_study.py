@@ -28,7 +28,6 @@ Prints markdown headed by the machine, the versions and the date.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import statistics
 import sys
@@ -63,16 +62,7 @@ def method_config(name: str, train_examples: int, epochs: int, model: str, extra
     config.data.max_examples = train_examples
     config.train.epochs = epochs
     config.train.progress_bar = False
-    items = [*METHODS[name].items(), *(item.split("=", 1) for item in extra)]
-    for dotted, value in items:
-        *sections, key = dotted.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        current = node[key]
-        if isinstance(value, str) and not isinstance(current, str):
-            value = type(current)(ast.literal_eval(value))
-        node[key] = value
+    common.apply_overrides(config, [*METHODS[name].items(), *extra])
     return config
 
 
