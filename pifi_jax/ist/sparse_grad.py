@@ -70,16 +70,13 @@ def sparse_value_and_grad(
             return 0
 
         jax.eval_shape(discover, trainable)
-        missing = sorted(set(found.shapes) - set(flat_params))
+        missing = sorted(set(found.tap_specs) - set(flat_params))
         if missing:
             raise ValueError(
                 f"sparse gradients: tapped weights {missing[:3]} are not leaves of the trainable "
                 "tree (a module path that differs from its parameter path)"
             )
-        taps = {
-            path: jnp.zeros(tap_shape, x_dtype)
-            for path, (_, x_dtype, tap_shape) in found.shapes.items()
-        }
+        taps = {path: jnp.zeros(spec.shape, spec.dtype) for path, spec in found.tap_specs.items()}
 
         sites: dict[str, str] = {}  # weight path -> buffer (names only, read after tracing)
 

@@ -179,7 +179,7 @@ class InputTaps:
         self.slots = slots
         self.n_slots = n_slots
         self.taps = taps
-        self.shapes: dict[str, tuple] = {}  # weight path -> (x shape, x dtype, tap shape)
+        self.tap_specs: dict[str, jax.ShapeDtypeStruct] = {}  # weight path -> its tap's shape
         self.sites: dict[str, str] = {}  # weight path -> its input's buffer
         self.groups: dict[str, int] = {}  # weight path -> group
         self.buffers: dict[str, jax.Array] = {}  # site -> [n_slots, *x.shape]
@@ -193,7 +193,7 @@ class InputTaps:
         y = jnp.einsum(spec, x, jax.lax.stop_gradient(weight))
         self.groups[path] = group
         if self.taps is None:
-            self.shapes[path] = (x.shape, x.dtype, y.shape)
+            self.tap_specs[path] = jax.ShapeDtypeStruct(y.shape, y.dtype)
             return y
         self.sites[path] = self._keep(group, path, x)
         return y + self.taps[path].astype(y.dtype)
