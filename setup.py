@@ -41,6 +41,10 @@ setup(
         # PyTorch reference models for parity tests and pytorch_model.bin checkpoints.
         "torch": ["torch>=2.1"],
         "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15"],
+        # Accelerators: jax with its CUDA 12 wheels (NVIDIA GPUs), or with libtpu (Cloud TPU,
+        # Colab's TPU runtime). Same floor as jax above.
+        "cuda": ["jax[cuda12]>=0.4.30"],
+        "tpu": ["jax[tpu]>=0.4.30"],
         "test": [
             "pytest>=8",
             # The suite runs on two workers (-n 2).

@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.data_files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
     # For source=local: "task_column=file_column,..." when the file's column names differ.
     config.data.column_map = ""
+    # A local copy (or a mirror) of the task's hub dataset repository, read in place of its hub
+    # name, e.g. a snapshot from `huggingface-cli download nyu-mll/glue --repo-type dataset
+    # --local-dir DIR`; the task's split expressions apply as for the hub. Empty = the hub.
+    config.data.hub_path = ""
     # task=local (your own files, no registry entry; pifi_jax/data/local.py): the text column,
     # or two comma-separated for a text pair (e.g. "text,text_pair"), and the label column.
     config.data.text_columns = "text"
@@ -116,6 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every_steps = 10
     # Show a progress bar.
     config.train.progress_bar = True
+    # Keep compiled steps in a persistent cache beside the run directory (<workdir>/../.jax_cache),
+    # so a second run of the same command compiles nothing it compiled before.
+    config.train.compilation_cache = True
 
     config.optim = ml_collections.ConfigDict()
     # adam | adamw | sgd.

@@ -190,6 +190,14 @@ def test_causal_lm_run_scores_generations_and_writes_predictions(
     )
     np.testing.assert_allclose(results["test/rouge1"], 100 * rouge1, rtol=1e-9)
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    # Predicting new sources from the run directory generates what evaluation generated.
+    from pifi_jax.train.predict import Predictor
+
+    with open(tiny_pair_files["test"]) as f:
+        sources = [row["source"] for row in csv.DictReader(f)]
+    rows = Predictor.from_workdir(tmp_path / "run").predict((sources,), batch_size=5)
+    assert [r["source"] for r in rows] == sources
+    assert [r["generated"] for r in rows] == [r["prediction"] for r in records]
 
 
 def test_causal_lm_resume_equals_uninterrupted_run(

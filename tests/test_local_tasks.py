@@ -2,7 +2,9 @@
 
 Runs go through the command-line config path (configs/classify.py:task=local plus --config
 overrides, parsed as launch/train.py parses them) on the tiny random BERT of conftest; two steps
-each, so the metrics are only checked to be reported, not to be good.
+each, so the metrics are only checked to be reported, not to be good. Each trained run is then
+predicted from (pifi_jax/train/predict.py, launch/predict.py): the predictions must be the ones
+the training loop's own evaluation of the best checkpoint wrote.
 """
 
 from __future__ import annotations
@@ -10,14 +12,19 @@ from __future__ import annotations
 import csv
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import pifi_jax
 from pifi_jax import data
 from pifi_jax.train import objectives, train_and_evaluate
-from tests.conftest import FILLER, NEGATIVE, POSITIVE, load_config
+from pifi_jax.train.predict import Predictor
+from tests.conftest import FILLER, NEGATIVE, POSITIVE, REPO, load_config, subprocess_env
 
 # One cue word per class (all in the tiny tokenizer's vocabulary).
 CUES = POSITIVE[:5]
@@ -63,6 +70,21 @@ def _config(model_dir, files, *extra):
     return load_config(f"configs/classify.py:task=local,model={model_dir},runlocal", overrides)
 
 
+def _launch_predict(workdir, *flags, stdin=None):
+    """`python -m launch.predict --workdir=WORKDIR FLAGS`, as a user types it."""
+    run = subprocess.run(
+        [sys.executable, "-m", "launch.predict", f"--workdir={workdir}", *flags],
+        input=stdin,
+        cwd=REPO,
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def _predictions(workdir, split="test"):
     lines = (workdir / f"predictions_{split}.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -102,6 +124,22 @@ def test_five_string_classes_train_and_their_names_reach_the_exported_config(
         sorted(labels).index(label) for label in labels
     ]
 
+    # Predicting needs the run directory only: the training file may be gone.
+    Path(files["train"]).rename(tmp_path / "moved.csv")
+    run = _launch_predict(
+        tmp_path / "run", f"--input={files['test']}", f"--output={tmp_path}/out.csv"
+    )
+    assert "best (step 2) checkpoint" in run.stderr
+    out = pd.read_csv(tmp_path / "out.csv")
+    names = sorted(labels)
+    assert list(out.columns) == ["text", "label", *(f"p:{n}" for n in names)]
+    assert out["text"].tolist() == pd.read_csv(files["test"])["text"].tolist()
+    # The labels the best checkpoint's evaluation predicted, by name; probabilities sum to 1.
+    assert out["label"].tolist() == [names[r["prediction"]] for r in _predictions(tmp_path / "run")]
+    probabilities = out[[f"p:{n}" for n in names]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert [names[i] for i in probabilities.argmax(1)] == out["label"].tolist()
+
     module, params = pifi_jax.from_pretrained(tiny_bert_dir, num_labels=5, log=lambda *_: None)
     out = pifi_jax.save_pretrained(
         module, params, tmp_path / "export", label_names=saved["label_names"]
@@ -139,6 +177,14 @@ def test_three_integer_classes_train_with_lora(tiny_bert_dir, tmp_path):
         "2",
         "3",
     ]
+    # From the command line: texts on stdin, JSON lines on stdout.
+    texts = pd.read_csv(files["test"])["text"].tolist()
+    run = _launch_predict(tmp_path / "run", stdin="\n".join(texts) + "\n")
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["text"] for r in records] == texts
+    expected = [["1", "2", "3"][r["prediction"]] for r in _predictions(tmp_path / "run")]
+    assert [r["label"] for r in records] == expected
+    assert all(set(r["probabilities"]) == {"1", "2", "3"} for r in records)
 
 
 def test_sentence_pairs_train(tiny_bert_dir, tmp_path):
@@ -154,6 +200,19 @@ def test_sentence_pairs_train(tiny_bert_dir, tmp_path):
     assert encoded.token_type_ids[0].max() == 1  # the second text is segment 1
     results = train_and_evaluate(config, tmp_path / "run")
     assert {"validation/accuracy", "test/f1_macro"} <= set(results)
+    # A jsonl input with the pair's columns (and extra ones, ignored).
+    test = pd.read_csv(files["test"])
+    test["note"] = "ignored"
+    test.to_json(tmp_path / "new.jsonl", orient="records", lines=True)
+    _launch_predict(
+        tmp_path / "run", f"--input={tmp_path}/new.jsonl", f"--output={tmp_path}/o.jsonl"
+    )
+    records = [json.loads(line) for line in open(tmp_path / "o.jsonl")]
+    assert [(r["premise"], r["hypothesis"]) for r in records] == list(
+        zip(test["premise"], test["hypothesis"], strict=True)
+    )
+    expected = [["no", "yes"][r["prediction"]] for r in _predictions(tmp_path / "run")]
+    assert [r["label"] for r in records] == expected
 
 
 def test_float_labels_are_regression(tiny_bert_dir, tmp_path):
@@ -170,6 +229,9 @@ def test_float_labels_are_regression(tiny_bert_dir, tmp_path):
     assert {"validation/pearson", "validation/spearman", "test/pearson"} <= set(results)
     saved = json.loads((tmp_path / "run" / "labels.json").read_text())
     assert saved == {"problem_type": "regression", "label_names": None}
+    records = Predictor.from_workdir(tmp_path / "run").predict_file(files["test"], "-")
+    expected = [r["prediction"] for r in _predictions(tmp_path / "run")]
+    np.testing.assert_allclose([r["score"] for r in records], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_integer_floats_stay_classes_and_regression_can_be_asked_for(tmp_path):
@@ -264,6 +326,15 @@ def test_multi_label_lists_train_with_sigmoid_bce_and_f1(tiny_bert_dir, tmp_path
     assert saved == {"problem_type": "multi_label", "label_names": ["arts", "sports", "tech"]}
     record = _predictions(tmp_path / "run")[3]
     assert record["label"] == [0, 1] and set(record["prediction"]) <= {0, 1, 2}
+    records = Predictor.from_workdir(tmp_path / "run").predict_file(
+        files["test"], tmp_path / "out.tsv"
+    )
+    names = ["arts", "sports", "tech"]
+    for mine, theirs in zip(records, _predictions(tmp_path / "run"), strict=True):
+        assert mine["labels"] == [names[i] for i in theirs["prediction"]]
+        assert mine["labels"] == [n for n in names if mine["probabilities"][n] > 0.5]
+    written = pd.read_csv(tmp_path / "out.tsv", sep="\t", keep_default_na=False)
+    assert written["labels"].tolist() == [",".join(r["labels"]) for r in records]
 
     module, params = pifi_jax.from_pretrained(tiny_bert_dir, num_labels=3, log=lambda *_: None)
     out = pifi_jax.save_pretrained(

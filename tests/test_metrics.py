@@ -65,7 +65,7 @@ def test_metric_errors():
         compute_metrics(["accuracy"], np.zeros(2), np.zeros(2), np.zeros(2))
     with pytest.raises(ValueError, match="must match"):
         compute_metrics(["accuracy"], np.zeros(3), np.zeros(2))
-    assert set(METRICS) == {"accuracy", "f1_macro", "mcc", "pearson", "spearman"}
+    assert set(METRICS) == {"accuracy", "f1", "f1_macro", "mcc", "pearson", "spearman"}
 
 
 def _smoothed_ce(logits, labels, weights, eps):

@@ -40,7 +40,29 @@ def tiny_parameters(model_dir, files: dict, workdir: Path) -> str:
 
 
 def test_there_are_notebooks():
-    assert "quickstart.ipynb" in NOTEBOOK_IDS
+    assert {"quickstart.ipynb", "colab_tpu.ipynb"} <= set(NOTEBOOK_IDS)
+
+
+def _check_colab_tpu(notebook, workdir: Path) -> None:
+    """The LoRA adapter the run exported, its merged checkpoint, and the inline plot."""
+    adapter = workdir / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (workdir / "merged" / "config.json").is_file()
+    images = [
+        output
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert images, "the curves cell drew no inline image"
+    install = next(cell for cell in notebook.cells if "IN_COLAB" in cell.source)
+    text = "".join(output.get("text", "") for output in install.outputs)
+    assert "Colab: False" in text, "the Colab install cell must be skipped outside Colab"
+
+
+# Checks of one notebook's own results after it ran, by file name.
+NOTEBOOK_CHECKS = {"colab_tpu.ipynb": _check_colab_tpu}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
@@ -80,3 +102,6 @@ def test_notebook_runs_on_the_tiny_setting(path, tiny_bert_dir, tiny_task_files,
         output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
     )
     assert "Traceback" not in text
+    check = NOTEBOOK_CHECKS.get(path.name)
+    if check is not None:
+        check(notebook, workdir)

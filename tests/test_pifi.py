@@ -6,6 +6,7 @@ conftest.py the SLM, so everything runs offline in seconds.
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -476,6 +477,24 @@ def test_launcher_run_records_the_layer_and_does_not_save_it(launched_run, llm_d
     assert not [p for p in saved if "llm_layer" in p]
 
 
+def test_launch_predict_runs_the_pifi_model_of_the_run(launched_run, tiny_task_files, tmp_path):
+    """`python -m launch.predict` on the PiFi run: the LLM layer is loaded again (as
+    pifi_layer.json pins it) and the labels are those the run's evaluation predicted."""
+    out = tmp_path / "out.csv"
+    command = [sys.executable, "-m", "launch.predict", f"--workdir={launched_run}"]
+    command += [f"--input={tiny_task_files['test']}", f"--output={out}", "--batch_size=8"]
+    run = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "best (step 2) checkpoint" in run.stderr
+    written = list(csv.DictReader(open(out, encoding="utf-8")))
+    expected = [json.loads(line) for line in open(launched_run / "predictions_test.jsonl")]
+    names = ["negative", "positive"]  # task sst2's label names
+    assert [row["label"] for row in written] == [names[r["prediction"]] for r in expected]
+    assert set(written[0]) == {"text", "label", "p:negative", "p:positive"}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -526,7 +545,7 @@ def test_experiments_launcher_compares_base_and_pifi_on_the_config_task(
 
 
 def test_experiment_grid_reuses_finished_runs_and_tabulates(tmp_path, monkeypatch):
-    import pifi_jax.train as train
+    from pifi_jax.train import loop
 
     calls = []
 
@@ -538,7 +557,7 @@ def test_experiment_grid_reuses_finished_runs_and_tabulates(tmp_path, monkeypatc
         (Path(workdir) / "results.json").write_text(json.dumps(results))
         return results
 
-    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     config = load_config("configs/pifi.py:slm=bert")
     rows = experiments.run_grid(config, ["sst2", "rt"], [1, 2, 3], tmp_path, log=print)
     assert len(calls) == len(rows) == 12

@@ -11,8 +11,12 @@ from the training file (pifi_jax.data.local).
 
 Generation tasks (`GenerationTask`: source -> target text) encode with `encode_generation` in the
 causal_lm or seq2seq layout; their Batcher pads targets too (see batching.py).
+
+GLUE suite (`glue`): the nine tasks, their hidden test splits, the gluebenchmark.com submission
+archive and the score table (pifi_jax.data.glue).
 """
 
+from pifi_jax.data import glue
 from pifi_jax.data.batching import Batcher
 from pifi_jax.data.local import resolve_task, task_for_config
 from pifi_jax.data.sources import Examples, load_examples
@@ -29,6 +33,7 @@ __all__ = [
     "encode",
     "encode_generation",
     "get_task",
+    "glue",
     "load_examples",
     "load_tokenizer",
     "resolve_task",

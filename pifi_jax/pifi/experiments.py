@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -67,24 +66,22 @@ def run_grid(
     log=print,
 ) -> list[dict]:
     """Trains `config` for every task x method x seed; one row of scores per run."""
-    from pifi_jax.train import train_and_evaluate
+    from pifi_jax.train.loop import train_unless_finished
 
     out_dir = Path(out_dir)
     rows = []
     for task in tasks:
         for method in methods:
             for seed in seeds:
-                workdir = out_dir / task / method / f"seed{seed}"
-                done = workdir / "results.json"
-                if done.is_file():
-                    log(f"{task} {method} seed {seed}: done earlier ({done})")
-                    results = json.loads(done.read_text(encoding="utf-8"))
-                else:
-                    log(f"{task} {method} seed {seed}: training in {workdir}")
-                    run_config = copy.deepcopy(config)
-                    run_config.task, run_config.seed = task, int(seed)
-                    run_config.pifi.method = method
-                    results = train_and_evaluate(run_config, workdir)
+                run_config = copy.deepcopy(config)
+                run_config.task, run_config.seed = task, int(seed)
+                run_config.pifi.method = method
+                results = train_unless_finished(
+                    run_config,
+                    out_dir / task / method / f"seed{seed}",
+                    f"{task} {method} seed {seed}",
+                    log,
+                )
                 split = "test" if any(k.startswith("test/") for k in results) else "validation"
                 row = {"task": task, "method": method, "seed": int(seed), "split": split}
                 for metric in _METRICS:

@@ -1,6 +1,8 @@
 """Training: objectives, model builders, path-rule freezing, optimizers, the pure step, the loop,
 checkpoints and metrics."""
 
+# Submodules of the public API too: pifi_jax.train.predict, .glue_suite, .sweep.
+from pifi_jax.train import glue_suite, predict, sweep
 from pifi_jax.train.builders import BuiltModel, get_builder, register_builder
 from pifi_jax.train.checkpoint import Checkpointer
 from pifi_jax.train.loop import default_workdir, evaluate_run, setup_run, train_and_evaluate
@@ -43,4 +45,7 @@ __all__ = [
     "setup_run",
     "split_params",
     "train_and_evaluate",
+    "glue_suite",
+    "predict",
+    "sweep",
 ]

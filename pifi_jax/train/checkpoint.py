@@ -38,11 +38,12 @@ _BEST_SUBDIR = "best"
 _MODES = ("max", "min")
 
 
-def _manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
+def _manager(directory: Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
         enable_async_checkpointing=False,
-        cleanup_tmp_directories=True,
+        # A reader must leave a writer's half-written checkpoint alone.
+        cleanup_tmp_directories=not read_only,
     )
     return ocp.CheckpointManager(directory, options=options)
 
@@ -67,7 +68,10 @@ class Checkpointer:
         max_to_keep: int = 2,
         best_metric: str | None = None,
         best_mode: str = "max",
+        read_only: bool = False,
     ):
+        """read_only: open for restoring only (e.g. predicting while the run still trains): a
+        writer's temporary directories are left alone, and nothing may be saved."""
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be at least 1, got {max_to_keep}.")
         if best_mode not in _MODES:
@@ -75,9 +79,12 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self.best_mode = best_mode
-        self._manager = _manager(self.directory, max_to_keep)
+        self.read_only = read_only
+        self._manager = _manager(self.directory, max_to_keep, read_only)
         self._best_manager = (
-            _manager(self.directory / _BEST_SUBDIR, 1) if best_metric is not None else None
+            _manager(self.directory / _BEST_SUBDIR, 1, read_only)
+            if best_metric is not None
+            else None
         )
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
@@ -86,6 +93,7 @@ class Checkpointer:
         A step not newer than the latest checkpoint is skipped (it is already saved, e.g. a final
         save right after a periodic one) unless ``force``; an existing step is never overwritten.
         """
+        self._refuse_if_read_only()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta))
         )
@@ -105,11 +113,28 @@ class Checkpointer:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         return _restore(self._manager, step, abstract_state)
 
+    def restore_subtree(self, key: str, abstract, step: int | None = None) -> tuple[Any, int]:
+        """``(state[key], step)`` of checkpoint ``step`` (default: the latest), reading only that
+        part of the saved state (e.g. the parameters without the optimizer state)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        restored = ocp.PyTreeCheckpointer().restore(
+            self.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                {key: abstract},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({key: abstract}),
+                partial_restore=True,
+            ),
+        )
+        return restored[key], step
+
     def save_best(self, step: int, state, metrics: dict) -> bool:
         """Keep ``state`` as the best checkpoint if ``metrics[best_metric]`` beats the stored best.
 
         Returns whether it did. A NaN metric never counts as better.
         """
+        self._refuse_if_read_only()
         manager = self._require_best()
         if self.best_metric not in metrics:
             raise ValueError(
@@ -157,6 +182,10 @@ class Checkpointer:
 
     def _managers(self) -> list[ocp.CheckpointManager]:
         return [m for m in (self._manager, self._best_manager) if m is not None]
+
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.directory} was opened read-only; nothing is saved")
 
     def _require_best(self) -> ocp.CheckpointManager:
         if self._best_manager is None:

@@ -31,7 +31,7 @@ from pifi_jax import data, parallel, peft
 from pifi_jax.hub import resolve_checkpoint
 from pifi_jax.hub.pretrained import open_checkpoint
 from pifi_jax.layers import set_attention_implementation
-from pifi_jax.train import checkpoint, objectives, optim, partition, plugins
+from pifi_jax.train import checkpoint, compile_cache, objectives, optim, partition, plugins
 from pifi_jax.train.builders import BuiltModel, dtype_of, get_builder
 from pifi_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -65,14 +65,11 @@ def load_splits(config, tokenizer, task, layout: str = "classification") -> dict
         if layout == "classification":
             out[split] = data.encode(tokenizer, examples, cfg.max_length)
         else:
-            prompt = cfg.get("prompt", "") or (
-                task.causal_prompt if layout == "causal_lm" else task.prompt
-            )
             out[split] = data.encode_generation(
                 tokenizer,
                 examples,
                 layout=layout,
-                prompt=prompt,
+                prompt=generation_prompt(config, task, layout),
                 max_length=cfg.max_length,
                 max_target_length=cfg.max_target_length,
                 target_column=column_map.get(task.target_column, task.target_column),
@@ -80,6 +77,14 @@ def load_splits(config, tokenizer, task, layout: str = "classification") -> dict
     if "train" not in out:
         raise ValueError(f"task {task.name!r} has no train split with data.source={cfg.source!r}")
     return out
+
+
+def generation_prompt(config, task, layout: str) -> str:
+    """How a source becomes the model's input: data.prompt, else the task's prompt for the
+    layout (a decoder-only model's cue to answer, or an encoder-decoder's task prefix)."""
+    return config.data.get("prompt", "") or (
+        task.causal_prompt if layout == "causal_lm" else task.prompt
+    )
 
 
 def _record_step(line: str) -> float:
@@ -205,9 +210,30 @@ def default_workdir(config) -> str:
     return str(Path("runs") / name)
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Run:
-    """Everything a run needs before its first step: data, model, state, jitted steps, checkpoints."""
+@dataclasses.dataclass
+class ModelSetup:
+    """What training and prediction share before any data is read: the mesh, the task, the
+    tokenizer and the objective's class (`model_context`), then the built model, its objective
+    and its parameters split into trainable and frozen (`build_model`)."""
 
+    mesh: Any
+    rules: tuple
+    batch_sharding: Any
+    replicated: Any
+    task: Any
+    model_dir: Any
+    objective_cls: type
+    tokenizer: Any
+    hf_config: dict
+    built: BuiltModel | None = None
+    objective: Any = None
+    trainable: dict | None = None
+    frozen: dict | None = None
+    param_shardings: dict | None = None
+
+
+def model_context(config: ml_collections.ConfigDict, task=None) -> ModelSetup:
+    """The mesh, task (`task`, or the config's), checkpoint, tokenizer and objective class."""
     # Read when the steps are traced (their first call), so set before anything is jitted.
     set_attention_implementation(config.model.get("attention", "native"))
     mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -215,14 +241,75 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
         (name, tuple(axes) if isinstance(axes, list) else axes)
         for name, axes in config.logical_axis_rules
     )
-    batch_sh = parallel.batch_sharding(mesh, rules)
-    repl = parallel.replicated(mesh)
-
-    task = data.task_for_config(config)  # a registry entry, or read from the files (local)
+    if task is None:
+        task = data.task_for_config(config)  # a registry entry, or read from the files (local)
     model_dir = resolve_checkpoint(config.model.path)
     _, hf_config = open_checkpoint(model_dir)
-    objective_cls = objectives.objective_class(config.get("objective", "auto"), task, hf_config)
-    tokenizer = data.load_tokenizer(str(config.model.tokenizer or model_dir))
+    return ModelSetup(
+        mesh=mesh,
+        rules=rules,
+        batch_sharding=parallel.batch_sharding(mesh, rules),
+        replicated=parallel.replicated(mesh),
+        task=task,
+        model_dir=model_dir,
+        objective_cls=objectives.objective_class(config.get("objective", "auto"), task, hf_config),
+        tokenizer=data.load_tokenizer(str(config.model.tokenizer or model_dir)),
+        hf_config=hf_config,
+    )
+
+
+def build_model(config, setup: ModelSetup, workdir: Path, log=print) -> ModelSetup:
+    """`setup` with the model built by the config's builder, its objective, and its parameters
+    split by what trains (frozen ones cast to model.frozen_dtype)."""
+    builder = get_builder(config.get("builder", "pretrained"))
+    built = builder.build(
+        config,
+        setup.model_dir,
+        setup.objective_cls.model_task,
+        setup.task,
+        workdir,
+        mesh=setup.mesh,
+        logical_axis_rules=setup.rules,
+        log=log,
+    )
+    objective = objectives.make_objective(
+        config, setup.task, built.module, setup.tokenizer, setup.hf_config
+    )
+    log(f"objective: {objective.name}")
+    param_sh = parallel.param_shardings(
+        partition.flatten(built.params), built.param_axes, setup.mesh, setup.rules
+    )
+    trainable_rules = built.trainable_rules
+    if trainable_rules is None:
+        trainable_rules = [tuple(r) for r in config.train.trainable_rules]
+    log(partition.partition_table(built.params, trainable_rules))
+    trainable, frozen = partition.split_params(built.params, trainable_rules)
+    if config.model.frozen_dtype:
+        frozen = jax.tree.map(lambda x: x.astype(dtype_of(config.model.frozen_dtype)), frozen)
+    return dataclasses.replace(
+        setup,
+        built=built,
+        objective=objective,
+        trainable=trainable,
+        frozen=frozen,
+        param_shardings=param_sh,
+    )
+
+
+def use_compilation_cache(config, workdir: Path) -> Path | None:
+    """Turns on the persistent compilation cache beside the run directory (train.compilation_cache,
+    pifi_jax.train.compile_cache); returns the cache directory in use."""
+    if not config.train.get("compilation_cache", False):
+        return None
+    return compile_cache.enable(compile_cache.cache_dir_for(workdir))
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Run:
+    """Everything a run needs before its first step: data, model, state, jitted steps, checkpoints."""
+    use_compilation_cache(config, workdir)
+    setup = model_context(config)
+    mesh, task, tokenizer = setup.mesh, setup.task, setup.tokenizer
+    batch_sh, repl, objective_cls = setup.batch_sharding, setup.replicated, setup.objective_cls
     splits = load_splits(config, tokenizer, task, objective_cls.layout)
     tc = config.train
     batcher_kw = dict(
@@ -270,28 +357,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, global batch {tc.batch_size}, mesh {dict(mesh.shape)}"
     )
 
-    builder = get_builder(config.get("builder", "pretrained"))
-    built = builder.build(
-        config,
-        model_dir,
-        objective_cls.model_task,
-        task,
-        workdir,
-        mesh=mesh,
-        logical_axis_rules=rules,
-        log=log,
-    )
+    setup = build_model(config, setup, workdir, log)
+    built, objective = setup.built, setup.objective
     module, params = built.module, built.params
-    objective = objectives.make_objective(config, task, module, tokenizer, hf_config)
-    log(f"objective: {objective.name}")
-    param_sh = parallel.param_shardings(partition.flatten(params), built.param_axes, mesh, rules)
-    trainable_rules = built.trainable_rules
-    if trainable_rules is None:
-        trainable_rules = [tuple(r) for r in tc.trainable_rules]
-    log(partition.partition_table(params, trainable_rules))
-    trainable, frozen = partition.split_params(params, trainable_rules)
-    if config.model.frozen_dtype:
-        frozen = jax.tree.map(lambda x: x.astype(dtype_of(config.model.frozen_dtype)), frozen)
+    trainable, frozen, param_sh = setup.trainable, setup.frozen, setup.param_shardings
 
     plugin = plugins.make_plugin(config, objective, trainable, log)
     # A run of 0 steps (train.epochs=0) only evaluates the model as loaded: the zero-shot floor.
@@ -408,6 +477,17 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
         results.update({f"{name}/{k}": v for k, v in scores.items()})
     run.checkpointer.close()
     return results
+
+
+def train_unless_finished(config, workdir: str | Path, name: str, log=print) -> dict:
+    """The results of the run in `workdir`: read from its results.json when it finished earlier,
+    else trained now (resuming its checkpoints): how runners of many runs resume."""
+    done = Path(workdir) / "results.json"
+    if done.is_file():
+        log(f"{name}: done earlier ({done})")
+        return json.loads(done.read_text(encoding="utf-8"))
+    log(f"{name}: training in {workdir}")
+    return train_and_evaluate(config, workdir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

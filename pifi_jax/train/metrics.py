@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-METRICS = ("accuracy", "f1_macro", "mcc", "pearson", "spearman")
+# f1: the F1 score of class 1 (scikit-learn's binary f1_score), as GLUE reports it for MRPC and QQP.
+METRICS = ("accuracy", "f1_macro", "mcc", "f1", "pearson", "spearman")
 
 
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -124,6 +125,15 @@ def _f1_macro(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(per_class))
 
 
+def _f1_positive(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """F1 of class 1 against the rest, 2tp / (2tp + fp + fn); 0 when class 1 is neither predicted
+    nor a label (scikit-learn's zero_division default)."""
+    predicted, actual = predictions == 1, labels == 1
+    true_pos = np.sum(predicted & actual)
+    denominator = np.sum(predicted) + np.sum(actual)  # = 2tp + fp + fn
+    return float(2 * true_pos / denominator) if denominator > 0 else 0.0
+
+
 def _mcc(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Multiclass Matthews correlation (Gorodkin's R_K); 2 classes give the usual MCC."""
     matrix = _confusion(predictions, labels)
@@ -146,6 +156,7 @@ _METRIC_FNS = {
     "accuracy": _accuracy,
     "f1_macro": _f1_macro,
     "mcc": _mcc,
+    "f1": _f1_positive,
     "pearson": lambda p, y: _correlation(stats.pearsonr, p, y),
     "spearman": lambda p, y: _correlation(stats.spearmanr, p, y),
 }

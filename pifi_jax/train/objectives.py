@@ -8,7 +8,8 @@ An objective says
   counted) and may hold more (e.g. "accuracy": the number of correct rows); the train step
   accumulates micro-batches by these sums and reports every other sum divided by "weight",
 - what a prediction is (`predict(params, batch) -> dict of per-row arrays`, traced inside the
-  evaluation jit: argmax class ids, regression scores, generated token ids),
+  evaluation jit: argmax class ids with the class probabilities, regression scores, generated
+  token ids),
 - the host-side metrics over a whole evaluation split (`score(outputs, split) -> {name: value}`)
   and its per-example records (`records(outputs, split)`: what predictions files hold).
 
@@ -85,6 +86,7 @@ class Classification:
         logits = self._logits(params, batch, deterministic=True)
         return {
             "predictions": jnp.argmax(logits, -1),
+            "probabilities": jax.nn.softmax(logits.astype(jnp.float32), -1),  # [batch, K]
             "labels": batch["labels"],
             "weights": batch["weights"],
         }
@@ -151,9 +153,10 @@ class MultiLabel(Classification):
 
     def predict(self, params, batch):
         logits = self._logits(params, batch, deterministic=True)
-        predicted = jax.nn.sigmoid(logits.astype(jnp.float32)) > self.threshold
+        probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))  # [batch, K]
         return {
-            "predictions": predicted.astype(jnp.int32),  # [batch, K]
+            "predictions": (probabilities > self.threshold).astype(jnp.int32),  # [batch, K]
+            "probabilities": probabilities,
             "labels": batch["labels"],
             "weights": batch["weights"],
         }
