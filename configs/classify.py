@@ -120,6 +120,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every_steps = 10
     # Show a progress bar.
     config.train.progress_bar = True
+    # A step whose loss or gradient norm is NaN or infinite: "stop" ends the run with an error
+    # naming the step (nothing of it is saved), "skip" drops its update and goes on, counting
+    # such steps (train/skipped_steps).
+    config.train.nonfinite = "stop"
     # Keep compiled steps in a persistent cache beside the run directory (<workdir>/../.jax_cache),
     # so a second run of the same command compiles nothing it compiled before.
     config.train.compilation_cache = True

@@ -18,6 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+
+def _share_compilation_cache() -> None:
+    """One persistent compilation cache for every test of the session (both xdist workers), in
+    place of the trainer's default of one beside each run directory: many tests compile the
+    same tiny models' steps, and a hit skips XLA. Set as a cache of the user's own
+    (`jax_compilation_cache_dir`), which pifi_jax.train.compile_cache.enable keeps; child
+    processes are not affected (it is not in their environment)."""
+    import tempfile
+
+    import jax
+
+    directory = Path(tempfile.gettempdir()) / "pifi_jax_tests_jax_cache"
+    directory.mkdir(exist_ok=True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+
+
+_share_compilation_cache()
+
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]
 FILLER = [
@@ -342,3 +362,12 @@ def run_crashing_after(monkeypatch, steps: int, config, workdir) -> None:
         patch.setattr(loop, "setup_run", crashing_setup)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train_and_evaluate(config, workdir)
+
+
+# On CI (CI=true), a missing reference library (torch, transformers, peft, sklearn) stops the
+# session, and a skip caused by importorskip of one is a failure: tests/ci_references.py.
+from tests.ci_references import (  # noqa: E402, F401  (pytest hooks)
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+    pytest_sessionstart,
+)

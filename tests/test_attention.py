@@ -26,21 +26,36 @@ def _qkv(heads=4, kv_heads=2, batch=2, q_len=5, kv_len=7, head_dim=8, dtype=jnp.
     return query, key, value
 
 
-def _both(fn):
+def _both(fn, monkeypatch, fused_calls=1):
+    """fn's outputs on the native path and on the fused one, with a spy on
+    jax.nn.dot_product_attention: the native path must not call it, and the fused path must call
+    it `fused_calls` times (once per attention layer), with implementation="xla"."""
+    calls = []
+    fused_attention = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("implementation"))
+        return fused_attention(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     with attention_implementation("native"):
         native = np.asarray(fn())
+    assert calls == [], "the native path called jax.nn.dot_product_attention"
     with attention_implementation("xla"):
         fused = np.asarray(fn())
+    assert calls == ["xla"] * fused_calls, "the fused path did not run (or not for every layer)"
     return native, fused
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_xla_matches_native_with_gqa_and_masks(causal):
+def test_xla_matches_native_with_gqa_and_masks(causal, monkeypatch):
     query, key, value = _qkv()
     # Row 1 has two padded keys; with causal masking and a cache offset the queries sit at 2..6.
     mask = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
     bias = attention_bias(mask, 5, causal=causal, q_offset=2 if causal else 0, kv_length=7)
-    native, fused = _both(lambda: dot_product_attention(query, key, value, bias, scale=0.3))
+    native, fused = _both(
+        lambda: dot_product_attention(query, key, value, bias, scale=0.3), monkeypatch
+    )
     np.testing.assert_allclose(fused, native, atol=1e-5, rtol=1e-5)
 
 
@@ -102,15 +117,17 @@ def test_setting_is_validated_and_restored():
     assert get_attention_implementation() == "native"
 
 
-def test_whole_encoder_matches_native(tiny_bert_dir):
+def test_whole_encoder_matches_native(tiny_bert_dir, monkeypatch):
     module, params = pifi_jax.from_pretrained(tiny_bert_dir, task="classification", num_labels=2)
     ids = jnp.array([[2, 7, 8, 9, 3, 0], [2, 10, 11, 3, 0, 0]])
     mask = (ids > 0).astype(jnp.int32)
-    native, fused = _both(lambda: module.apply({"params": params}, ids, mask))
+    native, fused = _both(
+        lambda: module.apply({"params": params}, ids, mask), monkeypatch, fused_calls=2
+    )
     np.testing.assert_allclose(fused, native, atol=1e-5, rtol=1e-5)
 
 
-def test_whole_decoder_with_sliding_window_matches_native(tmp_path):
+def test_whole_decoder_with_sliding_window_matches_native(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -119,7 +136,10 @@ def test_whole_decoder_with_sliding_window_matches_native(tmp_path):
     module, params = pifi_jax.from_pretrained(tmp_path, task="causal_lm")
     ids = jnp.array([[0, 0, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, 9, 10]])
     mask = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # left padding, as in generation
-    native, fused = _both(lambda: module.apply({"params": params}, ids, mask))
+    layers = TINY_DECODER["num_hidden_layers"]
+    native, fused = _both(
+        lambda: module.apply({"params": params}, ids, mask), monkeypatch, fused_calls=layers
+    )
     # Left-padding rows attend to nothing; compare the real tokens.
     keep = np.asarray(mask, bool)
     np.testing.assert_allclose(fused[keep], native[keep], atol=1e-5, rtol=1e-5)

@@ -33,6 +33,7 @@ def _main_table(markdown: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # 33 s; the suite harness, not the library
 def test_smoke_run_writes_every_row_for_both_frameworks(tmp_path):
     docs = suite.DEFAULT_OUT
     before = docs.read_bytes() if docs.exists() else None

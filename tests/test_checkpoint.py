@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -143,20 +142,45 @@ def test_best_needs_best_metric(tmp_path):
         ckpt.save_best(1, state, {"score": 1.0})
 
 
-# About 200 MB, so that the save at step 2 is still being written when it is killed.
-_BIG = 50_000_000
+# A few MB: the state's array data is a real file, not inlined in orbax's index.
+_BIG = 1_000_000
 
-_SAVE_STEP_2 = textwrap.dedent(
+# The child saves step 1, then dies by SIGKILL from inside orbax's write path while it saves step
+# 2: at the commit of the step directory (every file written, the rename not done), or while the
+# meta item is written (the state item possibly still in flight).
+_KILLED_IN_SAVE = textwrap.dedent(
     f"""
-    import sys
+    import os, signal, sys
     import jax.numpy as jnp
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+    from orbax.checkpoint._src.path import atomicity
     from pifi_jax.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(sys.argv[1])
-    big = jnp.full(({_BIG},), 2.0, jnp.float32)
-    print("saving", flush=True)
-    ckpt.save(2, {{"big": big, "step": jnp.int32(2)}}, {{"step": 2}})
-    print("saved", flush=True)
+    ckpt.save(1, {{"big": jnp.full(({_BIG},), 1.0), "step": jnp.int32(1)}}, {{"step": 1}})
+    print("saved 1", flush=True)
+
+    def die(*args, **kwargs):
+        print("killed", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if sys.argv[2] == "commit":
+        finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def commit(self, *args, **kwargs):
+            if self._final_path.name == "2":
+                die()
+            return await finalize(self, *args, **kwargs)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = commit
+    else:
+
+        async def write_meta(self, *args, **kwargs):
+            die()
+
+        json_checkpoint_handler.JsonCheckpointHandler._save_fn = write_meta
+    ckpt.save(2, {{"big": jnp.full(({_BIG},), 2.0), "step": jnp.int32(2)}}, {{"step": 2}})
+    print("saved 2", flush=True)
     """
 )
 
@@ -172,31 +196,28 @@ def _tmp_dirs(directory: Path):
     return [p for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name]
 
 
-def test_kill_during_save_leaves_previous_checkpoint_restorable(tmp_path):
-    with Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, {"big": jnp.full((_BIG,), 1.0), "step": jnp.int32(1)}, {"step": 1})
-
+@pytest.mark.parametrize("moment", ["commit", "meta"])
+def test_kill_during_save_leaves_previous_checkpoint_restorable(tmp_path, moment):
     repo_root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _SAVE_STEP_2, str(tmp_path)], env=env, stdout=subprocess.PIPE
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_SAVE, str(tmp_path), moment],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not _tmp_dirs(tmp_path) and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
-    if (tmp_path / "2").exists() or not _tmp_dirs(tmp_path):
-        pytest.skip("the save finished before it could be killed")
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert child.stdout.split() == ["saved", "1", "killed"]
+    assert not (tmp_path / "2").exists() and _tmp_dirs(tmp_path)  # step 2 half-written
 
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.latest_step() == 1
         restored, meta = ckpt.restore(_abstract_big())
-    assert meta == {"step": 1} and int(restored["step"]) == 1
-    assert bool(jnp.all(restored["big"] == 1.0))
+        assert meta == {"step": 1} and int(restored["step"]) == 1
+        assert bool(jnp.all(restored["big"] == 1.0))
+        ckpt.save(2, {"big": jnp.full((_BIG,), 2.0), "step": jnp.int32(2)}, {"step": 2})
+        assert ckpt.all_steps() == [1, 2]
     assert not _tmp_dirs(tmp_path)  # the half-written step 2 was cleaned up
 
 
@@ -214,3 +235,98 @@ def test_leftover_temporary_directory_is_ignored(tmp_path):
         _assert_bitwise_equal(restored, state)
         ckpt.save(2, state, {"step": 2})
         assert ckpt.all_steps() == [1, 2]
+
+
+def _state_of(step: int):
+    """Random (hardly compressible) data: the largest file of the step is its array data."""
+    big = jax.random.normal(jax.random.PRNGKey(step), (_BIG,), jnp.float32)
+    return {"big": big, "step": jnp.int32(step)}
+
+
+def _flip_a_bit(step_dir: Path):
+    """One bit of the array data flipped: orbax and tensorstore read it back without error."""
+    path = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, caplog):
+    with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, _state_of(step), {"step": step})
+    _flip_a_bit(tmp_path / "3" / "state")
+    (tmp_path / "2" / "meta" / "metadata").write_text('{"st')  # truncated JSON
+
+    with Checkpointer(tmp_path, max_to_keep=3, read_only=True) as ckpt:  # a reader moves nothing
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path / '3'} is corrupted"):
+            ckpt.restore(_abstract_big(), step=3)  # an explicit step does not fall back
+        assert ckpt.restore(_abstract_big())[1] == {"step": 1}
+    assert ckpt.all_steps() == [1, 2, 3]
+
+    with caplog.at_level("WARNING"), Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+        restored, meta = ckpt.restore(_abstract_big())
+        assert meta == {"step": 1}
+        _assert_bitwise_equal(restored, _state_of(1))
+        assert ckpt.all_steps() == [1]  # the damaged steps moved aside: they may be saved again
+        ckpt.save(2, _state_of(2), {"step": 2})
+        assert ckpt.restore(_abstract_big())[1] == {"step": 2}
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert "step 3, 2 unreadable, restored step 1 instead" in warning
+    assert (
+        f"{tmp_path / '3'} is corrupted" in warning
+        and f"{tmp_path / '2'} cannot be read" in warning
+    )
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "corrupted").iterdir()) == ["2", "3"]
+
+
+def test_no_usable_step_is_an_error_naming_each(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _state_of(step), {"step": step})
+    for step in (1, 2):
+        _flip_a_bit(tmp_path / str(step) / "state")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match="no usable checkpoint") as info:
+            ckpt.restore(_abstract_big())
+        assert ckpt.all_steps() == [1, 2]  # nothing moved when nothing could be restored
+    assert str(tmp_path / "1") in str(info.value) and str(tmp_path / "2") in str(info.value)
+
+
+def test_a_failed_save_names_the_step_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from orbax.checkpoint._src.path import atomicity
+
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def disk_full(self, *args, **kwargs):
+        if self._final_path.name == "2":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.get()))
+        return await finalize(self, *args, **kwargs)
+
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _state_of(1), {"step": 1})
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+        with pytest.raises(OSError, match=f"saving checkpoint 2 in {tmp_path} failed") as info:
+            ckpt.save(2, _state_of(2), {"step": 2})
+        assert info.value.errno == errno.ENOSPC
+        assert "the latest complete checkpoint there is still 1" in str(info.value)
+        assert ckpt.latest_step() == 1
+    monkeypatch.undo()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore(_abstract_big())[1] == {"step": 1}
+
+
+def test_has_checkpoints(tmp_path):
+    from pifi_jax.train.checkpoint import has_checkpoints
+
+    assert not has_checkpoints(tmp_path / "missing")
+    (tmp_path / "best").mkdir()
+    (tmp_path / "corrupted").mkdir()
+    assert not has_checkpoints(tmp_path)
+    (tmp_path / "best" / "0").mkdir()
+    assert has_checkpoints(tmp_path)
+    (tmp_path / "best" / "0").rmdir()
+    (tmp_path / "3.orbax-checkpoint-tmp").mkdir()  # a first save, killed: the run had trained
+    assert has_checkpoints(tmp_path)

@@ -18,6 +18,7 @@ import pytest
 
 from pifi_jax import assets
 from pifi_jax.train import train_and_evaluate
+from tests import run_checks
 from tests.conftest import REPO, load_config, subprocess_env, tiny_overrides
 
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
@@ -167,19 +168,23 @@ def test_config_runs_one_step_on_its_tiny_setting(
         model_dir = getattr(conftest, _GENERATIVE[path.name])(tmp_path_factory.mktemp("model"))
         overrides = [f"--config.model.path={model_dir}", "--config.task=pairs"]
         overrides += [f"--config.data.data_files.{s}={f}" for s, f in tiny_pair_files.items()]
-        metric, top = "rougeL", 100.0
+        metric, files = "rougeL", tiny_pair_files
     else:
         overrides = tiny_overrides(tiny_bert_dir, tiny_task_files)
         overrides += _extra_tiny_overrides(path.name, tmp_path_factory)
-        metric, top = "accuracy", 1.0
+        metric, files = "accuracy", tiny_task_files
     config = load_config(
         f"configs/{path.name}:runlocal", [*overrides, "--config.train.num_steps=1"]
     )
     results = train_and_evaluate(config, tmp_path)
     assert results["steps"] == 1
     assert (tmp_path / "results.json").exists() and (tmp_path / "checkpoints").is_dir()
+    # The reported metric is the one of the run's predictions, one per row of the split's file.
     for split in ("validation", "test"):
-        assert 0.0 <= results[f"{split}/{metric}"] <= top
+        if metric == "accuracy":
+            run_checks.assert_classification_results(tmp_path, results, split, files[split])
+        else:
+            run_checks.assert_generation_results(tmp_path, results, split, metric, files[split])
 
 
 @pytest.mark.skipif(
@@ -201,5 +206,8 @@ def test_classify_runlocal_as_shipped_through_the_launcher(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 2
-    for key in ("validation/accuracy", "validation/f1_macro", "test/accuracy"):
-        assert 0.0 <= results[key] <= 1.0
+    # Accuracy and F1 as recomputed from the predictions, on runlocal's 48-example cap.
+    for split in ("validation", "test"):
+        rows = run_checks.assert_classification_results(tmp_path, results, split)
+        assert len(rows) == 48 and {r["label"] for r in rows} == {0, 1}, split
+    assert "validation/f1_macro" in results

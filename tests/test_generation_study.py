@@ -53,6 +53,7 @@ def test_study_reports_every_method_for_both_parts(tmp_path, tiny_llama_dir, tin
     assert speed["full"][5] == "1.00" and speed["full"][7] == "1.00"
 
 
+@pytest.mark.slow  # 19 s; a benchmark script
 def test_packing_benchmark_reports_both_arms(tmp_path, tiny_llama_dir, tiny_pair_files):
     from benchmarks import packing
 

@@ -172,22 +172,106 @@ def test_encoder_checkpoints_have_no_layer_to_plug(tiny_bert_dir):
         pifi_jax.load_layer(tiny_bert_dir, -1)
 
 
-def test_layer_loads_into_shardings_and_bfloat16(sharded_llama):
-    import jax.numpy as jnp
+# One child python with 8 fake CPU devices (the device count is read once, when XLA's backend
+# starts): the last layer loaded onto an fsdp=2 x tensor=4 mesh in float32 and bfloat16, its
+# shards compared with the transformers weights they come from, and its outputs with the
+# transformers layer's (the same random weights, causal and not). The transformers side is
+# computed here and handed over in an .npz, so that the child imports no torch.
+_SHARDED_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import pifi_jax
+from pifi_jax import parallel
 
-    from pifi_jax import parallel
+directory, given = sys.argv[1], np.load(sys.argv[2])
+x, mask = given["x"], given["mask"]
+mesh = parallel.make_mesh({"fsdp": 2, "tensor": 4})
+out = {}
+for dtype in ("float32", "bfloat16"):
+    layer, params = pifi_jax.load_layer(directory, -1, dtype=getattr(jnp, dtype), mesh=mesh)
+    leaves = {}
+    for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj"):
+        kernel = params
+        for part in module.split("."):
+            kernel = kernel[part]
+        kernel = kernel["kernel"]
+        expected = given[module].T.astype(kernel.dtype)  # [in, out]
+        leaves[module] = {
+            "dtype": str(kernel.dtype),
+            "spec": [a for a in kernel.sharding.spec],
+            "devices": len(kernel.sharding.device_set),
+            "shard_shapes": sorted({tuple(s.data.shape) for s in kernel.addressable_shards}),
+            "shards_equal": all(
+                np.array_equal(np.asarray(s.data), expected[s.index])
+                for s in kernel.addressable_shards
+            ),
+        }
+    gaps, apply = {}, jax.jit(layer.apply, static_argnames="causal")
+    for causal in ("causal", "bidirectional"):
+        ours = apply({"params": params}, x, attention_mask=mask, causal=causal == "causal")
+        gaps[causal] = float(np.abs(np.asarray(ours, np.float32) - given[causal]).max())
+    out[dtype] = {"leaves": leaves, "gaps": gaps}
+print("RESULT " + json.dumps(out))
+"""
+# bfloat16 weights and activations (8 bits of mantissa) against the float32 transformers layer:
+# measured 1.1e-2 (outputs of magnitude ~3, a few bfloat16 ulps); float32: measured 5e-7.
+BF16_ATOL = 2e-2
+F32_ATOL = 1e-5
+# embed over fsdp, heads over tensor; kv stays whole (DEFAULT_RULES), and mlp (37) is odd.
+SHARDED_KERNELS = {
+    "self_attn.q_proj": (["fsdp", "tensor"], [(16, 8)]),
+    "self_attn.k_proj": (["fsdp", None], [(16, 16)]),
+    "self_attn.o_proj": (["tensor", "fsdp"], [(8, 16)]),
+    "mlp.down_proj": ([None, "fsdp"], [(37, 16)]),
+}
 
-    _, directory, _ = sharded_llama
-    mesh = parallel.make_mesh()
-    layer, params = pifi_jax.load_layer(directory, -1, dtype=jnp.bfloat16, mesh=mesh)
-    kernel = params["self_attn"]["q_proj"]["kernel"]
-    assert kernel.dtype == jnp.bfloat16 and kernel.sharding.mesh.shape == mesh.shape
-    _, reference = pifi_jax.load_layer(directory, -1)
-    x = np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32)
-    np.testing.assert_allclose(
-        np.asarray(layer.apply({"params": params}, x), np.float32),
-        np.asarray(
-            layer.clone(dtype=jnp.float32, param_dtype=jnp.float32).apply({"params": reference}, x)
-        ),
-        atol=0.1,
+
+def test_layer_loads_into_shardings_and_bfloat16(sharded_llama, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    model, directory, _ = sharded_llama
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 7, 32)).astype(np.float32)
+    mask = np.ones((2, 7), np.int32)
+    mask[1, 5:] = 0
+    torch_layer = model.model.layers[-1]
+    position_ids = torch.as_tensor(np.tile(np.arange(7), (2, 1)))
+    cos_sin = model.model.rotary_emb(torch.as_tensor(x), position_ids)
+    given = {"x": x, "mask": mask}
+    for name, causal in (("causal", True), ("bidirectional", False)):
+        with torch.no_grad():
+            given[name] = torch_layer(
+                torch.as_tensor(x),
+                attention_mask=_additive_mask(mask, causal),
+                position_embeddings=cos_sin,
+                position_ids=position_ids,
+            ).numpy()
+    for module in SHARDED_KERNELS:
+        given[module] = torch_layer.get_submodule(module).weight.detach().numpy()
+    np.savez(tmp_path / "given.npz", **given)
+    env = subprocess_env(8)
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"  # compiles faster, same numbers
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT, str(directory), str(tmp_path / "given.npz")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    runs = json.loads(line[len("RESULT ") :])
+    for dtype, tolerance in (("float32", F32_ATOL), ("bfloat16", BF16_ATOL)):
+        for module, (spec, shapes) in SHARDED_KERNELS.items():
+            leaf = runs[dtype]["leaves"][module]
+            assert leaf["dtype"] == dtype, (dtype, module)
+            assert leaf["spec"] == spec, (dtype, module)
+            assert leaf["devices"] == 8, (dtype, module)
+            assert [tuple(s) for s in leaf["shard_shapes"]] == shapes, (dtype, module)
+            assert leaf["shards_equal"], f"{dtype} {module}: a device holds the wrong slice"
+        for causal, gap in runs[dtype]["gaps"].items():
+            assert gap <= tolerance, (dtype, causal, gap)

@@ -102,11 +102,11 @@ METHODS = {
 NOT_IDENTITY_AT_INIT = {"prefix_mlp", "prompt"}
 
 
-def _load(tmp_path, model_type, config):
+def _load(tmp_path, model_type, config, seed=0):
     model = ref.tiny_encoder(model_type, num_labels=LABELS)
     model.save_pretrained(tmp_path / "base")
     module, params = pifi_jax.from_pretrained(
-        tmp_path / "base", num_labels=LABELS, peft=config, log=lambda *_: None
+        tmp_path / "base", num_labels=LABELS, peft=config, seed=seed, log=lambda *_: None
     )
     return model, module, params
 
@@ -273,14 +273,38 @@ def test_merge_equals_unmerged_and_unmerge_restores_bitwise(tmp_path, name):
     )
 
 
+def _perturb_trainable(module, params, seed=1):
+    """Every trainable leaf (adapters, biases, layers, virtual tokens and the head) moved off its
+    initial value, so a round trip that drops or re-initialises any of them is caught."""
+    flat = partition.flatten(params)
+    rng = np.random.default_rng(seed)
+    for path in partition.flatten(peft.core.adapter_params(module, params)):
+        value = flat[path]
+        noise = 0.3 * rng.standard_normal(value.shape)
+        flat[path] = jnp.asarray(np.asarray(value) + noise, value.dtype)
+    return partition.unflatten(flat)
+
+
 def test_native_adapter_round_trip_for_every_method(tmp_path):
     for name, (config, _, _) in METHODS.items():
         _, module, params = _load(tmp_path / name, "bert", config)
-        params = _randomize_adapters(module, params)
+        params = _perturb_trainable(module, params)
         peft.save_adapter(module, params, tmp_path / name / "adapter", format="native")
         assert peft.read_adapter_config(tmp_path / name / "adapter") == config
-        _, fresh_module, fresh = _load(tmp_path / name, "bert", config)
+        # A fresh model whose PEFT leaves (and any head it initialises) come from another seed.
+        _, fresh_module, fresh = _load(tmp_path / name, "bert", config, seed=7)
         loaded = peft.load_adapter(fresh_module, fresh, tmp_path / name / "adapter")
+        saved = partition.flatten(peft.core.adapter_params(module, params))
+        trainable = partition.flatten(peft.core.adapter_params(fresh_module, loaded))
+        assert trainable.keys() == saved.keys(), name
+        assert any(p.startswith("classifier/") for p in saved), name
+        before, after = partition.flatten(fresh), partition.flatten(loaded)
+        for path, value in saved.items():
+            # not vacuous: the fresh model does not already hold the saved value
+            assert not np.array_equal(np.asarray(before[path]), np.asarray(value)), (name, path)
+            np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(value), err_msg=path)
+        for path in before.keys() - saved.keys():  # the frozen leaves are left alone
+            np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(before[path]))
         batch = ref.random_batch("bert")
         np.testing.assert_array_equal(
             _logits(fresh_module, loaded, batch), _logits(module, params, batch)

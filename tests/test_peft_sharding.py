@@ -2,14 +2,16 @@
 
 One child python with 8 devices (`--xla_force_host_platform_device_count` is read once, when the
 backend starts) trains LoRA and Houlsby adapters on a one-layer random BERT (64-wide FFN so that
-"mlp" shards over tensor=4 too) for a few steps on three meshes: one device (the reference),
-data=2 x tensor=4, and fsdp=8. It uses what the trainer uses: `from_pretrained(mesh=...)`,
-`parallel.param_shardings` with the family's PARAM_AXES, `make_train_step` jitted with explicit
-shardings and donated state.
+"mlp" shards over tensor=4 too) for a few steps on two meshes, data=2 x tensor=4 and fsdp=8,
+through the trainer itself: `pifi_jax.train.setup_run` builds the mesh, loads and places the
+params, sets the state's shardings and jits the step (explicit shardings, donated state). The
+shardings checked are those of the run's state, as setup_run placed them and as its step returns
+them. The reference is the same initial state trained by a plain jit on one device.
 
 Six compilations are the cost, so they are kept short: one layer, no dropout (that random bits
-do not depend on sharding is tested with dropout on in tests/test_parallel.py), and the child's
-XLA backend at optimisation level 0 (the same for every mesh; partitioning is unaffected).
+do not depend on sharding is tested with dropout on in tests/test_parallel.py), one bucket, and
+the child's XLA backend at optimisation level 0 (the same for every mesh; partitioning is
+unaffected).
 
 What is compared, and why the tolerances (as in tests/test_parallel.py): the only difference left
 between meshes is the order of floating-point reductions, a few float32 ulps per step. Losses and
@@ -38,82 +40,86 @@ PARAM_ATOL = 1e-5
 STEPS = 3
 TIMEOUT_S = 300
 
+# The sharded runs go through the trainer's own setup (pifi_jax.train.setup_run: mesh, params
+# placed by the family's PARAM_AXES, state shardings, the jitted step with donated state), and
+# the reference is the same initial state trained by a plain jit on one device, unsharded.
 _SCRIPT = r"""
 import json, sys
-import jax, jax.numpy as jnp, numpy as np, optax
-from pifi_jax.train.objectives import Classification
-from pifi_jax import parallel, peft
-from pifi_jax.hub import from_pretrained
-from pifi_jax.models import registry
-from pifi_jax.train import partition
-from pifi_jax.train.step import TrainState, make_train_step
+from pathlib import Path
+import jax, numpy as np
+from pifi_jax.train import optim, partition, setup_run
+from pifi_jax.train.step import make_train_step
+from tests.conftest import load_config
 
-model_dir, steps = sys.argv[1], int(sys.argv[2])
-METHODS = {
-    "lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=("query", "value", "output.dense")),
-    "adapter_houlsby": peft.AdapterConfig(kind="houlsby", bottleneck_size=8),
-}
-MESHES = {
-    "one": ({"data": 1}, jax.devices()[:1]),
-    "data2_tensor4": ({"data": 2, "tensor": 4}, None),
-    "fsdp8": ({"fsdp": 8}, None),
-}
-rng = np.random.default_rng(0)
-ids = rng.integers(5, 29, size=(8, 16)).astype(np.int32)
-mask = (np.arange(16)[None, :] < rng.integers(6, 17, size=(8, 1))).astype(np.int32)
-batch = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-         "labels": rng.integers(0, 2, size=8).astype(np.int32), "weights": np.ones(8, np.float32)}
+root, steps, runs = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+
+
+def specs(tree):
+    return {p: [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
+            for p, v in partition.flatten(tree).items()}
+
+
+def record(losses, norms, params):
+    return {"loss": losses, "grad_norm": norms,
+            "params": {p: np.asarray(v).tolist() for p, v in partition.flatten(params).items()}}
+
 
 out = {}
-for method, config in METHODS.items():
-    for mesh_name, (shape, devices) in MESHES.items():
-        mesh = parallel.make_mesh(shape, devices)
-        module, params = from_pretrained(
-            model_dir, num_labels=2, mesh=mesh, peft=config, log=lambda *_: None
+for name, overrides in runs.items():
+    method = name.split("/")[0]
+    config = load_config("configs/classify.py:runlocal", overrides)
+    run = setup_run(config, root / name.replace("/", "_"), log=lambda *_: None)
+    set_by_setup = {"params": specs(run.state.params), "frozen": specs(run.state.frozen)}
+    initial = jax.device_get(run.state)
+    batch = next(run.train_batches.batches(0))
+    key = jax.random.PRNGKey(config.seed)
+    state, losses, norms = run.state, [], []
+    for _ in range(steps):
+        state, metrics = run.train_step(
+            state, {k: jax.device_put(v, run.batch_sharding) for k, v in batch.items()},
+            jax.device_put(key, run.replicated),
         )
-        family = registry.family_for(module.config.model_type)
-        flat = partition.flatten(params)
-        param_sh = parallel.param_shardings(flat, family.PARAM_AXES, mesh)
-        params = partition.unflatten({p: jax.device_put(v, param_sh[p]) for p, v in flat.items()})
-        trainable, frozen = partition.split_params(params, peft.trainable_rules(module, params))
-        optimizer = optax.adamw(1e-2)
-        state = TrainState.create(trainable, frozen, optimizer)
-        repl = parallel.replicated(mesh)
-        trainable_sh = partition.unflatten({p: param_sh[p] for p in partition.flatten(trainable)})
-        state_sh = TrainState(
-            step=repl,
-            params=trainable_sh,
-            frozen=partition.unflatten({p: param_sh[p] for p in partition.flatten(frozen)}),
-            opt_state=optax.tree_map_params(
-                optimizer, lambda _, s: s, state.opt_state, trainable_sh,
-                transform_non_params=lambda _: repl,
-            ),
-        )
-        state = jax.device_put(state, state_sh)
-        batch_sh = parallel.batch_sharding(mesh)
-        step = jax.jit(
-            make_train_step(Classification(module, 2), optimizer),
-            in_shardings=(state_sh, batch_sh, repl),
-            out_shardings=(state_sh, repl),
-            donate_argnums=0,
-        )
-        global_batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-        key = jax.device_put(jax.random.PRNGKey(0), repl)
-        losses, norms = [], []
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+    out[name] = dict(record(losses, norms, state.params), specs=set_by_setup,
+                     trained_specs=specs(state.params), mesh=dict(run.batch_sharding.mesh.shape))
+    if f"{method}/one" not in out:
+        total = max(run.total_steps, 1)
+        optimizer = optim.make_optimizer(config.optim, initial.params, total)
+        step = jax.jit(make_train_step(
+            run.objective, optimizer, schedule=optim.schedule_from_config(config.optim, total)
+        ))
+        one = jax.devices()[0]
+        state, losses, norms = jax.device_put(initial, one), [], []
         for _ in range(steps):
-            state, metrics = step(state, global_batch, key)
+            state, metrics = step(state, jax.device_put(batch, one), jax.device_put(key, one))
             losses.append(float(metrics["loss"]))
             norms.append(float(metrics["grad_norm"]))
-        trained = partition.flatten(state.params)
-        out[f"{method}/{mesh_name}"] = {
-            "loss": losses,
-            "grad_norm": norms,
-            "params": {p: np.asarray(v).tolist() for p, v in trained.items()},
-            "specs": {p: [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
-                      for p, v in trained.items()},
-        }
+        assert all(len(x.devices()) == 1 for x in jax.tree.leaves(state.params))
+        out[f"{method}/one"] = record(losses, norms, state.params)
 print("RESULT " + json.dumps(out))
 """
+METHOD_OVERRIDES = {
+    "lora": [
+        "--config.peft.method=lora",
+        "--config.peft.r=4",
+        "--config.peft.lora_alpha=8",
+        "--config.peft.target_modules=query,value,output.dense",
+    ],
+    "adapter_houlsby": ["--config.peft.method=adapter_houlsby", "--config.peft.bottleneck_size=8"],
+}
+MESH_OVERRIDES = {
+    "data2_tensor4": ["--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=4"],
+    "fsdp8": ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.tensor=1"],
+}
+# lr 1e-2 so that a few Adam steps move every trained leaf well above PARAM_ATOL; one bucket.
+TRAIN_OVERRIDES = [
+    "--config.optim.lr=1e-2",
+    "--config.optim.schedule=constant",
+    "--config.optim.warmup_ratio=0",
+    f"--config.train.num_steps={STEPS}",
+    "--config.data.buckets=(16,)",
+]
 
 QUERY = "bert/encoder/layer_0/attention/self/query"
 ADAPTER = "bert/encoder/layer_0/output"
@@ -137,9 +143,13 @@ EXPECTED_SPECS = {
 
 @pytest.fixture(scope="module")
 def one_layer_bert(tmp_path_factory):
+    """A one-layer random BERT (64-wide FFN, no dropout) with the tiny tokenizer of conftest."""
     import torch
     import transformers
 
+    from tests.conftest import write_tiny_bert
+
+    directory = write_tiny_bert(tmp_path_factory.mktemp("one_layer_bert"))
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=29,
@@ -151,16 +161,26 @@ def one_layer_bert(tmp_path_factory):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    directory = tmp_path_factory.mktemp("one_layer_bert")
-    transformers.BertModel(config).save_pretrained(directory)
+    transformers.BertModel(config).save_pretrained(directory)  # over the 2-layer one
     return directory
 
 
-def test_peft_training_on_8_devices_equals_one_device(one_layer_bert):
+def _run_child(model_dir, task_files, root, script=None) -> dict:
+    """Every method x mesh of the test through setup_run in one child python with 8 devices."""
+    from tests.conftest import tiny_overrides
+
+    runs = {
+        f"{method}/{mesh}": tiny_overrides(model_dir, task_files)
+        + METHOD_OVERRIDES[method]
+        + MESH_OVERRIDES[mesh]
+        + TRAIN_OVERRIDES
+        for method in METHOD_OVERRIDES
+        for mesh in MESH_OVERRIDES
+    }
     env = subprocess_env(8)
     env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(one_layer_bert), str(STEPS)],
+        [sys.executable, "-c", script or _SCRIPT, str(root), str(STEPS), json.dumps(runs)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -169,10 +189,33 @@ def test_peft_training_on_8_devices_equals_one_device(one_layer_bert):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    runs = json.loads(line[len("RESULT ") :])
+    return json.loads(line[len("RESULT ") :])
+
+
+def _spec(spec: list) -> list:
+    """A partition spec without its trailing Nones (P() and P(None, None) are one sharding)."""
+    spec = list(spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return spec
+
+
+def test_peft_training_on_8_devices_equals_one_device(one_layer_bert, tiny_task_files, tmp_path):
+    runs = _run_child(one_layer_bert, tiny_task_files, tmp_path)
+    assert runs["lora/fsdp8"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert runs["lora/data2_tensor4"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
     for name, specs in EXPECTED_SPECS.items():
         for path, spec in specs.items():
-            assert runs[name]["specs"][path] == spec, (name, path)
+            # as setup_run placed them, and as the loop's jitted step hands them back
+            assert _spec(runs[name]["specs"]["params"][path]) == _spec(spec), (name, path)
+            assert _spec(runs[name]["trained_specs"][path]) == _spec(spec), (name, path)
+    # LoRA factors follow their frozen kernel: lora_a its input axis, lora_b its output axis.
+    for mesh in MESH_OVERRIDES:
+        placed = runs[f"lora/{mesh}"]["specs"]
+        kernel = placed["frozen"][f"{QUERY}/kernel"]
+        assert _spec(placed["params"][f"{QUERY}/lora_a"]) == _spec([kernel[0], None]), mesh
+        assert _spec(placed["params"][f"{QUERY}/lora_b"]) == _spec([None, kernel[1]]), mesh
+        assert _spec(kernel), mesh  # the base kernel itself is sharded
     diffs = {}
     for method in ("lora", "adapter_houlsby"):
         reference = runs[f"{method}/one"]

@@ -14,6 +14,7 @@ import pifi_jax
 from pifi_jax import parallel
 from pifi_jax.hub import convert
 from pifi_jax.hub.pretrained import _flatten
+from pifi_jax.models.stack import REMAT_POLICIES
 from pifi_jax.train.metrics import mean_next_token_loss
 from tests.test_models_decoders import padded_batch, tiny_decoder, torch_forward
 
@@ -58,6 +59,34 @@ def unrolled_reference(llama_dir):
     return logits_and_gradients(*load(llama_dir[1]))
 
 
+# jax.checkpoint's primitive ("remat2"; "checkpoint" in some jax versions).
+REMAT_PRIMITIVES = {"remat2", "checkpoint", "remat"}
+
+
+def remat_equations(module, params) -> list:
+    """(equation, whether it is inside a scan) for every checkpoint primitive in the jaxpr of
+    the training loss's gradient, sub-jaxprs (jit, scan, ...) included."""
+    ids, mask = padded_batch(left=True)
+
+    def loss(params):
+        return mean_next_token_loss(module.apply({"params": params}, ids, mask), ids, mask)
+
+    found = []
+
+    def walk(jaxpr, inside_scan):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in REMAT_PRIMITIVES:
+                found.append((eqn, inside_scan))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub, inside_scan or eqn.primitive.name == "scan")
+
+    walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, False)
+    return found
+
+
 def assert_same_tree(got: dict, want: dict):
     assert set(got) == set(want)
     for path in want:
@@ -91,6 +120,13 @@ def test_scanned_llama_equals_unrolled_logits_and_gradients(
 def test_remat_gives_the_same_gradients(llama_dir, unrolled_reference, scan, policy):
     module, params = load(llama_dir[1], scan_layers=scan, remat_policy=policy)
     assert module.remat_policy == policy
+    # The gradient really rematerialises: one checkpoint per layer (unrolled) or one in the scan
+    # body, each with the policy asked for, and none without remat.
+    remats = remat_equations(module, params)
+    assert len(remats) == (1 if scan else LAYERS), remats
+    assert all(inside_scan == scan for _, inside_scan in remats)
+    assert all(eqn.params["policy"] is REMAT_POLICIES[policy] for eqn, _ in remats)
+    assert remat_equations(*load(llama_dir[1], scan_layers=scan)) == []
     logits, grads = logits_and_gradients(module, params)
     np.testing.assert_allclose(logits, unrolled_reference[0], atol=TOL)
     assert_same_tree(grads, unrolled_reference[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from pifi_jax.train.sweep import plot_sweeps, read_csv
 from tests.conftest import REPO, subprocess_env, tiny_overrides
+from tests.run_checks import assert_classification_results
 
 
 def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_task_files, tmp_path):
@@ -31,9 +33,15 @@ def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_tas
     assert [row["peft.r,peft.lora_alpha"] for row in rows] == [1, 4]
     # LoRA on query,value of 2 layers of width 32: 2 * 2 * (32 r + r 32) + the 2-way head (66).
     assert [row["trainable_params"] for row in rows] == [2 * 2 * 64 * r + 66 for r in (1, 4)]
-    assert all(
-        0.0 <= row["validation/accuracy"] <= 1.0 and row["adapter_bytes"] > 0 for row in rows
-    )
+    # Each row holds its own run's results: accuracy as recomputed from that run's predictions.
+    for row in rows:
+        run = tmp_path / f"peft.r,peft.lora_alpha={row['peft.r,peft.lora_alpha']}"
+        results = json.loads((run / "results.json").read_text())
+        assert row["trainable_params"] == results["trainable_params"]
+        assert row["validation/accuracy"] == pytest.approx(results["validation/accuracy"])
+        assert_classification_results(run, results, "validation", tiny_task_files["validation"])
+        adapter = [f.stat().st_size for f in (run / "adapter").rglob("*") if f.is_file()]
+        assert row["adapter_bytes"] == sum(adapter) > 0
     png = (tmp_path / "sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 

@@ -409,6 +409,7 @@ def _metric_records(workdir: Path) -> dict[tuple[int, str], float]:
     return records
 
 
+@pytest.mark.slow  # 33 s; deterministic kills: test_checkpoint, test_faults, benchmarks/kill_resume.py
 def test_run_killed_at_a_random_moment_resumes_to_the_same_result(
     tiny_bert_dir, stsb_files, tmp_path
 ):

@@ -9,7 +9,9 @@ which method it trains. `build_for_run`, behind it, besides building the model
 - records where the frozen layer came from in <workdir>/pifi_layer.json (LLM path, layer index,
   sha256 of its tensors, storage dtype). The layer is frozen, so checkpoints never hold it; a run
   directory whose checkpoints were trained against one layer refuses to resume (or be evaluated)
-  against another.
+  against another. This check runs while the model is built, so it also catches what the
+  trainer's general check of the config (pifi_jax.train.loop.check_resume_config, run after it)
+  cannot see: pifi.layer=auto choosing again, or other weights at the same LLM path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pifi_jax import data, peft
 from pifi_jax.pifi import select
 from pifi_jax.pifi.names import short_name
 from pifi_jax.pifi.plugin import build, layer_fingerprint
+from pifi_jax.train import checkpoint
 from pifi_jax.train.builders import BuiltModel, peft_method, register_builder
 
 PROVENANCE_FILE = "pifi_layer.json"
@@ -80,8 +83,9 @@ def _read_record(workdir: Path) -> dict | None:
 
 
 def _has_checkpoints(workdir: Path) -> bool:
-    directory = workdir / "checkpoints"
-    return directory.is_dir() and any(directory.iterdir())
+    # The trainer's own test of a run that has trained (which also refuses to resume it with a
+    # different config, pifi_jax.train.loop.check_resume_config).
+    return checkpoint.has_checkpoints(workdir / "checkpoints")
 
 
 def _layer_index(config, task, workdir: Path, log) -> tuple[int, bool]:

@@ -20,6 +20,19 @@ abstract tree's structure (including optax's namedtuples) is the structure retur
 The best checkpoint is numbered by a counter of improvements rather than by train step, so a run
 resumed from an earlier step can still replace it atomically (save the new one, then delete the
 old).
+
+Faults:
+
+- A save that fails (a full disk, a lost mount, ...) raises an error naming the step and the
+  directory; what it had written stays in its temporary directory, so the latest complete
+  checkpoint is still the one before it.
+- Every checkpoint's meta carries a digest of each saved array (position-weighted sums of its
+  bits, one pass on device), checked at restore: orbax and tensorstore catch a truncated file,
+  but read a flipped bit in array data back without complaint; the digests catch both.
+- ``restore()`` of the latest step (what a resumed run calls) falls back to the newest older step
+  that reads and checks cleanly, with a warning naming the unreadable step directories, which are
+  moved to ``<directory>/corrupted/`` (unless read-only) so the run can save those steps again.
+  An explicit ``step``, or no usable step at all, is an error naming the directories.
 """
 
 from __future__ import annotations
@@ -27,15 +40,67 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 _BEST_SUBDIR = "best"
+_CORRUPTED_SUBDIR = "corrupted"
 _MODES = ("max", "min")
+# Key of the saved arrays' digests in a checkpoint's meta (stripped from what restore returns).
+_DIGESTS = "_digests"
+
+
+def has_checkpoints(directory: str | os.PathLike) -> bool:
+    """Whether `directory` (a run's checkpoints/) holds a step or a best checkpoint, complete or
+    half-written: the run there has trained."""
+    directory = Path(directory)
+    for where in (directory, directory / _BEST_SUBDIR):
+        if where.is_dir() and any(p.name.split(".")[0].isdigit() for p in where.iterdir()):
+            return True
+    return False
+
+
+def _unsigned(x: jax.Array) -> jax.Array:
+    """The bits of `x` as a flat uint32 vector (8-byte items as two words)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    words = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, words).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _device_digests(leaves: list) -> list:
+    """Two uint32 sums per leaf, each word weighted by an odd function of its position, so that
+    any one changed bit (and any moved word) changes them; exact and order-free (mod 2**32), so
+    the same on every sharding."""
+    out = []
+    for leaf in leaves:
+        bits = _unsigned(leaf)
+        i = jnp.arange(bits.size, dtype=jnp.uint32)
+        first = jnp.sum(bits * (2 * i + 1), dtype=jnp.uint32)
+        second = jnp.sum((bits ^ jnp.uint32(0x9E3779B9)) * (i * jnp.uint32(0x85EBCA6B) | 1))
+        out.append(jnp.stack([first, second.astype(jnp.uint32)]))
+    return out
+
+
+def _digests(tree) -> list[str]:
+    """Sorted "dtype[shape]:hex" of every array leaf: independent of the tree's structure (a
+    restore without an abstract tree returns dicts where optax saved namedtuples)."""
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    leaves = [x for x in leaves if x.dtype.itemsize <= 8 and not jnp.iscomplexobj(x)]
+    sums = jax.device_get(_device_digests(leaves))
+    return sorted(
+        f"{x.dtype}{list(x.shape)}:{int(s[0]):08x}{int(s[1]):08x}"
+        for x, s in zip(leaves, sums, strict=True)
+    )
 
 
 def _manager(directory: Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -94,10 +159,9 @@ class Checkpointer:
         save right after a periodic one) unless ``force``; an existing step is never overwritten.
         """
         self._refuse_if_read_only()
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta))
-        )
-        if not self._manager.save(step, args=args, force=force):
+        meta = {**_jsonable(meta), _DIGESTS: _digests(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if not _save(self._manager, self.directory, step, args, force=force):
             logging.info("Checkpoint step %d not saved: latest is %s.", step, self.latest_step())
 
     def latest_step(self) -> int | None:
@@ -107,11 +171,52 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
-        """``(state, meta)`` of checkpoint ``step`` (default: the latest)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """``(state, meta)`` of checkpoint ``step`` (default: the latest that reads and checks
+        cleanly: a damaged latest step falls back to an older one, see the module docstring)."""
+        if step is not None:
+            return _restore(self._manager, self.directory, step, abstract_state)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        return _restore(self._manager, step, abstract_state)
+        failures = []
+        for candidate in steps:
+            try:
+                restored = _restore(self._manager, self.directory, candidate, abstract_state)
+            except CorruptCheckpointError as error:
+                failures.append((candidate, error))
+                continue
+            if failures:
+                self._set_aside([s for s, _ in failures], candidate, failures)
+            return restored
+        raise CorruptCheckpointError(
+            f"no usable checkpoint in {self.directory}:\n"
+            + "\n".join(f"  {error}" for _, error in failures)
+        )
+
+    def _set_aside(self, steps: list[int], used: int, failures) -> None:
+        """Warns of unreadable steps newer than `used` and moves them out of the way (a run
+        resumed from `used` saves those steps again)."""
+        moved = ""
+        if not self.read_only:
+            aside = self.directory / _CORRUPTED_SUBDIR
+            if jax.process_index() == 0:
+                aside.mkdir(exist_ok=True)
+                for step in steps:
+                    target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                    (self.directory / str(step)).rename(target)
+            if jax.process_count() > 1:  # every process sees the steps gone before going on
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("pifi_jax checkpoints set aside")
+            self._manager.reload()
+            moved = f"; moved to {aside}"
+        logging.warning(
+            "Checkpoint step %s unreadable, restored step %d instead%s:\n%s",
+            ", ".join(map(str, steps)),
+            used,
+            moved,
+            "\n".join(f"  {error}" for _, error in failures),
+        )
 
     def restore_subtree(self, key: str, abstract, step: int | None = None) -> tuple[Any, int]:
         """``(state[key], step)`` of checkpoint ``step`` (default: the latest), reading only that
@@ -150,12 +255,9 @@ class Checkpointer:
                 return False
         counter = 0 if previous is None else previous + 1
         meta = {"step": step, "metrics": _jsonable(metrics)}
-        manager.save(
-            counter,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        meta[_DIGESTS] = _digests(state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        _save(manager, self.directory / _BEST_SUBDIR, counter, args, train_step=step)
         return True
 
     def restore_best(self, abstract_state) -> tuple[Any, dict]:
@@ -164,7 +266,7 @@ class Checkpointer:
         counter = manager.latest_step()
         if counter is None:
             raise FileNotFoundError(f"No best checkpoint in {self.directory / _BEST_SUBDIR}.")
-        return _restore(manager, counter, abstract_state)
+        return _restore(manager, self.directory / _BEST_SUBDIR, counter, abstract_state)
 
     def wait(self) -> None:
         for manager in self._managers():
@@ -193,15 +295,53 @@ class Checkpointer:
         return self._best_manager
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored.state, restored.meta
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read back as saved (truncated, corrupted, incomplete)."""
+
+
+def _save(manager, directory: Path, step: int, args, *, force=False, train_step=None) -> bool:
+    """manager.save, its failure turned into an error naming the step and the directory."""
+    try:
+        return manager.save(step, args=args, force=force)
+    except Exception as error:
+        what = (
+            f"checkpoint {step}" if train_step is None else f"best checkpoint (step {train_step})"
+        )
+        message = (
+            f"saving {what} in {directory} failed: {error}. Nothing of it was committed; "
+            f"the latest complete checkpoint there is still {manager.latest_step()}."
+        )
+        if isinstance(error, OSError):
+            raise OSError(error.errno, message) from error
+        raise RuntimeError(message) from error
+
+
+def _restore(
+    manager: ocp.CheckpointManager, directory: Path, step: int, abstract_state
+) -> tuple[Any, dict]:
+    """(state, meta) of `step`, its arrays checked against the digests saved with them."""
+    where = directory / str(step)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        state, meta = restored.state, dict(restored.meta)
+    except Exception as error:
+        if not where.is_dir():
+            raise FileNotFoundError(f"No checkpoint {step} in {directory}.") from error
+        raise CorruptCheckpointError(f"checkpoint {where} cannot be read: {error}") from error
+    saved = meta.pop(_DIGESTS, None)
+    if saved is not None and sorted(saved) != _digests(state):
+        raise CorruptCheckpointError(
+            f"checkpoint {where} is corrupted: its arrays do not match the digests saved with "
+            "them (a file under it changed after the save)"
+        )
+    return state, meta
 
 
 def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return {k: v for k, v in meta.items() if k != _DIGESTS}

@@ -10,13 +10,37 @@ the problem type and the class names in id order) and predictions_<split>.jsonl
 beside their references). Running the same command again on
 the same workdir resumes from the latest checkpoint: parameters, optimizer state, step, data
 position and early-stopping counters are restored, so the run ends exactly as an uninterrupted one.
+
+Faults:
+
+- Resuming with another config. A workdir with checkpoints is resumed only by the config it
+  was trained with (its config.json), up to the keys of RESUMABLE_KEYS: how long the run goes
+  (train.epochs, train.num_steps: extending a run stretches its learning-rate schedule from the
+  resumed step on), how it reports and checkpoints, what a non-finite step does, and where and
+  with which kernels it runs (mesh, distributed, logical axis rules, model.attention, the
+  evaluation batch size), none of which changes what a training step computes. Any other
+  difference is refused before config.json is written, naming each dotted key with its saved
+  and new values; a key the saved config lacks (a field added to the configs after the run
+  began) is not a difference, a key the new config lacks (another config file) is.
+- A workdir (or its checkpoints/) that is not a directory or cannot be written is refused
+  before anything is built, naming the path.
+- A NaN or infinite loss or gradient norm (train.nonfinite): "stop" ends the run with an error
+  naming the step, before that step's state is evaluated or saved, so the latest checkpoint
+  (and the best) stay those of the last good step; "skip" discards the step's update on device
+  (pifi_jax.train.step) and goes on, counting such steps (train/skipped_steps in metrics.jsonl,
+  skipped_steps in results.json, checkpointed with the data position). Each step's flag is read
+  on the host one step late (after the next step is dispatched), so checking it does not stall
+  the device.
+- A failed save (a full disk) and a damaged latest checkpoint: see pifi_jax.train.checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +57,99 @@ from pifi_jax.hub.pretrained import open_checkpoint
 from pifi_jax.layers import set_attention_implementation
 from pifi_jax.train import checkpoint, compile_cache, objectives, optim, partition, plugins
 from pifi_jax.train.builders import BuiltModel, dtype_of, get_builder
-from pifi_jax.train.step import TrainState, make_eval_step, make_train_step
+from pifi_jax.train.step import NONFINITE_MODES, TrainState, make_eval_step, make_train_step
 
 # A step plugin's own batch stream is shuffled with config.seed + this (train.plugins).
 PERIODIC_SEED_OFFSET = 7919
 # fold_in tag of a plugin's periodic step's randomness.
 PERIODIC_RNG_TAG = 0x9E71
+# Config keys a resumed run may change (module docstring); "section.*" covers a whole section.
+RESUMABLE_KEYS = (
+    "train.epochs",
+    "train.num_steps",
+    "train.progress_bar",
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "train.max_checkpoints",
+    "train.eval_batch_size",
+    "train.compilation_cache",
+    "train.nonfinite",
+    "model.attention",
+    "mesh.*",
+    "distributed.*",
+    "logical_axis_rules",
+)
+_ABSENT = "(absent)"
+
+
+def _flat_config(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(
+        key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1]))
+        for allowed in RESUMABLE_KEYS
+    )
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Refuses to resume the checkpoints in `workdir` with a config that differs from its
+    config.json in a key outside RESUMABLE_KEYS; does nothing for a workdir without both."""
+    saved_file = workdir / "config.json"
+    if not saved_file.is_file() or not checkpoint.has_checkpoints(workdir / "checkpoints"):
+        return
+    saved = _flat_config(json.loads(saved_file.read_text(encoding="utf-8")))
+    new = _flat_config(json.loads(config.to_json_best_effort()))
+    changed = [
+        key
+        for key in sorted(saved.keys() | new.keys())
+        # A key the saved config lacks is a field added to the configs since the run began.
+        if key in saved and saved[key] != new.get(key, _ABSENT) and not _resumable(key)
+    ]
+    if changed:
+        lines = [
+            f"  {key}: {saved.get(key, _ABSENT)!r} (saved) -> {new.get(key, _ABSENT)!r} (now)"
+            for key in changed
+        ]
+        raise ValueError(
+            f"{workdir} holds checkpoints trained with another config ({saved_file}); resuming "
+            "them with this one would change what the run means. Differing keys:\n"
+            + "\n".join(lines)
+            + "\nUse another --workdir, or set these keys back. A resume may change only: "
+            + ", ".join(RESUMABLE_KEYS)
+        )
+
+
+def require_writable_dir(path: Path, what: str, create: bool = True) -> None:
+    """Checks that files can be written in directory `path` (os.access, then a probe file
+    written and removed), creating it first (`create`; else a missing `path` passes: its parent
+    is checked by the caller); raises naming the path otherwise."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"the {what} {path} exists and is not a directory")
+    if not create and not path.exists():
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "no write permission")
+        probe = path / f".write_probe_{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise type(error)(
+            error.errno, f"the {what} {path} cannot be written ({reason}); nothing was trained"
+        ) from error
 
 
 def load_splits(config, tokenizer, task, layout: str = "classification") -> dict[str, data.Encoded]:
@@ -382,6 +493,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
             accum_steps=tc.grad_accum_steps,
             schedule=schedule,
             plugin=plugin,
+            nonfinite=tc.get("nonfinite", "stop"),
         ),
         in_shardings=(state_sh, batch_sh, repl),
         out_shardings=(state_sh, repl),
@@ -493,10 +605,15 @@ def train_unless_finished(config, workdir: str | Path, name: str, log=print) -> 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Fine-tunes config.model.path on config.task; returns the best checkpoint's metrics."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    require_writable_dir(workdir, "workdir")
+    require_writable_dir(workdir / "checkpoints", "checkpoint directory", create=False)
+    nonfinite = config.train.get("nonfinite", "stop")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"train.nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     lead = jax.process_index() == 0
     log = print if lead else (lambda *_: None)
     run = setup_run(config, workdir, log)  # refuses a run directory it must not resume first
+    check_resume_config(config, workdir)
     if lead:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         if run.task.kind == "classification":
@@ -508,7 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     # Replicated over the mesh: orbax cannot save a process-local array in a multi-process run.
     base_rng = jax.device_put(jax.random.PRNGKey(config.seed), repl)
-    position = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0}
+    position = {"epoch": 0, "batch": 0, "best": None, "bad_evals": 0, "skipped_steps": 0}
     periodic = run.periodic_batches
     if periodic is not None:  # where the plugin's own stream is
         position.update(periodic_epoch=0, periodic_batch=0)
@@ -531,7 +648,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             saved,
         )
-        restored, meta = ckpt.restore(abstract)
+        restored, meta = ckpt.restore(abstract)  # the latest readable one
+        latest = int(restored["step"])
         state = state.replace(
             step=restored["step"],
             params=restored["params"],
@@ -539,7 +657,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             extra=restored.get("extra"),
         )
         base_rng = restored["rng"]
-        position = {k: meta[k] for k in position}
+        position = {k: meta.get(k, v) for k, v in position.items()}
         log(
             f"resumed from {workdir / 'checkpoints'} at step {latest} (epoch {position['epoch']}, batch {position['batch']})"
         )
@@ -569,11 +687,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         disable=not lead or not tc.progress_bar,
         dynamic_ncols=True,
     )
+    pending: list = []  # (step, its metrics) whose non-finite flag is still to be read
+
+    def settle():
+        """Reads the flags of the pending steps: stops at a non-finite one (train.nonfinite
+        stop) or counts it (skip)."""
+        for done, values in pending:
+            if not float(values["nonfinite"]):
+                continue
+            where = (
+                f"step {done}: loss {float(values['loss'])}, grad norm {float(values['grad_norm'])}"
+            )
+            if nonfinite == "skip":
+                position["skipped_steps"] += 1
+                bar.write(f"{where}: not finite, update skipped (train.nonfinite=skip)")
+                continue
+            kept = ckpt.latest_step()
+            bar.close()
+            ckpt.close()
+            writer.close()
+            raise FloatingPointError(
+                f"{where}: not finite; training stopped (train.nonfinite=stop). Nothing of "
+                f"step {done} was saved: the latest checkpoint is "
+                + (f"step {kept}" if kept is not None else "none")
+                + f" in {ckpt.directory}. Resume with --config.train.nonfinite=skip to skip such "
+                "steps, or lower the learning rate in a new run."
+            )
+        pending.clear()
+
     started, first_step = time.time(), step
     while step < total_steps and not stop:
         for batch in train_batches.batches(position["epoch"], start=position["batch"]):
             plugin = run.plugin
             if periodic is not None and step > 0 and step % plugin.interval == 0:
+                settle()  # no periodic step on the state of a step that stops the run
                 rng = jax.random.fold_in(base_rng, PERIODIC_RNG_TAG)
                 extra, periodic_metrics = run.periodic_step(
                     state, _global(periodic_batch(), batch_sh), jax.random.fold_in(rng, step)
@@ -583,12 +730,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 # checkpoint of `step` drops and redoes it like that step's own record.
                 writer.write(step + 1, {k: float(v) for k, v in periodic_metrics.items()})
             state, step_metrics = train_step(state, _global(batch, batch_sh), base_rng)
+            settle()  # the previous step's flag, read while this step runs
             step += 1
+            pending.append((step, step_metrics))
             position["batch"] += 1
             if position["batch"] == steps_per_epoch:
                 position["epoch"], position["batch"] = position["epoch"] + 1, 0
             if step % tc.log_every_steps == 0 or step == total_steps:
+                settle()
                 values = {f"train/{k}": float(v) for k, v in step_metrics.items()}
+                del values["train/nonfinite"]
+                if nonfinite == "skip":
+                    values["train/skipped_steps"] = position["skipped_steps"]
                 writer.write(step, values)
                 shown = {"loss": f"{values['train/loss']:.4f}"}
                 if "train/accuracy" in values:
@@ -597,6 +750,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             bar.update(1)
             evaluated = False
             if "validation" in eval_batches and (step % eval_every == 0 or step == total_steps):
+                settle()
                 evaluated = True
                 scores = evaluate(run, state, "validation", run.progress)
                 scores = {f"validation/{k}": v for k, v in scores.items()}
@@ -620,9 +774,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         f"early stopping: no improvement of {best_key} in {position['bad_evals']} evaluations"
                     )
             if evaluated or step % tc.checkpoint_every_steps == 0 or step == total_steps or stop:
+                settle()
                 save(step)
             if step >= total_steps or stop:
                 break
+    settle()
     bar.close()
     elapsed = time.time() - started
     ckpt.wait()
@@ -639,6 +795,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     }
     if step > first_step:
         results["steps_per_second"] = round((step - first_step) / elapsed, 3)
+    if nonfinite == "skip":
+        results["skipped_steps"] = position["skipped_steps"]
     for name, batcher in eval_batches.items():
         outputs = predict_split(run, state, name, run.progress)
         for k, v in run.objective.score(outputs, batcher.encoded).items():

@@ -4,6 +4,12 @@
 trainable tree (`state.params`); the frozen tree (`state.frozen`) rides along unchanged, so it gets
 no gradient buffers and no optimizer state. Gradient accumulation runs inside the step over
 micro-batches (`lax.scan`), so one call is one optimizer update whatever the accumulation.
+
+A step whose loss or gradient norm (of the whole batch, after accumulation) is NaN or infinite
+reports it in its metrics ("nonfinite": 1.0). With `nonfinite="skip"` it also discards its
+update on device: the parameters and the whole optimizer state (moments, counts, a plugin
+optimizer's own state) come out as they went in, and only `state.step` moves on. What to do about
+such a step is the loop's business (train.nonfinite: stop or skip, pifi_jax.train.loop).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from pifi_jax.train.partition import merge_params
 
 # fold_in tag of a plugin's randomness, apart from the dropout stream of the same step.
 PLUGIN_RNG_TAG = 0x1575
+# What a step with a non-finite loss or gradient norm does: "stop" leaves the update in (the
+# loop stops before using it), "skip" discards it.
+NONFINITE_MODES = ("stop", "skip")
 
 
 @flax.struct.dataclass
@@ -45,6 +54,7 @@ def make_train_step(
     accum_steps: int = 1,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     plugin=None,
+    nonfinite: str = "stop",
 ):
     """Returns train_step(state, batch, rng) -> (state, metrics); jit it with shardings.
 
@@ -56,8 +66,14 @@ def make_train_step(
     objective: anything with `loss_fn(trainable, frozen, batch, rng) -> (mean loss, aux)`, aux a
     dict of batch sums holding "weight" (pifi_jax.train.objectives). metrics: "loss" (the mean
     over the whole batch's weight), "grad_norm", every other aux sum divided by the weight
-    (e.g. "accuracy"), and "lr" when a schedule is given.
+    (e.g. "accuracy"), "nonfinite" (1.0 when the loss or the gradient norm is NaN or infinite,
+    else 0.0), and "lr" when a schedule is given.
+
+    nonfinite: "stop" (the update is applied as computed) or "skip" (a non-finite step leaves
+    params and opt_state unchanged); see NONFINITE_MODES.
     """
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     plain_grad = jax.value_and_grad(objective.loss_fn, has_aux=True)
     make_grad = None if plugin is None else plugin.make_grad
     plugin_grad = None if make_grad is None else make_grad(objective.loss_fn)
@@ -98,10 +114,20 @@ def make_train_step(
             denom = jnp.maximum(aux["weight"], 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = loss / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **update_args)
         params = optax.apply_updates(state.params, updates)
+        if nonfinite == "skip":
+
+            def unless_finite(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+            params = unless_finite(params, state.params)
+            opt_state = unless_finite(opt_state, state.opt_state)
         weight = jnp.maximum(aux["weight"], 1.0)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **plugin_metrics}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **plugin_metrics}
+        metrics["nonfinite"] = jnp.where(finite, 0.0, 1.0)
         metrics.update({k: v / weight for k, v in aux.items() if k != "weight"})
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
