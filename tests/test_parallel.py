@@ -444,7 +444,11 @@ def training_runs(tiny_bert_dir, tiny_task_files, tmp_path_factory) -> _Training
     return _TrainingRuns(tmp_path_factory.mktemp("parallel_runs"), tiny_bert_dir, tiny_task_files)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize(
+    "mesh_name",
+    # fsdp8 (38 s) in the slow run; decoder fsdp is also covered by test_decoder_sharding.
+    [pytest.param(m, marks=pytest.mark.slow) if m == "fsdp8" else m for m in MESHES],
+)
 def test_sharded_training_equals_single_device(training_runs, mesh_name):
     workdir = training_runs.workdir(mesh_name)
     diffs = _assert_same_training(workdir, training_runs.workdir("single"), mesh_name)
@@ -461,6 +465,7 @@ def test_sharded_training_equals_single_device(training_runs, mesh_name):
 # Two processes on localhost
 
 
+@pytest.mark.slow  # 62 s: two processes on localhost
 def test_two_processes_equal_one_process_with_8_devices(
     training_runs, tiny_bert_dir, tiny_task_files, tmp_path
 ):

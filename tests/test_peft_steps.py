@@ -1,9 +1,12 @@
 """benchmarks/peft_steps.py: the side-by-side PEFT step-time benchmark runs on the real offline
 default and reports each method's row (two methods, one timed round: a harness check)."""
 
+import pytest
+
 from benchmarks import peft_steps
 
 
+@pytest.mark.slow  # 23 s; a benchmark harness
 def test_methods_take_turns_and_are_reported_against_full_fine_tuning(capsys):
     report = peft_steps.main(["--methods=bitfit,full", "--rounds=1", "--length=32"])
     assert capsys.readouterr().out.strip() == report.strip()
