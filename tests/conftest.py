@@ -19,13 +19,24 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-# No persistent compilation cache in the test session, nor in its child pythons (the variable
-# is inherited): on a fresh machine every entry is a miss, and writing thousands of tiny
-# executables cost the suite about 1.5 minutes. tests/test_compile_cache.py tests the cache in
-# children of its own.
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-if "jax" in sys.modules:  # imported before this file (a plugin): its config is read already
-    sys.modules["jax"].config.update("jax_enable_compilation_cache", False)
+def _share_compilation_cache() -> None:
+    """One persistent compilation cache for every test of the session (both xdist workers), in
+    place of the trainer's default of one beside each run directory: many tests compile the
+    same tiny models' steps, and a hit skips XLA. Set as a cache of the user's own
+    (`jax_compilation_cache_dir`), which pifi_jax.train.compile_cache.enable keeps; child
+    processes are not affected (it is not in their environment)."""
+    import tempfile
+
+    import jax
+
+    directory = Path(tempfile.gettempdir()) / "pifi_jax_tests_jax_cache"
+    directory.mkdir(exist_ok=True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+
+
+_share_compilation_cache()
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]

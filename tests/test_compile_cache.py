@@ -52,7 +52,6 @@ _CHILD = textwrap.dedent(
 def _child(mode: str, *dirs: Path, env_extra: dict | None = None) -> dict:
     env = subprocess_env(1)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env.pop("JAX_ENABLE_COMPILATION_CACHE", None)  # tests/conftest.py turns it off
     env.update(env_extra or {})
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, mode, *map(str, dirs)],
