@@ -19,6 +19,23 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under `--dist=loadgroup` (pyproject.toml), a module's tests that use a module-scoped
+    fixture of that module (a trained run, a loaded model) go to one worker, which builds the
+    fixture once: with plain load balancing each worker that gets one such test builds it again."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        module = item.nodeid.split("::")[0]
+        for name in info.names_closure:
+            defs = info.name2fixturedefs.get(name) or ()
+            if defs and defs[-1].scope == "module" and defs[-1].baseid == module:
+                item.add_marker(pytest.mark.xdist_group(module))
+                break
+
+
 def _share_compilation_cache() -> None:
     """One persistent compilation cache for every test of the session (both xdist workers), in
     place of the trainer's default of one beside each run directory: many tests compile the
@@ -316,11 +333,16 @@ def tiny_overrides(model_dir, files: dict) -> list[str]:
     return out
 
 
-def subprocess_env(devices: int = 1) -> dict:
-    """Environment for a child python: the repo importable and `devices` fake CPU devices."""
+def subprocess_env(devices: int = 1, quick_compile: bool = False) -> dict:
+    """Environment for a child python: the repo importable and `devices` fake CPU devices.
+    `quick_compile`: XLA's CPU backend at optimisation level 0, which compiles about three
+    times faster; for children whose every compared number comes from children started the same
+    way (launcher plumbing), never for numbers compared with this process's."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if quick_compile:
+        env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

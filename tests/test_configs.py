@@ -201,7 +201,12 @@ def test_classify_runlocal_as_shipped_through_the_launcher(tmp_path):
         f"--workdir={tmp_path}",
     ]
     run = subprocess.run(
-        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+        command,
+        cwd=REPO,
+        env=subprocess_env(1, quick_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -471,8 +471,7 @@ def trainer_runs(tiny_bert_dir, tiny_task_files, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trainer_runs")
     runs = {m: _trainer_overrides(tiny_bert_dir, tiny_task_files, m) for m in TRAINER_METHODS}
-    env = subprocess_env(1)
-    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    env = subprocess_env(1, quick_compile=True)
     proc = subprocess.run(
         [sys.executable, "-c", _TRAIN_SCRIPT, str(root), json.dumps(runs)],
         cwd=REPO,

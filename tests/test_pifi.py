@@ -444,7 +444,12 @@ def launched_run(llm_dirs, tiny_bert_dir, tiny_task_files, tmp_path_factory) -> 
         *pifi_overrides(tiny_bert_dir, llm_dirs["llama"], tiny_task_files),
     ]
     run = subprocess.run(
-        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+        command,
+        cwd=REPO,
+        env=subprocess_env(1, quick_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "PiFi: layer 2 of 3" in run.stdout
@@ -490,7 +495,12 @@ def test_launch_predict_runs_the_pifi_model_of_the_run(launched_run, tiny_task_f
     command = [sys.executable, "-m", "launch.predict", f"--workdir={launched_run}"]
     command += [f"--input={tiny_task_files['test']}", f"--output={out}", "--batch_size=8"]
     run = subprocess.run(
-        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+        command,
+        cwd=REPO,
+        env=subprocess_env(1, quick_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "best (step 2) checkpoint" in run.stderr
@@ -540,7 +550,12 @@ def test_experiments_launcher_compares_base_and_pifi_on_the_config_task(
         *pifi_overrides(tiny_bert_dir, llm_dirs["llama"], tiny_task_files),
     ]
     run = subprocess.run(
-        command, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
+        command,
+        cwd=REPO,
+        env=subprocess_env(1, quick_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for method in ("base", "pifi"):

@@ -26,7 +26,12 @@ def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_tas
         f"--workdir={tmp_path}",
     ]
     done = subprocess.run(
-        argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        argv,
+        cwd=REPO,
+        env=subprocess_env(quick_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_csv(tmp_path / "sweep.csv")
@@ -48,7 +53,12 @@ def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_tas
     # A second invocation finds every results.json and trains nothing.
     (tmp_path / "sweep.png").unlink()
     again = subprocess.run(
-        argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        argv,
+        cwd=REPO,
+        env=subprocess_env(quick_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "steps/epoch" not in again.stdout  # train_and_evaluate prints this when it starts
@@ -80,7 +90,7 @@ def test_finished_sweeps_plot_together(tmp_path):
     done = subprocess.run(
         [*argv, "--names=LoRA,adapters", f"--plot={out}"],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env(quick_compile=True),
         capture_output=True,
         text=True,
         timeout=120,
