@@ -19,21 +19,29 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# Module fixtures that train or load for tens of seconds (test module -> fixture names).
+COSTLY_FIXTURES = {
+    "tests/test_decoder_sharding.py": {"sharded_runs"},
+    "tests/test_faults.py": {"uninterrupted"},
+    "tests/test_gguf.py": {"smollm2"},
+    "tests/test_glue_suite.py": {"suite"},
+    "tests/test_parallel.py": {"training_runs"},
+    "tests/test_peft.py": {"trainer_runs"},
+    "tests/test_pifi.py": {"launched_run"},
+    "tests/test_predict.py": {"run_without_validation"},
+}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under `--dist=loadgroup` (pyproject.toml), a module's tests that use a module-scoped
-    fixture of that module (a trained run, a loaded model) go to one worker, which builds the
-    fixture once: with plain load balancing each worker that gets one such test builds it again."""
+    """Under `--dist=loadgroup` (pyproject.toml), the tests that use one of COSTLY_FIXTURES go to
+    one worker, which builds the fixture once: with plain load balancing every worker that gets
+    one of those tests builds it again. Other tests are balanced one by one."""
     for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
         module = item.nodeid.split("::")[0]
-        for name in info.names_closure:
-            defs = info.name2fixturedefs.get(name) or ()
-            if defs and defs[-1].scope == "module" and defs[-1].baseid == module:
-                item.add_marker(pytest.mark.xdist_group(module))
-                break
+        used = COSTLY_FIXTURES.get(module, set()) & set(getattr(item, "fixturenames", ()))
+        if used:
+            item.add_marker(pytest.mark.xdist_group(f"{module}::{min(used)}"))
 
 
 def _share_compilation_cache() -> None:

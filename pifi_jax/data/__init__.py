@@ -16,10 +16,10 @@ GLUE suite (`glue`): the nine tasks, their hidden test splits, the gluebenchmark
 archive and the score table (pifi_jax.data.glue).
 """
 
-from pifi_jax.data import glue
+from pifi_jax.data import glue, sources
 from pifi_jax.data.batching import Batcher
 from pifi_jax.data.local import resolve_task, task_for_config
-from pifi_jax.data.sources import Examples, load_examples
+from pifi_jax.data.sources import Examples, load_examples, parse_column_map
 from pifi_jax.data.tasks import TASKS, GenerationTask, TaskSpec, get_task
 from pifi_jax.data.tokenize import Encoded, encode, encode_generation, load_tokenizer
 
@@ -36,6 +36,8 @@ __all__ = [
     "glue",
     "load_examples",
     "load_tokenizer",
+    "parse_column_map",
     "resolve_task",
+    "sources",
     "task_for_config",
 ]

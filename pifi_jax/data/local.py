@@ -93,6 +93,28 @@ def _refuse_lists(raw: pd.Series, origin: str, column: str) -> None:
         )
 
 
+def _is_number(value) -> bool:
+    if isinstance(value, str):
+        try:
+            return math.isfinite(float(value))
+        except ValueError:
+            return False
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _refuse_mixed(raw: pd.Series, origin: str, column: str) -> None:
+    """A label column of numbers and names both (1, 0, "neg") is refused, naming a row of each:
+    it is almost always a typo, and sorting such labels has no meaning."""
+    is_number = raw.map(_is_number).to_numpy(dtype=bool)
+    if is_number.any() and not is_number.all():
+        number, name = raw.index[np.argmax(is_number)], raw.index[np.argmin(is_number)]
+        raise ValueError(
+            f"{origin}: column {column!r} mixes numbers (row {number}: {raw.loc[number]!r}) and "
+            f"names (row {name}: {raw.loc[name]!r}); make every label a class name or every "
+            "label a number"
+        )
+
+
 def _problem_type(raw: pd.Series) -> str:
     """problem_type "auto": regression for non-integral numbers, else single-label."""
     if pd.api.types.is_bool_dtype(raw) or not pd.api.types.is_numeric_dtype(raw):
@@ -127,6 +149,7 @@ def resolve_task(
         raise ValueError(
             f"data.text_columns must name one column or two (a text pair), got {text_columns}"
         )
+    sources.check_data_files(data_files)
     origin = str(train_file)
     shaped = dataclasses.replace(task, text_columns=text_columns, label_column=label_column)
     frame = sources._select_columns(
@@ -137,10 +160,11 @@ def resolve_task(
     if missing.any():
         row = missing.index[np.argmax(missing.to_numpy())]
         raise ValueError(
-            f"{origin}: column {label_column!r} row {row}: missing label {raw.loc[row]!r}"
+            f"{origin}: column {label_column!r} row {row}: missing label (empty or NaN)"
         )
     if problem_type != "multi_label":
         _refuse_lists(raw, origin, label_column)
+        _refuse_mixed(raw, origin, label_column)
     if problem_type == "auto":
         problem_type = _problem_type(raw)
 
@@ -226,7 +250,7 @@ def task_for_config(config) -> TaskSpec:
             )
     if not getattr(task, "labels_from_data", False):
         return task
-    column_map = dict(item.split("=", 1) for item in cfg.get("column_map", "").split(",") if item)
+    column_map = sources.parse_column_map(cfg.get("column_map", ""))
     return resolve_task(
         task,
         data_files=files,

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,6 +57,28 @@ class Examples:
             None if self.targets is None else self.targets[:n],
             None if self.rows is None else self.rows[:n],
         )
+
+
+def check_data_files(data_files: Mapping[str, str], key: str = "data.data_files") -> None:
+    """Refuses a split file that does not exist, naming its config key."""
+    for split, path in data_files.items():
+        if path and not os.path.isfile(path):
+            what = "a directory, not a file" if os.path.isdir(path) else "no such file"
+            raise FileNotFoundError(f"{key}.{split}={path}: {what}")
+
+
+def parse_column_map(text: str, key: str = "data.column_map") -> dict[str, str]:
+    """`"task_column=file_column,..."` -> {task_column: file_column}; an item without `=` or
+    with an empty side is refused, naming `key` and the item."""
+    out = {}
+    for item in filter(None, (part.strip() for part in str(text or "").split(","))):
+        task_column, sep, file_column = (part.strip() for part in item.partition("="))
+        if not sep or not task_column or not file_column:
+            raise ValueError(
+                f"{key}: {item!r} is not task_column=file_column (e.g. text=sentence); got {text!r}"
+            )
+        out[task_column] = file_column
+    return out
 
 
 def load_examples(
@@ -122,6 +146,34 @@ def load_examples(
 
 
 def _read_table(path: str) -> pd.DataFrame:
+    """The file as a frame; an empty file or text that is not UTF-8 is refused naming the file
+    (and the line of the first undecodable byte)."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty (a header row and examples are needed)")
+    try:
+        return _parse_table(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: {_undecodable(path, error)}; save the file as UTF-8") from error
+    except pd.errors.EmptyDataError as error:
+        raise ValueError(f"{path}: no columns (the file holds no header row)") from error
+
+
+def _undecodable(path: str, error: UnicodeDecodeError) -> str:
+    """Where the first byte that is not UTF-8 is: the line of an uncompressed file, else what
+    the decoder said."""
+    if path.lower().endswith(_COMPRESSION_SUFFIXES):
+        return f"not UTF-8 text ({error.reason})"
+    raw = Path(path).read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as first:
+        line = raw.count(b"\n", 0, first.start) + 1
+        column = first.start - (raw.rfind(b"\n", 0, first.start) + 1) + 1
+        return f"line {line} is not UTF-8 text (byte 0x{raw[first.start]:02x} at column {column})"
+    return f"not UTF-8 text ({error.reason})"
+
+
+def _parse_table(path: str) -> pd.DataFrame:
     name = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
         name = name.removesuffix(suffix)  # pandas infers the compression from the full path
@@ -260,7 +312,7 @@ def _labels(task: TaskSpec, frame: pd.DataFrame, origin: str) -> np.ndarray:
     missing = raw.isna()  # NaN / None; a list label (multi-label) is never missing
     if missing.any():
         row = missing.index[np.argmax(missing.to_numpy())]
-        raise ValueError(f"{origin}: column {column!r} row {row}: missing label {raw.loc[row]!r}")
+        raise ValueError(f"{origin}: column {column!r} row {row}: missing label (empty or NaN)")
     if task.problem_type == "multi_label":
         return _multi_hot(task, raw, origin)
     if task.labels_from_data and task.label_map is not None:

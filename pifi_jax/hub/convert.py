@@ -132,8 +132,10 @@ def load_params(
         want = abstract[path]
         if tuple(array.shape) != tuple(want.shape):
             raise ValueError(
-                f"checkpoint tensor {key} has shape {tuple(array.shape)} but {path} needs "
-                f"{tuple(want.shape)} (a different num_labels or model size?)"
+                f"checkpoint tensor {key} of {getattr(reader, 'directory', 'the checkpoint')} "
+                f"has shape {tuple(array.shape)} but {path} needs {tuple(want.shape)} (a "
+                "different num_labels or model size? the config.json and the weights must be "
+                "one checkpoint's)"
             )
         array = np.asarray(array).astype(want.dtype)
         params[path] = jax.device_put(array, shardings[path]) if shardings else jnp.asarray(array)

@@ -114,6 +114,12 @@ class GGUFCheckpoint:
         stat = self.path.stat()
         self._reader = _open_reader(str(self.path.resolve()), stat.st_mtime_ns, stat.st_size)
         self.opened_files = {self.path.name}
+        arch = self._field("general.architecture")
+        if arch != "llama":  # checked first: another architecture's tensors have other names
+            raise ValueError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported (only 'llama': "
+                "Llama, SmolLM2, Mistral and others llama.cpp converts as llama)"
+            )
         self._tensors = {}
         unknown = []
         for tensor in self._reader.tensors:
@@ -123,7 +129,9 @@ class GGUFCheckpoint:
             else:
                 self._tensors[hf_name] = tensor
         if unknown:
-            raise ValueError(f"GGUF tensors not supported (llama architecture only): {unknown[:8]}")
+            raise ValueError(
+                f"{self.path}: GGUF tensors not supported (llama architecture only): {unknown[:8]}"
+            )
         self.hf_config = self._config()
 
     def keys(self) -> list[str]:
@@ -148,16 +156,15 @@ class GGUFCheckpoint:
         return None if field is None else field.contents()
 
     def _config(self) -> dict[str, Any]:
-        arch = self._field("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
         prefix = "llama."
         meta = {
             k[len(prefix) :]: self._field(k) for k in self._reader.fields if k.startswith(prefix)
         }
         unknown = sorted(set(meta) - set(_CONFIG_KEYS) - set(_CHECKED_KEYS))
         if unknown:
-            raise ValueError(f"GGUF metadata not supported: {[prefix + k for k in unknown]}")
+            raise ValueError(
+                f"{self.path}: GGUF metadata not supported: {[prefix + k for k in unknown]}"
+            )
         config: dict[str, Any] = {"model_type": "llama", "hidden_act": "silu"}
         config.update({_CONFIG_KEYS[k]: v for k, v in meta.items() if k in _CONFIG_KEYS})
         config.setdefault("num_key_value_heads", config["num_attention_heads"])
@@ -167,14 +174,16 @@ class GGUFCheckpoint:
         for key in ("rope.dimension_count", "attention.value_length"):
             if meta.get(key, config["head_dim"]) != config["head_dim"]:
                 raise ValueError(
-                    f"GGUF llama.{key}={meta[key]} differs from head_dim {config['head_dim']} "
+                    f"{self.path}: GGUF llama.{key}={meta[key]} differs from head_dim {config['head_dim']} "
                     "(partial rotary / different value width are not supported)"
                 )
         scaling = meta.get("rope.scaling.type", "none")
         if scaling == "linear":
             config["rope_scaling"] = {"rope_type": "linear", "factor": meta["rope.scaling.factor"]}
         elif scaling != "none":
-            raise ValueError(f"GGUF rope scaling {scaling!r} is not supported (none, linear)")
+            raise ValueError(
+                f"{self.path}: GGUF rope scaling {scaling!r} is not supported (none, linear)"
+            )
         config["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
         for field, name in _TOKEN_IDS.items():
             value = self._field(f"tokenizer.ggml.{name}_token_id")

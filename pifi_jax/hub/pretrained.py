@@ -66,6 +66,12 @@ def open_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = No
         return reader, reader.hf_config
     directory = resolve_checkpoint(path_or_hub_id, revision)
     hf_config = read_config(directory)
+    model_type = hf_config.get("model_type")
+    if model_type not in registry.supported_model_types():
+        raise ValueError(
+            f"{directory / 'config.json'}: model_type {model_type!r} is not supported; "
+            f"supported: {registry.supported_model_types()}"
+        )
     return CheckpointReader(directory), hf_config
 
 

@@ -252,6 +252,7 @@ def load_adapter(module: PeftModel, params: dict, directory: str | os.PathLike) 
         )
     for key, array in stored.items():
         path, transpose = by_key[key]
+        in_file = tuple(array.shape)
         if path.endswith("/ia3_l"):
             array = array.reshape(-1)
         if transpose:
@@ -259,7 +260,9 @@ def load_adapter(module: PeftModel, params: dict, directory: str | os.PathLike) 
         target = flat[path]
         if tuple(array.shape) != tuple(target.shape):
             raise ValueError(
-                f"adapter tensor {key} has shape {array.shape}; {path} needs {target.shape}"
+                f"adapter tensor {key} in {directory} has shape {in_file} (read as "
+                f"{tuple(array.shape)}); the model's {path} needs {tuple(target.shape)}: the "
+                "adapter was made for another base model or another configuration (rank, size)"
             )
         flat[path] = jax.device_put(
             jnp.asarray(array, dtype=target.dtype), getattr(target, "sharding", None)

@@ -66,7 +66,7 @@ def _train_examples(config, task) -> data.Examples:
     """The training split as the run reads it (same source, files, column map and split seed)."""
     cfg = config.data
     files = {split: path for split, path in cfg.data_files.items() if path}
-    column_map = dict(item.split("=", 1) for item in cfg.column_map.split(",") if item)
+    column_map = data.parse_column_map(cfg.column_map)
     return data.load_examples(
         task,
         "train",

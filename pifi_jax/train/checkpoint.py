@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 _BEST_SUBDIR = "best"
 _CORRUPTED_SUBDIR = "corrupted"
@@ -321,6 +322,7 @@ def _restore(
 ) -> tuple[Any, dict]:
     """(state, meta) of `step`, its arrays checked against the digests saved with them."""
     where = directory / str(step)
+    _check_same_params(where, abstract_state)
     try:
         restored = manager.restore(
             step,
@@ -340,6 +342,53 @@ def _restore(
             "them (a file under it changed after the save)"
         )
     return state, meta
+
+
+def _key_name(entry) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{"a/b/c": shape} of a tree's array leaves (arrays, ShapeDtypeStructs, orbax metadata)."""
+    return {
+        "/".join(_key_name(e) for e in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if hasattr(leaf, "shape")
+    }
+
+
+def _check_same_params(where: Path, abstract_state) -> None:
+    """Refuses (a ValueError, not corruption: nothing is set aside) a checkpoint whose parameters
+    are another model's than `abstract_state`'s: other leaves or other shapes, as when the
+    checkpoint of model.path was replaced by another architecture since the run began. A step
+    whose metadata cannot be read is left to the restore (and its corruption handling)."""
+    if not isinstance(abstract_state, dict) or "params" not in abstract_state:
+        return
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(epath.Path(where / "state"))
+        saved = _shapes(getattr(saved, "tree", saved)["params"])
+    except Exception:  # unreadable metadata: the restore reports it
+        return
+    wanted = _shapes(abstract_state["params"])
+    if saved == wanted:
+        return
+    differ = [
+        f"{path}: {saved[path]} saved, {wanted[path]} now"
+        for path in sorted(saved.keys() & wanted.keys())
+        if saved[path] != wanted[path]
+    ]
+    differ += [f"{path}: not in this model" for path in sorted(saved.keys() - wanted.keys())]
+    differ += [f"{path}: not in the checkpoint" for path in sorted(wanted.keys() - saved.keys())]
+    raise ValueError(
+        f"checkpoint {where} holds another model's parameters than this run builds "
+        f"({len(saved)} saved, {len(wanted)} now; {len(differ)} differ, e.g. "
+        + "; ".join(differ[:3])
+        + "). Was the checkpoint that model.path names replaced since the run began? Train "
+        "in another --workdir, or restore that checkpoint."
+    )
 
 
 def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:

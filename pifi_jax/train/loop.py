@@ -41,6 +41,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -152,14 +153,30 @@ def require_writable_dir(path: Path, what: str, create: bool = True) -> None:
         ) from error
 
 
+def _remove_new_workdir(workdir: Path) -> None:
+    """Removes a run directory that this start created and then refused (what is in it, such as
+    an empty checkpoints/ or a PiFi layer record, was written by this start): a refused new run
+    leaves no run directory behind to be mistaken for one to resume."""
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def load_splits(config, tokenizer, task, layout: str = "classification") -> dict[str, data.Encoded]:
     """Encoded train/validation/test splits (those the task defines), capped by data.max_examples,
     in the objective's `layout` (pifi_jax.data.tokenize)."""
     cfg = config.data
+    for key in ("buckets", "target_buckets"):
+        lengths = tuple(cfg.get(key, ()))
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+            raise ValueError(
+                f"data.{key} must be positive token lengths, e.g. (32, 64), got {lengths}"
+            )
+    if not tuple(cfg.buckets):
+        raise ValueError("data.buckets is empty: give at least one length, e.g. (128,)")
     out = {}
     files = {split: path for split, path in cfg.data_files.items() if path}
+    data.sources.check_data_files(files)
     local = cfg.source == "local" or (cfg.source == "auto" and bool(files))
-    column_map = dict(item.split("=", 1) for item in cfg.column_map.split(",") if item)
+    column_map = data.parse_column_map(cfg.column_map)
     for split in ("train", "validation", "test"):
         if split not in (files if local else task.splits):
             continue
@@ -185,9 +202,31 @@ def load_splits(config, tokenizer, task, layout: str = "classification") -> dict
                 max_target_length=cfg.max_target_length,
                 target_column=column_map.get(task.target_column, task.target_column),
             )
+        _check_buckets(out[split], examples, cfg)
     if "train" not in out:
         raise ValueError(f"task {task.name!r} has no train split with data.source={cfg.source!r}")
     return out
+
+
+def _check_buckets(encoded: data.Encoded, examples: data.Examples, cfg) -> None:
+    """Refuses an example longer than the largest of data.buckets, naming its file and row
+    (texts are cut to data.max_length, so this means max_length exceeds every bucket)."""
+    largest = max(cfg.buckets)
+    lengths = np.array([len(ids) for ids in encoded.input_ids])
+    if len(lengths) and lengths.max() > largest:
+        position = int(np.argmax(lengths))
+        row = position if examples.rows is None else int(examples.rows[position])
+        if encoded.layout == "classification":
+            advice = (
+                f"data.max_length={cfg.max_length} cuts texts to at most that: set "
+                f"data.max_length <= {largest} or add a bucket of {cfg.max_length}"
+            )
+        else:
+            advice = "add a larger bucket, or lower data.max_length or data.max_target_length"
+        raise ValueError(
+            f"{examples.origin}: row {row} is {lengths[position]} tokens long, more than the "
+            f"largest of data.buckets {tuple(cfg.buckets)}; {advice}"
+        )
 
 
 def generation_prompt(config, task, layout: str) -> str:
@@ -473,6 +512,17 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     module, params = built.module, built.params
     trainable, frozen, param_sh = setup.trainable, setup.frozen, setup.param_shardings
 
+    if total_steps > 0 and not jax.tree.leaves(trainable):
+        rules = [tuple(r) for r in config.train.trainable_rules]
+        raise ValueError(
+            f"nothing trains: train.trainable_rules {rules} leave every one of the model's "
+            f"{len(partition.flatten(params))} parameters frozen (the first rule whose regex "
+            "fully matches a path decides); mark some trainable, or set train.epochs=0 to only "
+            "evaluate the model as loaded"
+            if built.trainable_rules is None
+            else f"nothing trains: the builder {config.get('builder', 'pretrained')!r} "
+            f"(peft.method={config.peft.method!r}) leaves every parameter frozen"
+        )
     plugin = plugins.make_plugin(config, objective, trainable, log)
     # A run of 0 steps (train.epochs=0) only evaluates the model as loaded: the zero-shot floor.
     make_optimizer = optim.make_optimizer
@@ -605,15 +655,21 @@ def train_unless_finished(config, workdir: str | Path, name: str, log=print) -> 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Fine-tunes config.model.path on config.task; returns the best checkpoint's metrics."""
     workdir = Path(workdir)
-    require_writable_dir(workdir, "workdir")
-    require_writable_dir(workdir / "checkpoints", "checkpoint directory", create=False)
     nonfinite = config.train.get("nonfinite", "stop")
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"train.nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    created = not workdir.exists()
+    require_writable_dir(workdir, "workdir")
+    require_writable_dir(workdir / "checkpoints", "checkpoint directory", create=False)
     lead = jax.process_index() == 0
     log = print if lead else (lambda *_: None)
-    run = setup_run(config, workdir, log)  # refuses a run directory it must not resume first
-    check_resume_config(config, workdir)
+    try:
+        run = setup_run(config, workdir, log)  # refuses a run directory it must not resume first
+        check_resume_config(config, workdir)
+    except BaseException:
+        if created and lead:
+            _remove_new_workdir(workdir)
+        raise
     if lead:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         if run.task.kind == "classification":

@@ -249,9 +249,7 @@ class Predictor:
     ) -> list[dict]:
         """Predicts every row of a file (or of stdin when `input_path` is None or "-") and
         writes the records to `output_path` (stdout as JSON lines when None)."""
-        column_map = dict(
-            item.split("=", 1) for item in self.config.data.column_map.split(",") if item
-        )
+        column_map = data.parse_column_map(self.config.data.column_map)
         texts = read_inputs(input_path, self.task.text_columns, column_map)
         records = self.predict(texts, batch_size, progress)
         write_records(records, output_path)
