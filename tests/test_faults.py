@@ -271,16 +271,12 @@ def test_an_unwritable_workdir_is_refused_before_anything_is_built(
     config = _config(tiny_bert_dir, tiny_task_files)
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.os, "access", lambda path, mode: Path(path) != workdir)
-        with pytest.raises(PermissionError, match=f"workdir {workdir} cannot be written"):
-            train_and_evaluate(config, workdir)
-    checkpoints = workdir / "checkpoints"
-    checkpoints.mkdir()
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.os, "access", lambda path, mode: Path(path) != checkpoints)
-        with pytest.raises(PermissionError, match=f"directory {checkpoints} cannot be written"):
-            train_and_evaluate(config, workdir)
+    for denied, what in ((workdir, "workdir"), (workdir / "checkpoints", "directory")):
+        denied.mkdir(exist_ok=True)
+        with monkeypatch.context() as patch:
+            patch.setattr(loop.os, "access", lambda path, mode, no=denied: Path(path) != no)
+            with pytest.raises(PermissionError, match=f"{what} {denied} cannot be written"):
+                train_and_evaluate(config, workdir)
 
     real_open = open
 

@@ -250,7 +250,10 @@ def test_label_order_is_numeric_for_integers_and_sorted_for_strings(tmp_path):
 
     assert names([10, 2, -1, 2]) == ("-1", "2", "10")
     assert names(["b", "a", "c", "a"]) == ("a", "b", "c")
-    assert names(["b", "01", "1"]) == ("01", "1", "b")
+    assert names(["b", "a1", "10a"]) == ("10a", "a1", "b")
+    # numbers among names are refused (a typo, or two label schemes in one column)
+    with pytest.raises(ValueError, match=r"mixes numbers \(row 1: '01'\) and names \(row 0: 'b'\)"):
+        names(["b", "01", "1"])
 
 
 def test_an_unseen_validation_label_is_refused_with_file_column_row_and_value(tmp_path):

@@ -34,7 +34,7 @@ from pifi_jax.train import (
     train_and_evaluate,
 )
 from pifi_jax.train.objectives import Classification
-from pifi_jax.train.partition import flatten, unflatten
+from pifi_jax.train.partition import flatten, merge_params, unflatten
 from tests.conftest import (
     REPO,
     load_config,
@@ -412,9 +412,11 @@ def test_pifi_composes_with_lora_on_the_slm(llm_dirs, tiny_bert_dir, tiny_task_f
     moved = {p for p, v in flatten(state.params).items() if not np.array_equal(v, before[p])}
     assert moved == trainable, sorted(trainable - moved)
 
-    # The trainer's adapter: the SLM's LoRA in Hugging Face PEFT's format, W_in/W_out/head beside.
-    train_and_evaluate(config, tmp_path / "trained")
-    out = tmp_path / "trained" / "adapter"
+    # The adapter the trainer saves at the end of a run (the builder's save_adapter, which
+    # train_and_evaluate calls as for any PEFT run): the SLM's LoRA in Hugging Face PEFT's
+    # format, W_in/W_out/head beside.
+    out = tmp_path / "adapter"
+    run.built.save_adapter(merge_params(state.params, state.frozen), out, "peft")
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert len(load_file(out / "adapter_model.safetensors")) == len(lora_paths)
     plugin = load_file(out / pifi_run.PLUGIN_WEIGHTS)

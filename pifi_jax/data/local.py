@@ -11,7 +11,8 @@ training file and returns the run's task, with its label set, problem type and m
   guessed: list labels (jsonl) or comma-separated strings need problem_type="multi_label".
 - single_label: the classes are the distinct labels of the TRAINING split, sorted: numerically
   when every label is an integer (so 1..5 star ratings become ids 0..4), else as strings
-  (Python's sort, so the order never depends on the order of the rows). Labels are matched by
+  (Python's sort, so the order never depends on the order of the rows); a column that mixes
+  numbers and names (1, 0, "neg") is refused, naming a row of each. Labels are matched by
   their text (`label_key`): 1, 1.0 and "1" are the same label. A validation or test label that
   the training split lacks is refused, naming the file, the column, the row and the value.
 - regression: one output; the labels must be numbers. Metrics pearson, spearman.

@@ -310,14 +310,37 @@ def evaluate(run: Run, state, split: str, progress: bool = False) -> dict[str, f
 def predict_split(run: Run, state, split: str, progress: bool = False) -> dict[str, np.ndarray]:
     """The objective's outputs (predict) over one whole evaluation split, rows in order."""
     batcher = run.eval_batches[split]
-    outputs: dict[str, list] = {}
     batches = batcher.batches(0)
     if progress:
         batches = tqdm(batches, total=batcher.num_batches(), desc=split, leave=False)
+    return collect_outputs(batches, lambda batch: run.eval_step(state, batch), run.batch_sharding)
+
+
+def collect_outputs(batches, step, sharding) -> dict[str, np.ndarray]:
+    """`step(global batch) -> {name: array}` over every batch of `batches` (this process's
+    shares, made global over `sharding`), each output concatenated in batch order."""
+    outputs: dict[str, list] = {}
     for batch in batches:
-        for key, value in run.eval_step(state, _global(batch, run.batch_sharding)).items():
+        for key, value in step(_global(batch, sharding)).items():
             outputs.setdefault(key, []).append(np.asarray(value))
     return {key: np.concatenate(values) for key, values in outputs.items()}
+
+
+def eval_batcher(config, encoded: data.Encoded, batch_size: int, generate: bool) -> data.Batcher:
+    """The batches evaluation and prediction read: every row once, in order, the last batch
+    padded (weight 0); generative objectives get inputs only (`generate`)."""
+    return data.Batcher(
+        encoded,
+        batch_size,
+        tuple(config.data.buckets),
+        shuffle=False,
+        seed=0,
+        drop_remainder=False,
+        generate=generate,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        target_buckets=tuple(config.data.get("target_buckets", ())),
+    )
 
 
 @dataclasses.dataclass
@@ -487,16 +510,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
     # Generative objectives evaluate by generating: their evaluation batches hold inputs only.
     generates = objective_cls.layout != "classification"
     eval_batches = {
-        name: data.Batcher(
-            enc,
-            tc.eval_batch_size,
-            buckets,
-            shuffle=False,
-            seed=0,
-            drop_remainder=False,
-            generate=generates,
-            **batcher_kw,
-        )
+        name: eval_batcher(config, enc, tc.eval_batch_size, generates)
         for name, enc in splits.items()
         if name != "train"
     }

@@ -184,30 +184,22 @@ class Predictor:
         self, texts: Sequence[Sequence[str]], batch_size: int = 0, progress: bool = True
     ) -> dict[str, np.ndarray]:
         """The objective's raw outputs (`predict`) for every input row, in order."""
-        config = self.config
-        batcher = data.Batcher(
+        batcher = loop.eval_batcher(
+            self.config,
             self.encode(texts),
-            batch_size or config.train.eval_batch_size,
-            tuple(config.data.buckets),
-            shuffle=False,
-            seed=0,
-            drop_remainder=False,
+            batch_size or self.config.train.eval_batch_size,
             generate=self.setup.objective_cls.layout != "classification",
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            target_buckets=tuple(config.data.get("target_buckets", ())),
         )
         batches = batcher.batches(0)
         total = batcher.num_batches()
         show = progress and total >= PROGRESS_MIN_BATCHES and jax.process_index() == 0
         batches = tqdm(batches, total=total, desc="predict", disable=not show, file=sys.stderr)
         step = self._predict_fn()
-        collected: dict[str, list] = {}
-        for batch in batches:
-            global_batch = loop._global(batch, self.setup.batch_sharding)
-            for key, value in step(self.params, self.setup.frozen, global_batch).items():
-                collected.setdefault(key, []).append(np.asarray(value))
-        out = {key: np.concatenate(values) for key, values in collected.items()}
+        out = loop.collect_outputs(
+            batches,
+            lambda batch: step(self.params, self.setup.frozen, batch),
+            self.setup.batch_sharding,
+        )
         keep = out["weights"] != 0  # padding rows of the last batch
         return {key: value[keep] for key, value in out.items()}
 
