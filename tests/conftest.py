@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -353,6 +354,22 @@ def subprocess_env(devices: int = 1, quick_compile: bool = False) -> dict:
         env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
     env["JAX_PLATFORMS"] = "cpu"
     return env
+
+
+def run_child(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`argv` (a command line, its first item sys.executable) in a child python at the repo with
+    subprocess_env(1, quick_compile=True): for launcher runs whose compared numbers all come from
+    such children. Fails the test with the output's tail unless the child exits 0."""
+    done = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=subprocess_env(1, quick_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def load_config(spec: str, overrides: list[str] = ()):

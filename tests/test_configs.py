@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from pifi_jax import assets
 from pifi_jax.train import train_and_evaluate
 from tests import run_checks
-from tests.conftest import REPO, load_config, subprocess_env, tiny_overrides
+from tests.conftest import REPO, load_config, run_child, tiny_overrides
 
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
 CONFIG_FILES = [path for path in CONFIG_FILES if path.name != "__init__.py"]
@@ -201,15 +200,7 @@ def test_classify_runlocal_as_shipped_through_the_launcher(tmp_path):
         "--config=configs/classify.py:runlocal",
         f"--workdir={tmp_path}",
     ]
-    run = subprocess.run(
-        command,
-        cwd=REPO,
-        env=subprocess_env(1, quick_compile=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_child(command)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 2
     # Accuracy and F1 as recomputed from the predictions, on runlocal's 48-example cap.

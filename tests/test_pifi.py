@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,13 +34,7 @@ from pifi_jax.train import (
 )
 from pifi_jax.train.objectives import Classification
 from pifi_jax.train.partition import flatten, merge_params, unflatten
-from tests.conftest import (
-    REPO,
-    load_config,
-    subprocess_env,
-    tiny_overrides,
-    write_tiny_encoder,
-)
+from tests.conftest import load_config, run_child, tiny_overrides, write_tiny_encoder
 from tests.test_models_decoders import tiny_decoder
 
 LLM_LAYERS = 3
@@ -445,15 +438,7 @@ def launched_run(llm_dirs, tiny_bert_dir, tiny_task_files, tmp_path_factory) -> 
         f"--workdir={workdir}",
         *pifi_overrides(tiny_bert_dir, llm_dirs["llama"], tiny_task_files),
     ]
-    run = subprocess.run(
-        command,
-        cwd=REPO,
-        env=subprocess_env(1, quick_compile=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_child(command)
     assert "PiFi: layer 2 of 3" in run.stdout
     return workdir
 
@@ -496,15 +481,7 @@ def test_launch_predict_runs_the_pifi_model_of_the_run(launched_run, tiny_task_f
     out = tmp_path / "out.csv"
     command = [sys.executable, "-m", "launch.predict", f"--workdir={launched_run}"]
     command += [f"--input={tiny_task_files['test']}", f"--output={out}", "--batch_size=8"]
-    run = subprocess.run(
-        command,
-        cwd=REPO,
-        env=subprocess_env(1, quick_compile=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_child(command)
     assert "best (step 2) checkpoint" in run.stderr
     written = list(csv.DictReader(open(out, encoding="utf-8")))
     expected = [json.loads(line) for line in open(launched_run / "predictions_test.jsonl")]
@@ -551,15 +528,7 @@ def test_experiments_launcher_compares_base_and_pifi_on_the_config_task(
         f"--out={out}",
         *pifi_overrides(tiny_bert_dir, llm_dirs["llama"], tiny_task_files),
     ]
-    run = subprocess.run(
-        command,
-        cwd=REPO,
-        env=subprocess_env(1, quick_compile=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_child(command)
     for method in ("base", "pifi"):
         results = json.loads((out / "sst2" / method / "seed2023" / "results.json").read_text())
         assert results["steps"] == 2

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
 from pifi_jax.train.sweep import plot_sweeps, read_csv
-from tests.conftest import REPO, subprocess_env, tiny_overrides
+from tests.conftest import run_child, tiny_overrides
 from tests.run_checks import assert_classification_results
 
 
@@ -25,15 +24,7 @@ def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_tas
         "--sweep=peft.r,peft.lora_alpha=1,4",
         f"--workdir={tmp_path}",
     ]
-    done = subprocess.run(
-        argv,
-        cwd=REPO,
-        env=subprocess_env(quick_compile=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_child(argv)
     rows = read_csv(tmp_path / "sweep.csv")
     assert [row["peft.r,peft.lora_alpha"] for row in rows] == [1, 4]
     # LoRA on query,value of 2 layers of width 32: 2 * 2 * (32 r + r 32) + the 2-way head (66).
@@ -52,15 +43,7 @@ def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_tas
 
     # A second invocation finds every results.json and trains nothing.
     (tmp_path / "sweep.png").unlink()
-    again = subprocess.run(
-        argv,
-        cwd=REPO,
-        env=subprocess_env(quick_compile=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = run_child(argv)
     assert "steps/epoch" not in again.stdout  # train_and_evaluate prints this when it starts
     assert read_csv(tmp_path / "sweep.csv") == rows
     assert (tmp_path / "sweep.png").exists()
@@ -87,15 +70,7 @@ def test_finished_sweeps_plot_together(tmp_path):
         "launch.sweep",
         f"--combine={tmp_path / 'lora'},{tmp_path / 'adapter'}",
     ]
-    done = subprocess.run(
-        [*argv, "--names=LoRA,adapters", f"--plot={out}"],
-        cwd=REPO,
-        env=subprocess_env(quick_compile=True),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_child([*argv, "--names=LoRA,adapters", f"--plot={out}"], timeout=120)
     assert out.read_bytes().startswith(b"\x89PNG")
     series = plot_sweeps([tmp_path / "lora", tmp_path / "adapter"], tmp_path / "again.png")
     assert [(name, len(rows)) for name, rows in series] == [("lora", 2), ("adapter", 1)]
