@@ -405,7 +405,7 @@ CASES = [
         "`pifi.llm` a GGUF file of architecture `gpt2`",
         _gguf_of("gpt2"),
         ValueError,
-        (r"gpt2\.gguf", "architecture 'gpt2'", "only 'llama'"),
+        (r"gpt2\.gguf", "architecture 'gpt2'", r"only \['llama', 'qwen2'\]"),
     ),
     Case(
         "adapter_for_another_base_keys",

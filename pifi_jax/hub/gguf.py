@@ -1,13 +1,17 @@
-"""Reading llama.cpp GGUF checkpoints (architecture `llama`) as if they were Hugging Face ones.
+"""Reading llama.cpp GGUF checkpoints (architectures `llama` and `qwen2`) as Hugging Face ones.
 
-A GGUF file holds the config (as `llama.*` metadata), the tokenizer (`tokenizer.ggml.*`) and the
+A GGUF file holds the config (as `<arch>.*` metadata), the tokenizer (`tokenizer.ggml.*`) and the
 tensors, often quantized. `GGUFCheckpoint` offers the same `keys()` / `get(key)` interface as
 files.CheckpointReader under Hugging Face tensor names, so hub/convert.py loads it unchanged:
-  - names: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`, etc. (_NAMES);
-  - values: dequantized to float32 by the `gguf` package (gguf.quants.dequantize), one tensor at a
-    time, when asked for (memory-mapped: the rest of the file is never read);
-  - layout: llama.cpp permutes the rows of q and k for its adjacent-pairs RoPE; `get` undoes it,
-    giving the rotate-half layout of transformers (and layers/rotary.py).
+  - names: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`, etc. (_NAMES; qwen2
+    adds the q, k and v biases);
+  - values: dequantized to float32 by the `gguf` package (gguf.quants.dequantize: F32, F16, BF16,
+    Q4_0 ... Q8_0 and the K-quants Q2_K ... Q6_K), one tensor at a time, when asked for. The header
+    is memory-mapped; a tensor's bytes are read with one `pread` when `get` asks for it, so the
+    rest of the file is never read, and `bytes_read` counts what was;
+  - layout: for `llama`, llama.cpp permutes the rows of q and k for its adjacent-pairs RoPE; `get`
+    undoes it, giving the rotate-half layout of transformers (and layers/rotary.py). llama.cpp
+    writes `qwen2` in the rotate-half layout already (its NEOX RoPE), so nothing is undone there.
 The values are what the file holds: a Q4 file gives dequantized 4-bit weights, not the originals.
 
 The tokenizer is not read here; transformers builds it offline from the same file:
@@ -41,8 +45,20 @@ _NAMES = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
+# Per architecture: the extra tensor names, whether q/k rows are permuted, and config fields the
+# metadata does not hold.
+_ARCHS = {
+    "llama": dict(names={}, permuted_qk=True, config={}),
+    "qwen2": dict(
+        names={
+            f"blk.{{}}.attn_{p}.bias": f"model.layers.{{}}.self_attn.{p}_proj.bias" for p in "qkv"
+        },
+        permuted_qk=False,
+        config={"use_sliding_window": False},
+    ),
+}
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
-# `llama.<key>` metadata -> Hugging Face config field.
+# `<arch>.<key>` metadata -> Hugging Face config field.
 _CONFIG_KEYS = {
     "block_count": "num_hidden_layers",
     "context_length": "max_position_embeddings",
@@ -55,7 +71,7 @@ _CONFIG_KEYS = {
     "rope.freq_base": "rope_theta",
     "vocab_size": "vocab_size",
 }
-# `llama.<key>` metadata checked against the config rather than copied.
+# `<arch>.<key>` metadata checked against the config rather than copied.
 _CHECKED_KEYS = (
     "rope.dimension_count",
     "attention.value_length",
@@ -98,7 +114,8 @@ class GGUFCheckpoint:
 
     Attributes:
       hf_config: the Hugging Face config dict built from the metadata.
-      opened_files: {file name}; a GGUF checkpoint is one memory-mapped file.
+      opened_files: {file name}; a GGUF checkpoint is one file.
+      bytes_read: bytes of tensor data read from the file so far (by `get`).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -112,25 +129,35 @@ class GGUFCheckpoint:
         self.path = Path(path)
         self.directory = self.path  # named in error messages, as a reader's directory is
         stat = self.path.stat()
-        self._reader = _open_reader(str(self.path.resolve()), stat.st_mtime_ns, stat.st_size)
-        self.opened_files = {self.path.name}
-        arch = self._field("general.architecture")
-        if arch != "llama":  # checked first: another architecture's tensors have other names
+        try:
+            self._reader = _open_reader(str(self.path.resolve()), stat.st_mtime_ns, stat.st_size)
+        except (ValueError, IndexError, OSError) as err:  # the gguf package's parse errors
             raise ValueError(
-                f"{self.path}: GGUF architecture {arch!r} is not supported (only 'llama': "
-                "Llama, SmolLM2, Mistral and others llama.cpp converts as llama)"
+                f"{self.path}: not a readable GGUF file (truncated or corrupted?): {err}"
+            ) from err
+        self.opened_files = {self.path.name}
+        self.bytes_read = 0
+        self.arch = self._field("general.architecture")
+        if (
+            self.arch not in _ARCHS
+        ):  # checked first: another architecture's tensors have other names
+            raise ValueError(
+                f"{self.path}: GGUF architecture {self.arch!r} is not supported (only "
+                f"{sorted(_ARCHS)}: Llama, SmolLM2, Mistral and others llama.cpp converts as "
+                "llama; Qwen2 and Qwen2.5)"
             )
+        self._spec = _ARCHS[self.arch]
         self._tensors = {}
         unknown = []
         for tensor in self._reader.tensors:
-            hf_name = _hf_name(tensor.name)
+            hf_name = _hf_name(tensor.name, self._spec["names"])
             if hf_name is None:
                 unknown.append(tensor.name)
             else:
                 self._tensors[hf_name] = tensor
         if unknown:
             raise ValueError(
-                f"{self.path}: GGUF tensors not supported (llama architecture only): {unknown[:8]}"
+                f"{self.path}: GGUF tensors not supported ({self.arch} architecture): {unknown[:8]}"
             )
         self.hf_config = self._config()
 
@@ -140,23 +167,43 @@ class GGUFCheckpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._tensors
 
+    def nbytes(self, key: str) -> int:
+        """Bytes the tensor takes in the file (quantized)."""
+        return int(self._tensors[key].n_bytes)
+
     def get(self, key: str) -> np.ndarray:
         """One tensor, dequantized to float32, in Hugging Face's shape and row order."""
         tensor = self._tensors[key]
-        array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        array = np.asarray(array, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
-        if key.endswith("self_attn.q_proj.weight"):
-            array = unpermute_rows(array, self.hf_config["num_attention_heads"])
-        elif key.endswith("self_attn.k_proj.weight"):
-            array = unpermute_rows(array, self.hf_config["num_key_value_heads"])
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the innermost first
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        raw = np.frombuffer(self._read(tensor), np.uint8).reshape(rows, -1)  # [rows, row bytes]
+        array = self._gguf.quants.dequantize(raw, tensor.tensor_type)
+        array = np.asarray(array, np.float32).reshape(shape)
+        if self._spec["permuted_qk"]:
+            if key.endswith("self_attn.q_proj.weight"):
+                array = unpermute_rows(array, self.hf_config["num_attention_heads"])
+            elif key.endswith("self_attn.k_proj.weight"):
+                array = unpermute_rows(array, self.hf_config["num_key_value_heads"])
         return array
+
+    def _read(self, tensor) -> bytes:
+        size = int(tensor.n_bytes)
+        with open(self.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), size, int(tensor.data_offset))
+        if len(data) != size:
+            raise ValueError(
+                f"{self.path}: tensor {tensor.name} is cut short ({len(data)} of {size} bytes at "
+                f"offset {int(tensor.data_offset)}): the file is truncated"
+            )
+        self.bytes_read += size
+        return data
 
     def _field(self, key: str) -> Any:
         field = self._reader.fields.get(key)
         return None if field is None else field.contents()
 
     def _config(self) -> dict[str, Any]:
-        prefix = "llama."
+        prefix = f"{self.arch}."
         meta = {
             k[len(prefix) :]: self._field(k) for k in self._reader.fields if k.startswith(prefix)
         }
@@ -165,7 +212,8 @@ class GGUFCheckpoint:
             raise ValueError(
                 f"{self.path}: GGUF metadata not supported: {[prefix + k for k in unknown]}"
             )
-        config: dict[str, Any] = {"model_type": "llama", "hidden_act": "silu"}
+        config: dict[str, Any] = {"model_type": self.arch, "hidden_act": "silu"}
+        config.update(self._spec["config"])
         config.update({_CONFIG_KEYS[k]: v for k, v in meta.items() if k in _CONFIG_KEYS})
         config.setdefault("num_key_value_heads", config["num_attention_heads"])
         config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
@@ -174,8 +222,9 @@ class GGUFCheckpoint:
         for key in ("rope.dimension_count", "attention.value_length"):
             if meta.get(key, config["head_dim"]) != config["head_dim"]:
                 raise ValueError(
-                    f"{self.path}: GGUF llama.{key}={meta[key]} differs from head_dim {config['head_dim']} "
-                    "(partial rotary / different value width are not supported)"
+                    f"{self.path}: GGUF {prefix}{key}={meta[key]} differs from head_dim "
+                    f"{config['head_dim']} (partial rotary / different value width are not "
+                    "supported)"
                 )
         scaling = meta.get("rope.scaling.type", "none")
         if scaling == "linear":
@@ -202,9 +251,10 @@ def _open_reader(path: str, mtime_ns: int, size: int):
     return gguf.GGUFReader(path)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, extra: dict[str, str]) -> str | None:
     block = _BLOCK.fullmatch(gguf_name)
     if block is None:
         return _NAMES.get(gguf_name)
-    pattern = _NAMES.get(f"blk.{{}}.{block.group(2)}")
+    key = f"blk.{{}}.{block.group(2)}"
+    pattern = _NAMES.get(key, extra.get(key))
     return None if pattern is None else pattern.format(block.group(1))
