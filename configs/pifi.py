@@ -15,7 +15,8 @@ Any local encoder or LLM directory works in place of a short name (slm=/path, ll
 
 The argument after the colon is comma-separated: `task=NAME`, `slm=NAME_OR_PATH` (bert, roberta,
 albert, electra, deberta, debertav3, minilm), `llm=NAME_OR_PATH` (llama3.1, llama3, llama2,
-mistral0.1, mistral0.3, qwen2_0.5b, qwen2_1.5b, qwen2_7b, qwen2_72b, gemma2, falcon, smollm2),
+mistral0.1, mistral0.3, qwen2_0.5b, qwen2_1.5b, qwen2_7b, qwen2_72b, gemma2, falcon, smollm2,
+qwen2.5-coder-0.5b, qwen2.5-coder-1.5b),
 `method=pifi|base`, and the flag `runlocal` (a tiny, seconds-long setting used by the tests).
 The default run directory is runs/<task>_<slm>_<method>[_<llm>_L<layer>].
 

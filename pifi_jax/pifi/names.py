@@ -15,7 +15,8 @@ SLMS = {
     "debertav3": "microsoft/deberta-v3-base",
     "minilm": "asset:minilm",
 }
-# The paper's LLMs (its main results use llama3.1), plus the offline SmolLM2-135M (GGUF).
+# The paper's LLMs (its main results use llama3.1), plus the offline SmolLM2-135M and, with
+# requirements-assets-qwen.txt, the offline Qwen2.5-Coder 0.5B / 1.5B (GGUF).
 LLMS = {
     "llama3.1": "meta-llama/Llama-3.1-8B",
     "llama3": "meta-llama/Meta-Llama-3-8B",
@@ -29,6 +30,8 @@ LLMS = {
     "gemma2": "google/gemma-2-9b",
     "falcon": "tiiuae/falcon-7b",
     "smollm2": "asset:smollm2",
+    "qwen2.5-coder-0.5b": "asset:qwen2.5-coder-0.5b",
+    "qwen2.5-coder-1.5b": "asset:qwen2.5-coder-1.5b",
 }
 
 
