@@ -161,6 +161,20 @@ _GENERATIVE = {"causal_lm.py": "write_tiny_decoder", "seq2seq.py": "write_tiny_s
 def test_config_runs_one_step_on_its_tiny_setting(
     path, tiny_bert_dir, tiny_task_files, tiny_pair_files, tmp_path, tmp_path_factory
 ):
+    if path.name == "qa.py":
+        from tests.test_qa import _write_qa_files
+
+        files = _write_qa_files(tmp_path_factory.mktemp("qa_files"))
+        overrides = [f"--config.model.path={tiny_bert_dir}", "--config.task=qa_local"]
+        overrides += [f"--config.data.data_files.{s}={f}" for s, f in files.items()]
+        config = load_config(
+            f"configs/{path.name}:runlocal", [*overrides, "--config.train.num_steps=1"]
+        )
+        results = train_and_evaluate(config, tmp_path)
+        assert results["steps"] == 1 and {"validation/exact_match", "validation/f1"} <= set(results)
+        lines = (tmp_path / "predictions_validation.jsonl").read_text().splitlines()
+        assert len(lines) == min(24, len(files["validation"].read_text().splitlines()))
+        return
     if path.name in _GENERATIVE:
         from tests import conftest
 

@@ -12,6 +12,9 @@ from the training file (pifi_jax.data.local).
 Generation tasks (`GenerationTask`: source -> target text) encode with `encode_generation` in the
 causal_lm or seq2seq layout; their Batcher pads targets too (see batching.py).
 
+Extractive QA tasks (`SpanTask`: question + context -> a span of the context; squad_v1 from the
+hub, squad_spans offline) encode with `encode_spans` into overlapping windows (data.spans).
+
 GLUE suite (`glue`): the nine tasks, their hidden test splits, the gluebenchmark.com submission
 archive and the score table (pifi_jax.data.glue).
 """
@@ -20,7 +23,8 @@ from pifi_jax.data import glue, sources
 from pifi_jax.data.batching import Batcher
 from pifi_jax.data.local import resolve_task, task_for_config
 from pifi_jax.data.sources import Examples, load_examples, parse_column_map
-from pifi_jax.data.tasks import TASKS, GenerationTask, TaskSpec, get_task
+from pifi_jax.data.spans import encode_spans
+from pifi_jax.data.tasks import TASKS, GenerationTask, SpanTask, TaskSpec, get_task
 from pifi_jax.data.tokenize import Encoded, encode, encode_generation, load_tokenizer
 
 __all__ = [
@@ -29,9 +33,11 @@ __all__ = [
     "Encoded",
     "Examples",
     "GenerationTask",
+    "SpanTask",
     "TaskSpec",
     "encode",
     "encode_generation",
+    "encode_spans",
     "get_task",
     "glue",
     "load_examples",

@@ -19,6 +19,9 @@ What a batch holds depends on the encoding's layout (data.tokenize) and on `gene
                       row's next token lands in the same cache slot)
   seq2seq             input_ids, attention_mask [b, S]; target_ids, target_mask [b, T] padded to
                       the smallest of `target_buckets` that fits (generate=True: sources only)
+  span                extractive QA windows (data.spans): input_ids, attention_mask,
+                      token_type_ids [b, L]; start_positions, end_positions [b] (index: the
+                      window's position)
 and always weights [b] (0 on padding rows) and index [b] (the example's position in the split,
 -1 on padding rows: scoring looks references up by it).
 
@@ -154,6 +157,15 @@ class Batcher:
                 size = self.lengths[index]
                 ids[row, :size], mask[row, :size] = enc.input_ids[index], 1
                 types[row, :size] = enc.token_type_ids[index]
+        elif self.layout == "span":
+            types = batch["token_type_ids"] = np.zeros((rows, length), np.int32)  # [b, L]
+            starts = batch["start_positions"] = np.zeros((rows,), np.int32)  # [b]
+            ends = batch["end_positions"] = np.zeros((rows,), np.int32)  # [b]
+            for row, index in enumerate(mine):
+                size = self.lengths[index]
+                ids[row, :size], mask[row, :size] = enc.input_ids[index], 1
+                types[row, :size] = enc.token_type_ids[index]
+                starts[row], ends[row] = enc.start_positions[index], enc.end_positions[index]
         elif self.layout == "causal_lm" and self.generate:
             for row, index in enumerate(mine):  # prompts, left-padded
                 size = self.lengths[index]

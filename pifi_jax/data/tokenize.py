@@ -41,7 +41,7 @@ def load_tokenizer(path_or_hub_id: str):
     return transformers.AutoTokenizer.from_pretrained(str(path_or_hub_id), use_fast=True)
 
 
-LAYOUTS = ("classification", "causal_lm", "seq2seq")
+LAYOUTS = ("classification", "causal_lm", "seq2seq", "span")
 
 
 @dataclasses.dataclass
@@ -54,6 +54,13 @@ class Encoded:
     prompt_lengths: np.ndarray | None = None  # causal_lm: [n] prompt tokens at the front
     target_ids: list[np.ndarray] | None = None  # seq2seq: per example [target length] int32
     references: list[str] | None = None  # generation: the target texts, for scoring
+    # span (extractive QA, data.spans): rows are windows of a question + part of its context.
+    start_positions: np.ndarray | None = None  # [windows] the answer's first token (0: none)
+    end_positions: np.ndarray | None = None  # [windows] its last token (0: none)
+    window_example: np.ndarray | None = None  # [windows] the example of each window
+    offsets: list[np.ndarray] | None = None  # per window [tokens, 2] context chars, -1 outside
+    contexts: list[str] | None = None  # per example
+    answers: list[tuple[str, ...]] | None = None  # per example, every gold answer
 
     def __len__(self) -> int:
         return len(self.input_ids)

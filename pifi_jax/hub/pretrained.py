@@ -18,7 +18,7 @@ from pifi_jax.hub import convert, gguf
 from pifi_jax.hub.files import CheckpointReader, read_config, resolve_checkpoint
 from pifi_jax.models import registry
 
-TASKS = ("classification", "encoder", "causal_lm", "decoder", "seq2seq")
+TASKS = ("classification", "question_answering", "encoder", "causal_lm", "decoder", "seq2seq")
 # Tasks whose module is the bare base model, saved without the base-model prefix.
 _BARE_TASKS = ("encoder", "decoder")
 
@@ -97,9 +97,11 @@ def from_pretrained(
       path_or_hub_id: a local checkpoint directory (config.json + safetensors / index / .bin), a
         hub id (needs the network), an `asset:` name, or a llama.cpp GGUF file (dequantized).
       task: "classification" (logits [batch, num_labels]; num_labels == 1 is regression),
-        "encoder" (last hidden state), "causal_lm" (decoders: float32 logits [batch, length,
-        vocab]), "decoder" (a decoder's bare stack: last hidden state) or "seq2seq"
-        (encoder-decoders such as T5: float32 logits [batch, target, vocab], see models/t5.py).
+        "question_answering" (encoders: extractive QA, a tuple (start_logits, end_logits), each
+        float32 [batch, length]; num_labels is not used), "encoder" (last hidden state),
+        "causal_lm" (decoders: float32 logits [batch, length, vocab]), "decoder" (a decoder's bare
+        stack: last hidden state) or "seq2seq" (encoder-decoders such as T5: float32 logits
+        [batch, target, vocab], see models/t5.py).
       dtype: computation dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of the weights.
       mesh: when given, each tensor is placed straight into its sharding as it is read.
       seed: initialises a head the checkpoint lacks (and PEFT leaves).
@@ -192,8 +194,9 @@ def save_pretrained(
 ) -> Path:
     """Writes config.json + model.safetensors that transformers loads into the matching class.
 
-    A classification model becomes `<Family>ForSequenceClassification`, an encoder `<Family>Model`,
-    a seq2seq model `<Family>ForConditionalGeneration`.
+    A classification model becomes `<Family>ForSequenceClassification`, a question-answering model
+    `<Family>ForQuestionAnswering`, an encoder `<Family>Model`, a seq2seq model
+    `<Family>ForConditionalGeneration`.
 
     A PEFT model (pifi_jax.peft) is saved as the plain model it computes: LoRA, DoRA and IA3 are
     merged into the weights first (peft.merge), and methods whose leaves are plain weights (BitFit,
@@ -229,6 +232,10 @@ def save_pretrained(
             hf_config["problem_type"] = "regression"
         elif problem_type == "multi_label":
             hf_config["problem_type"] = "multi_label_classification"
+    elif module.task == "question_answering":
+        # transformers sizes `qa_outputs` by num_labels and splits it into start / end: two.
+        hf_config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}
+        hf_config["label2id"] = {"LABEL_0": 0, "LABEL_1": 1}
     tensors = {}
     strip = base_model_prefix(family, config) + "." if module.task in _BARE_TASKS else None
     flat = _flatten(params)

@@ -11,7 +11,8 @@ What differs from BERT (models/bert.py):
 - a layer is attention (query/key/value/dense + LayerNorm) then ffn -> activation -> ffn_output ->
   full_layer_layer_norm(. + attention output), with no dropout on the feed-forward output;
 - the pooler is a bare Linear `albert/pooler` + tanh on the first token, and the classification head
-  is dropout(classifier_dropout_prob) -> classifier.
+  is dropout(classifier_dropout_prob) -> classifier. Question answering has no pooler:
+  `qa_outputs` (hidden -> 2) on every token gives (start_logits, end_logits).
 
 Parameter paths mirror Hugging Face names with list indices folded in:
 `albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight` is
@@ -325,6 +326,28 @@ class AlbertForSequenceClassification(nn.Module):
         return logits.astype(jnp.float32)  # [batch, num_labels]
 
 
+class AlbertForQuestionAnswering(nn.Module):
+    """Encoder (no pooler) + `qa_outputs` (hidden -> 2) on every token: extractive QA.
+
+    Call: `module.apply({"params": params}, input_ids=..., attention_mask=..., token_type_ids=...,
+    deterministic=True)` -> (start_logits, end_logits), each [batch, length] in float32. Padding
+    positions get logits too (as in transformers); mask them before taking a span.
+    """
+
+    task: ClassVar[str] = "question_answering"
+    config: AlbertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        base = AlbertModel(self.config, **kw, name="albert")
+        hidden, _ = base(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        logits = Linear(2, **kw, name="qa_outputs")(hidden).astype(jnp.float32)  # [b, s, 2]
+        return logits[..., 0], logits[..., 1]  # HF: logits.split(1, -1) -> start, end
+
+
 class AlbertEncoder(nn.Module):
     """The bare encoder under `albert/`; returns last_hidden_state [batch, length, hidden]."""
 
@@ -354,9 +377,9 @@ IGNORED_SOURCE_KEYS = (
     r"sop_classifier\..*",
 )
 # Our leaves that a checkpoint may lack (a new task head), initialised fresh.
-NEW_HEAD_PATHS = (r"classifier/.*", r"albert/pooler/.*")
+NEW_HEAD_PATHS = (r"classifier/.*", r"qa_outputs/.*", r"albert/pooler/.*")
 # Source tensors used only when the model has them (the pooler of a base checkpoint, a head).
-OPTIONAL_SOURCE_KEYS = (r"albert\.pooler\..*", r"classifier\..*")
+OPTIONAL_SOURCE_KEYS = (r"albert\.pooler\..*", r"classifier\..*", r"qa_outputs\..*")
 
 # Logical axes of each parameter (first match wins), used to shard over the mesh. The embedding
 # tables are embedding_size wide, not hidden, so only their vocabulary axis is sharded.
@@ -375,13 +398,26 @@ PARAM_AXES = (
 def build(config: AlbertConfig, task: str, num_labels: int, dtype, param_dtype) -> nn.Module:
     if task == "classification":
         return AlbertForSequenceClassification(config, num_labels, dtype, param_dtype)
+    if task == "question_answering":
+        return AlbertForQuestionAnswering(config, dtype, param_dtype)
     if task == "encoder":
         return AlbertEncoder(config, dtype, param_dtype)
-    raise ValueError(f"task {task!r} is not supported by ALBERT; choose classification or encoder")
+    raise ValueError(
+        f"task {task!r} is not supported by ALBERT; "
+        "choose classification, question_answering or encoder"
+    )
+
+
+# Our task -> the suffix of the transformers class name (`AlbertForQuestionAnswering`).
+HF_TASK_SUFFIXES = {
+    "classification": "ForSequenceClassification",
+    "question_answering": "ForQuestionAnswering",
+    "encoder": "Model",
+}
 
 
 def hf_architecture(config: AlbertConfig, task: str) -> str:
-    return "AlbertForSequenceClassification" if task == "classification" else "AlbertModel"
+    return "Albert" + HF_TASK_SUFFIXES[task]
 
 
 CONFIG = AlbertConfig

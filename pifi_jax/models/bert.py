@@ -1,4 +1,5 @@
-"""BERT, RoBERTa and ELECTRA (discriminator) encoders, with sequence-classification heads.
+"""BERT, RoBERTa and ELECTRA (discriminator) encoders, with sequence-classification and
+extractive question-answering heads.
 
 The three families share one transformer encoder and differ only in the embeddings (RoBERTa
 numbers positions after the padding id; ELECTRA may project a smaller embedding to the hidden size)
@@ -6,6 +7,8 @@ and in the classification head:
   bert:    pooler (dense + tanh on [CLS]) -> dropout -> classifier
   roberta: dropout -> classifier.dense -> tanh -> dropout -> classifier.out_proj   (on <s>)
   electra: dropout -> classifier.dense -> gelu -> dropout -> classifier.out_proj   (on [CLS])
+The question-answering head is the same for all three: `qa_outputs` (hidden -> 2) on every token,
+column 0 the span-start logits and column 1 the span-end logits (no pooler, no dropout).
 
 Parameter paths mirror Hugging Face module names, with list indices folded into the name:
 `bert.encoder.layer.3.attention.self.query.weight` is `bert/encoder/layer_3/attention/self/query/kernel`.
@@ -378,6 +381,28 @@ class BertForSequenceClassification(nn.Module):
         return logits.astype(jnp.float32)
 
 
+class BertForQuestionAnswering(nn.Module):
+    """Encoder + `qa_outputs` (hidden -> 2) on every token: extractive QA (span start / end).
+
+    Call: `module.apply({"params": params}, input_ids=..., attention_mask=..., token_type_ids=...,
+    deterministic=True)` -> (start_logits, end_logits), each [batch, length] in float32. Padding
+    positions get logits too (as in transformers); mask them before taking a span.
+    """
+
+    task: ClassVar[str] = "question_answering"
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        base = BertModel(self.config, **kw, name=self.config.model_type)
+        hidden, _ = base(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        logits = Linear(2, **kw, name="qa_outputs")(hidden).astype(jnp.float32)  # [b, s, 2]
+        return logits[..., 0], logits[..., 1]  # HF: logits.split(1, -1) -> start, end
+
+
 class BertEncoder(nn.Module):
     """The bare encoder under the family prefix; returns last_hidden_state [batch, length, hidden]."""
 
@@ -410,9 +435,9 @@ IGNORED_SOURCE_KEYS = (
     r"generator_lm_head\..*",
 )
 # Our leaves that a checkpoint may lack (a new task head), initialised fresh.
-NEW_HEAD_PATHS = (r"classifier/.*", r"[a-z]+/pooler/.*")
+NEW_HEAD_PATHS = (r"classifier/.*", r"qa_outputs/.*", r"[a-z]+/pooler/.*")
 # Source tensors used only when the model has them (a pooler or head the chosen task lacks).
-OPTIONAL_SOURCE_KEYS = (r"[a-z]+\.pooler\..*", r"classifier\..*")
+OPTIONAL_SOURCE_KEYS = (r"[a-z]+\.pooler\..*", r"classifier\..*", r"qa_outputs\..*")
 
 # Logical axes of each parameter (first match wins), used to shard over the mesh.
 PARAM_AXES = (
@@ -431,16 +456,27 @@ PARAM_AXES = (
 def build(config: BertConfig, task: str, num_labels: int, dtype, param_dtype) -> nn.Module:
     if task == "classification":
         return BertForSequenceClassification(config, num_labels, dtype, param_dtype)
+    if task == "question_answering":
+        return BertForQuestionAnswering(config, dtype, param_dtype)
     if task == "encoder":
         return BertEncoder(config, dtype, param_dtype)
     raise ValueError(
-        f"task {task!r} is not supported by the BERT family; choose classification or encoder"
+        f"task {task!r} is not supported by the BERT family; "
+        "choose classification, question_answering or encoder"
     )
+
+
+# Our task -> the suffix of the transformers class name (`BertForQuestionAnswering`).
+HF_TASK_SUFFIXES = {
+    "classification": "ForSequenceClassification",
+    "question_answering": "ForQuestionAnswering",
+    "encoder": "Model",
+}
 
 
 def hf_architecture(config: BertConfig, task: str) -> str:
     name = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra"}[config.model_type]
-    return f"{name}ForSequenceClassification" if task == "classification" else f"{name}Model"
+    return name + HF_TASK_SUFFIXES[task]
 
 
 CONFIG = BertConfig

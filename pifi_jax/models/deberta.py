@@ -1,4 +1,4 @@
-"""DeBERTa (v1, `deberta`) and DeBERTa-v2/v3 (`deberta-v2`) encoders, with classification heads.
+"""DeBERTa (v1, `deberta`) and DeBERTa-v2/v3 (`deberta-v2`) encoders, classification / QA heads.
 
 Both replace BERT's attention by disentangled attention: besides content-to-content scores,
 each head scores content against relative-position embeddings shared by all layers
@@ -26,8 +26,9 @@ Prefix tuning (pifi_jax's own definition, see peft/prefix.py): prefix keys enter
 content-to-content scores only, scaled like them; prefix values are attended like the others.
 
 Head (both): pooler (dropout(pooler_dropout) -> dense -> pooler_hidden_act on the first token) ->
-dropout(cls_dropout or hidden_dropout_prob) -> classifier. Parameter paths mirror Hugging Face
-names; the base model is `deberta/` for both model types (HF's base_model_prefix).
+dropout(cls_dropout or hidden_dropout_prob) -> classifier. Question answering: `qa_outputs`
+(hidden -> 2) on every token, no pooler: (start_logits, end_logits). Parameter paths mirror Hugging
+Face names; the base model is `deberta/` for both model types (HF's base_model_prefix).
 """
 
 from __future__ import annotations
@@ -598,6 +599,29 @@ class DebertaForSequenceClassification(nn.Module):
         return logits.astype(jnp.float32)  # [batch, num_labels]
 
 
+class DebertaForQuestionAnswering(nn.Module):
+    """Encoder + `qa_outputs` (hidden -> 2) on every token: extractive QA (span start / end).
+
+    Call: `module.apply({"params": params}, input_ids=..., attention_mask=..., token_type_ids=...,
+    deterministic=True)` -> (start_logits, end_logits), each [batch, length] in float32. Padding
+    positions get logits too (as in transformers); mask them before taking a span.
+    """
+
+    task: ClassVar[str] = "question_answering"
+    config: DebertaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = DebertaModel(self.config, **kw, name=BASE_MODEL_PREFIX)(
+            input_ids, attention_mask, token_type_ids, deterministic=deterministic
+        )
+        logits = Linear(2, **kw, name="qa_outputs")(hidden).astype(jnp.float32)  # [b, s, 2]
+        return logits[..., 0], logits[..., 1]  # HF: logits.split(1, -1) -> start, end
+
+
 class DebertaEncoder(nn.Module):
     """The bare encoder under `deberta/`; returns last_hidden_state [batch, length, hidden]."""
 
@@ -627,12 +651,13 @@ IGNORED_SOURCE_KEYS = (
     r"mask_predictions\..*",
 )
 # Our leaves that a checkpoint may lack (a new task head), initialised fresh.
-NEW_HEAD_PATHS = (r"classifier/.*", r"pooler/.*")
+NEW_HEAD_PATHS = (r"classifier/.*", r"qa_outputs/.*", r"pooler/.*")
 # Source tensors used only when the model has them: the head, and absolute position embeddings
 # that some checkpoints carry although position_biased_input is false (transformers skips them).
 OPTIONAL_SOURCE_KEYS = (
     r"pooler\..*",
     r"classifier\..*",
+    r"qa_outputs\..*",
     r"deberta\.embeddings\.position_embeddings\.weight",
 )
 
@@ -657,14 +682,27 @@ PARAM_AXES = (
 def build(config: DebertaConfig, task: str, num_labels: int, dtype, param_dtype) -> nn.Module:
     if task == "classification":
         return DebertaForSequenceClassification(config, num_labels, dtype, param_dtype)
+    if task == "question_answering":
+        return DebertaForQuestionAnswering(config, dtype, param_dtype)
     if task == "encoder":
         return DebertaEncoder(config, dtype, param_dtype)
-    raise ValueError(f"task {task!r} is not supported by DeBERTa; choose classification or encoder")
+    raise ValueError(
+        f"task {task!r} is not supported by DeBERTa; "
+        "choose classification, question_answering or encoder"
+    )
+
+
+# Our task -> the suffix of the transformers class name (`DebertaV2ForQuestionAnswering`).
+HF_TASK_SUFFIXES = {
+    "classification": "ForSequenceClassification",
+    "question_answering": "ForQuestionAnswering",
+    "encoder": "Model",
+}
 
 
 def hf_architecture(config: DebertaConfig, task: str) -> str:
     name = "Deberta" if config.is_v1 else "DebertaV2"
-    return f"{name}ForSequenceClassification" if task == "classification" else f"{name}Model"
+    return name + HF_TASK_SUFFIXES[task]
 
 
 CONFIG = DebertaConfig

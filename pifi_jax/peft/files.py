@@ -56,6 +56,7 @@ _VIRTUAL_KEY, _VIRTUAL_PREFIX = "prompt_embeddings", "base_model."
 _VIRTUAL_LEAVES = {"prefix": "prefix_encoder/embedding", "prompt": "prompt_encoder/embedding"}
 _TASK_TYPES = {
     "classification": "SEQ_CLS",
+    "question_answering": "QUESTION_ANS",
     "encoder": "FEATURE_EXTRACTION",
     "causal_lm": "CAUSAL_LM",
     "seq2seq": "SEQ_2_SEQ_LM",

@@ -128,8 +128,9 @@ PROMPT_FAMILIES = (
     "falcon",
     "gpt2",
 )
-# The task heads Hugging Face PEFT trains fully for sequence classification.
-HEAD_MODULES = ("classifier", "score")
+# The task heads Hugging Face PEFT trains fully: sequence classification (`classifier`, decoders'
+# `score`) and extractive question answering (`qa_outputs`, PeftModelForQuestionAnswering).
+HEAD_MODULES = ("classifier", "score", "qa_outputs")
 
 
 def hf_module_name(path: str) -> str:

@@ -61,6 +61,8 @@ from pifi_jax.train.builders import BuiltModel, dtype_of, get_builder
 from pifi_jax.train.step import NONFINITE_MODES, TrainState, make_eval_step, make_train_step
 
 # A step plugin's own batch stream is shuffled with config.seed + this (train.plugins).
+# Objectives whose evaluation generates: their evaluation batches hold the inputs only.
+GENERATIVE_LAYOUTS = ("causal_lm", "seq2seq")
 PERIODIC_SEED_OFFSET = 7919
 # fold_in tag of a plugin's periodic step's randomness.
 PERIODIC_RNG_TAG = 0x9E71
@@ -192,6 +194,10 @@ def load_splits(config, tokenizer, task, layout: str = "classification") -> dict
             examples = examples.head(min(cfg.max_examples, len(examples)))
         if layout == "classification":
             out[split] = data.encode(tokenizer, examples, cfg.max_length)
+        elif layout == "span":
+            out[split] = data.encode_spans(
+                tokenizer, examples, cfg.max_length, cfg.doc_stride, train=split == "train"
+            )
         else:
             out[split] = data.encode_generation(
                 tokenizer,
@@ -216,7 +222,7 @@ def _check_buckets(encoded: data.Encoded, examples: data.Examples, cfg) -> None:
     if len(lengths) and lengths.max() > largest:
         position = int(np.argmax(lengths))
         row = position if examples.rows is None else int(examples.rows[position])
-        if encoded.layout == "classification":
+        if encoded.layout in ("classification", "span"):
             advice = (
                 f"data.max_length={cfg.max_length} cuts texts to at most that: set "
                 f"data.max_length <= {largest} or add a bucket of {cfg.max_length}"
@@ -508,7 +514,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, log=print) -> Ru
             f"{max(buckets)} slots ({tokens / (rows * max(buckets)):.1%} filled)"
         )
     # Generative objectives evaluate by generating: their evaluation batches hold inputs only.
-    generates = objective_cls.layout != "classification"
+    generates = objective_cls.layout in GENERATIVE_LAYOUTS
     eval_batches = {
         name: eval_batcher(config, enc, tc.eval_batch_size, generates)
         for name, enc in splits.items()

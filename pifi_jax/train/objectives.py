@@ -28,6 +28,9 @@ head to build (`model_task`: "classification", "causal_lm" or "seq2seq") before 
     seq2seq         encoder-decoder: source -> encoder, target shifted right behind the model's
                     decoder start token -> decoder, loss on the target tokens (padding ignored);
                     evaluation generates from the source and scores the text
+    extractive_qa   start/end logits over each (question, context window); cross-entropy on the
+                    answer's first and last token; evaluation picks each example's best span
+                    over its windows and gives SQuAD exact match / F1
 """
 
 from __future__ import annotations
@@ -344,7 +347,104 @@ class Seq2Seq(Generation):
         return _safe_mean(total, count), {"weight": count}
 
 
-OBJECTIVES = {cls.name: cls for cls in (Classification, Regression, MultiLabel, CausalLM, Seq2Seq)}
+@dataclasses.dataclass(frozen=True)
+class ExtractiveQA:
+    """Span extraction (SQuAD): start and end logits over each window's tokens.
+
+    Batches are windows (data.spans, layout "span"); the loss is the mean of the start and end
+    cross-entropies over the real tokens, as transformers' `*ForQuestionAnswering` computes it
+    (a window without its answer is taught to point at token 0). Prediction keeps both logits,
+    padded to `max_length` (the largest bucket) so that every batch's rows concatenate; scoring picks each example's
+    best span over its windows on the host (train.qa.best_answers) and gives SQuAD's exact match
+    and F1 (train.qa.squad_scores), in 0..100.
+    """
+
+    name: ClassVar[str] = "extractive_qa"
+    model_task: ClassVar[str] = "question_answering"
+    layout: ClassVar[str] = "span"
+    module: Any
+    max_length: int
+    metrics: tuple[str, ...] = ("exact_match", "f1")
+    n_best: int = 20
+    max_answer_tokens: int = 30
+
+    def _logits(self, params, batch, **kw):
+        inputs = {k: batch[k] for k in CLASSIFIER_INPUTS if k in batch}
+        start, end = self.module.apply({"params": params}, **inputs, **kw)
+        real = batch["attention_mask"] > 0
+        length = real.shape[1]  # prompt tuning puts its soft tokens in front: dropped
+        start, end = start[:, -length:], end[:, -length:]
+        low = jnp.finfo(jnp.float32).min
+        return jnp.where(real, start, low), jnp.where(real, end, low)  # [b, L] each
+
+    def loss_fn(self, trainable, frozen, batch, rng, deterministic: bool = False):
+        params = merge_params(trainable, frozen)
+        start, end = self._logits(params, batch, deterministic=deterministic, rngs={"dropout": rng})
+        weights = batch["weights"]
+        losses = (
+            optax.softmax_cross_entropy_with_integer_labels(start, batch["start_positions"])
+            + optax.softmax_cross_entropy_with_integer_labels(end, batch["end_positions"])
+        ) / 2
+        total = jnp.sum(weights)
+        hit = (jnp.argmax(start, -1) == batch["start_positions"]) & (
+            jnp.argmax(end, -1) == batch["end_positions"]
+        )
+        return _safe_mean(jnp.sum(losses * weights), total), {
+            "weight": total,
+            "span_accuracy": jnp.sum(hit * weights),
+        }
+
+    def predict(self, params, batch):
+        start, end = self._logits(params, batch, deterministic=True)
+        pad = ((0, 0), (0, self.max_length - start.shape[1]))
+        low = jnp.finfo(jnp.float32).min
+        return {
+            "start_logits": jnp.pad(start, pad, constant_values=low),  # [b, max_length]
+            "end_logits": jnp.pad(end, pad, constant_values=low),
+            "index": batch["index"],
+            "weights": batch["weights"],
+        }
+
+    def answers(self, outputs: dict, split) -> list[str]:
+        """Each example's predicted answer text (see train.qa)."""
+        from pifi_jax.train import qa  # noqa: PLC0415
+
+        keep = np.asarray(outputs["weights"]) != 0
+        index = np.asarray(outputs["index"])[keep]
+        order = np.argsort(index)
+        starts = np.asarray(outputs["start_logits"])[keep][order]
+        ends = np.asarray(outputs["end_logits"])[keep][order]
+        windows = index[order]
+        return qa.best_answers(
+            starts,
+            ends,
+            [split.offsets[w] for w in windows],
+            split.window_example[windows],
+            split.contexts,
+            self.n_best,
+            self.max_answer_tokens,
+        )
+
+    def score(self, outputs: dict, split) -> dict[str, float]:
+        from pifi_jax.train import qa  # noqa: PLC0415
+
+        scores = qa.squad_scores(self.answers(outputs, split), split.answers)
+        return {name: scores[name] for name in self.metrics}
+
+    def records(self, outputs: dict, split) -> list[dict]:
+        """One {"index", "prediction", "answers"} per example, for predictions files."""
+        return [
+            {"index": i, "prediction": p, "answers": list(a)}
+            for i, (p, a) in enumerate(
+                zip(self.answers(outputs, split), split.answers, strict=True)
+            )
+        ]
+
+
+OBJECTIVES = {
+    cls.name: cls
+    for cls in (Classification, Regression, MultiLabel, CausalLM, Seq2Seq, ExtractiveQA)
+}
 
 
 def objective_class(name: str, task, model_config: dict | None = None) -> type:
@@ -360,6 +460,8 @@ def objective_class(name: str, task, model_config: dict | None = None) -> type:
     if task.kind == "generation":
         encoder_decoder = bool((model_config or {}).get("is_encoder_decoder", False))
         return Seq2Seq if encoder_decoder else CausalLM
+    if task.kind == "extractive_qa":
+        return ExtractiveQA
     if getattr(task, "problem_type", None) == "multi_label":
         return MultiLabel
     return Regression if task.num_labels == 1 else Classification
@@ -385,6 +487,21 @@ def make_objective(config, task, module, tokenizer=None, model_config: dict | No
             method=gc.method,
             num_beams=gc.num_beams,
             length_penalty=gc.length_penalty,
+        )
+    if cls is ExtractiveQA:
+        if task.kind != "extractive_qa":
+            raise ValueError(
+                f"objective 'extractive_qa' needs an extractive QA task (squad_v1, squad_spans, "
+                f"qa_local), not task {task.name!r} ({task.kind})"
+            )
+        if smoothing:
+            raise ValueError("train.label_smoothing applies to classification; set it to 0")
+        return ExtractiveQA(
+            module,
+            max(config.data.buckets),
+            tuple(task.metrics),
+            n_best=config.data.get("n_best", 20),
+            max_answer_tokens=config.data.get("max_answer_tokens", 30),
         )
     if cls is Regression:
         return Regression(module, metrics=tuple(task.metrics))

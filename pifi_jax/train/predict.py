@@ -161,6 +161,11 @@ class Predictor:
             )
         n = len(texts[0])
         layout = self.setup.objective_cls.layout
+        if layout == "span":
+            raise ValueError(
+                f"launch.predict does not answer extractive QA (task {task.name!r}) yet: the "
+                "run's predictions_<split>.jsonl hold its answers on the evaluation splits"
+            )
         if layout == "classification":
             if task.problem_type == "multi_label":
                 labels = np.zeros((n, task.num_labels), np.float32)
@@ -188,7 +193,7 @@ class Predictor:
             self.config,
             self.encode(texts),
             batch_size or self.config.train.eval_batch_size,
-            generate=self.setup.objective_cls.layout != "classification",
+            generate=self.setup.objective_cls.layout in loop.GENERATIVE_LAYOUTS,
         )
         batches = batcher.batches(0)
         total = batcher.num_batches()
