@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Seed of parameter init (new head), dropout and data order.
     config.seed = 0
     # What the trainer optimises (pifi_jax.train.objectives): auto (from the task and model),
-    # classification, regression, multi_label, causal_lm or seq2seq.
+    # classification, regression, multi_label, causal_lm, seq2seq or extractive_qa.
     config.objective = "auto"
     # How the model is built (pifi_jax.train.builders): pretrained (a checkpoint under the
     # objective's head, with config.peft), or a method's builder (configs/pifi.py: pifi).

@@ -282,19 +282,31 @@ def _write_qa_files(directory, seed=0):
     return files
 
 
+def _qa_config(model_dir, tmp_path, overrides):
+    """configs/qa.py:runlocal on the tiny model and the synthetic files, plus `overrides`."""
+    from tests.conftest import load_config
+
+    files = _write_qa_files(tmp_path)
+    return load_config(
+        "configs/qa.py:task=qa_local,runlocal",
+        [
+            f"--config.model.path={model_dir}",
+            f"--config.data.data_files.train={files['train']}",
+            f"--config.data.data_files.validation={files['validation']}",
+            *overrides,
+        ],
+    )
+
+
 def test_training_learns_to_point_at_the_answer(tiny_bert_dir, tmp_path):
     import json
 
     from pifi_jax.train import train_and_evaluate
-    from tests.conftest import load_config
 
-    files = _write_qa_files(tmp_path)
-    config = load_config(
-        "configs/qa.py:task=qa_local,runlocal",
+    config = _qa_config(
+        tiny_bert_dir,
+        tmp_path,
         [
-            f"--config.model.path={tiny_bert_dir}",
-            f"--config.data.data_files.train={files['train']}",
-            f"--config.data.data_files.validation={files['validation']}",
             "--config.data.max_examples=0",
             "--config.train.num_steps=60",
             "--config.train.eval_every_steps=60",
@@ -317,18 +329,11 @@ def test_prompt_tuning_drops_its_soft_tokens_from_the_span_logits(tiny_bert_dir,
     """Prompt tuning puts 4 soft tokens in front: the QA logits are 4 longer than the batch and
     the objective must keep the last L (else the loss sees misaligned or missized logits)."""
     from pifi_jax.train import train_and_evaluate
-    from tests.conftest import load_config
 
-    files = _write_qa_files(tmp_path)
-    config = load_config(
-        "configs/qa.py:task=qa_local,runlocal",
-        [
-            f"--config.model.path={tiny_bert_dir}",
-            f"--config.data.data_files.train={files['train']}",
-            f"--config.data.data_files.validation={files['validation']}",
-            "--config.peft.method=prompt",
-            "--config.peft.num_virtual_tokens=4",
-        ],
+    config = _qa_config(
+        tiny_bert_dir,
+        tmp_path,
+        ["--config.peft.method=prompt", "--config.peft.num_virtual_tokens=4"],
     )
     results = train_and_evaluate(config, tmp_path / "run")
     assert {"validation/exact_match", "validation/f1"} <= set(results)

