@@ -324,6 +324,14 @@ def test_training_learns_to_point_at_the_answer(tiny_bert_dir, tmp_path):
     hits = sum(r["prediction"] in r["answers"] for r in records)
     assert hits == round(results["validation/exact_match"] * 24 / 100)
 
+    # launch.predict's path: new questions and contexts, no answers given
+    from pifi_jax.train.predict import Predictor
+
+    contexts = ["the plot was lovely", "a dull film is great and the acting " + "is very " * 20]
+    rows = Predictor.from_workdir(tmp_path / "run").predict((["which is good"] * 2, contexts))
+    assert [row["answer"] for row in rows] == ["lovely", "great"]
+    assert rows[1]["context"] == contexts[1]
+
 
 def test_prompt_tuning_drops_its_soft_tokens_from_the_span_logits(tiny_bert_dir, tmp_path):
     """Prompt tuning puts 4 soft tokens in front: the QA logits are 4 longer than the batch and

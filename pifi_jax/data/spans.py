@@ -41,7 +41,8 @@ def encode_spans(
     tokenizer, examples: Examples, max_length: int, stride: int = 128, *, train: bool = True
 ) -> Encoded:
     """Windows of every example (see the module docstring); `train` refuses answers that are not
-    in their context (evaluation keeps them: scoring needs only the texts)."""
+    in their context (evaluation keeps them: scoring needs only the texts). Examples without
+    answers (inputs to predict) get windows only."""
     questions, contexts = examples.texts
     rows = examples.rows if examples.rows is not None else np.arange(len(examples))
     specials = tokenizer.num_special_tokens_to_add(pair=True)
@@ -57,7 +58,13 @@ def encode_spans(
     if stride >= max_length - specials:
         raise ValueError(f"data.doc_stride={stride} must be below data.max_length={max_length}")
     spans = []
-    for i, (context, gold) in enumerate(zip(contexts, examples.answers, strict=True)):
+    golds = examples.answers if examples.answers is not None else [None] * len(examples)
+    if examples.answers is None and train:
+        raise ValueError(f"{examples.origin}: training windows need answers")
+    for i, (context, gold) in enumerate(zip(contexts, golds, strict=True)):
+        if gold is None:  # inputs to predict: no answer to locate
+            spans.append(None)
+            continue
         start = None if examples.answer_starts is None else examples.answer_starts[i]
         span = answer_span(context, gold[0], start)
         if span is None and train:
@@ -108,5 +115,5 @@ def encode_spans(
         window_example=window_example,
         offsets=offsets,
         contexts=list(contexts),
-        answers=[tuple(a) for a in examples.answers],
+        answers=None if examples.answers is None else [tuple(a) for a in examples.answers],
     )

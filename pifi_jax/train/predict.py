@@ -18,6 +18,7 @@ What a row gets (`Predictor.predict`), after the input's text columns:
   multi_label   {"labels": [every name with p > 0.5], "probabilities": {name: p, ...}}
   regression    {"score": value}
   generation    {"generated": text} (the config's generation section: greedy or beam)
+  extractive QA {"answer": the best span of the context over its windows}
 
 Inputs (`read_inputs`): a .csv/.tsv/.jsonl/.json/.parquet file holding the task's text columns
 under the training data's names (the run's data.column_map applies; the task's own column names
@@ -161,10 +162,14 @@ class Predictor:
             )
         n = len(texts[0])
         layout = self.setup.objective_cls.layout
-        if layout == "span":
-            raise ValueError(
-                f"launch.predict does not answer extractive QA (task {task.name!r}) yet: the "
-                "run's predictions_<split>.jsonl hold its answers on the evaluation splits"
+        if layout == "span":  # no answers: windows only, nothing to locate
+            examples = sources.Examples(texts=texts, labels=None, origin=origin, rows=np.arange(n))
+            return data.encode_spans(
+                self.setup.tokenizer,
+                examples,
+                config.data.max_length,
+                config.data.doc_stride,
+                train=False,
             )
         if layout == "classification":
             if task.problem_type == "multi_label":
@@ -188,10 +193,14 @@ class Predictor:
     def outputs(
         self, texts: Sequence[Sequence[str]], batch_size: int = 0, progress: bool = True
     ) -> dict[str, np.ndarray]:
-        """The objective's raw outputs (`predict`) for every input row, in order."""
+        """The objective's raw outputs (`predict`) for every input row (extractive QA: every
+        window of the rows), in order."""
+        return self._outputs(self.encode(texts), batch_size, progress)
+
+    def _outputs(self, encoded: data.Encoded, batch_size: int, progress: bool) -> dict:
         batcher = loop.eval_batcher(
             self.config,
-            self.encode(texts),
+            encoded,
             batch_size or self.config.train.eval_batch_size,
             generate=self.setup.objective_cls.layout in loop.GENERATIVE_LAYOUTS,
         )
@@ -213,10 +222,17 @@ class Predictor:
     ) -> list[dict]:
         """One record per input row (the module docstring), the texts first."""
         task = self.task
-        outputs = self.outputs(texts, batch_size, progress)
+        encoded = self.encode(texts)
+        outputs = self._outputs(encoded, batch_size, progress)
         rows = [
             dict(zip(task.text_columns, values, strict=True)) for values in zip(*texts, strict=True)
         ]
+        if task.kind == "extractive_qa":
+            for row, answer in zip(
+                rows, self.setup.objective.answers(outputs, encoded), strict=True
+            ):
+                row["answer"] = answer
+            return rows
         if task.kind == "generation":
             for row, text in zip(rows, self.setup.objective.decode(outputs["tokens"]), strict=True):
                 row["generated"] = text
