@@ -87,6 +87,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.buckets = (32, 64, 128)
     # Keep only the first N examples of every split (0 = all).
     config.data.max_examples = 0
+    # Extractive QA only (configs/qa.py): context tokens two neighbouring windows share, and the
+    # answer search (best start and end logits paired per window, the longest answer in tokens).
+    config.data.doc_stride = 128
+    config.data.n_best = 20
+    config.data.max_answer_tokens = 30
 
     config.train = ml_collections.ConfigDict()
     # Passes over the training data (ignored when num_steps > 0).

@@ -8,6 +8,9 @@ Offline default (MiniLM + the last layer of SmolLM2-135M, Rotten Tomatoes, CPU):
 The paper's setting (hub names need the network; the LLM layer is read alone from its shard):
     python -m launch.train --config=configs/pifi.py:task=sst2,slm=bert,llm=llama3.1,method=pifi
     python -m launch.train --config=configs/pifi.py:task=sst2,slm=bert,method=base
+Extractive QA (a span task: the layer runs over every token, see pifi_jax.pifi.plugin):
+    python -m launch.train --config=configs/pifi.py:task=squad_spans,llm=qwen2.5-coder-1.5b
+
 Another layer, or the one automatic selection picks (pifi_jax.pifi.select) before training:
     python -m launch.train --config=configs/pifi.py:task=rt --config.pifi.layer=3
     python -m launch.train --config=configs/pifi.py:task=rt --config.pifi.layer=auto
@@ -27,6 +30,8 @@ are the paper's hyperparameters (shared/spec/pifi.md) and the `pifi` section.
 import ml_collections
 
 from configs.classify import get_config as classify_config
+from configs.qa import qa_data_defaults
+from pifi_jax.data import get_task
 from pifi_jax.pifi.names import resolve_llm, resolve_slm
 from pifi_jax.pifi.plugin import FROZEN_RULES
 
@@ -109,6 +114,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.0
     config.optim.clip_norm = 5.0
 
+    if get_task(config.task).kind == "extractive_qa":
+        # Extractive QA (`:task=squad_spans`, squad_v1, qa_local): the layer runs over every
+        # token (a span needs them all), the windows of configs/qa.py, no label smoothing.
+        config.pifi.mode = "sequence"
+        config.train.label_smoothing = 0.0
+        qa_data_defaults(config)
+
     if args.get("runlocal"):
         # A few steps on a few examples; the tests point model.path and pifi.llm at tiny models.
         config.data.max_examples = 48
@@ -123,4 +135,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.pifi.selection_samples = 48
         config.pifi.selection_batch_size = 8
         config.pifi.selection_dtype = "float32"
+        if config.pifi.mode == "sequence" and get_task(config.task).kind == "extractive_qa":
+            # Windows of the tiny QA setting: a stride below the window length.
+            config.data.max_length = 48
+            config.data.doc_stride = 16
+            config.data.buckets = (32, 48)
     return config

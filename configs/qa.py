@@ -27,6 +27,16 @@ from configs.classify import _parse
 from configs.classify import get_config as classify_config
 
 
+def qa_data_defaults(config) -> None:
+    """Windows for a small encoder on the CPU (shared with configs/pifi.py:task=<a QA task>)."""
+    # Tokens per window (question + context part + specials), context tokens two neighbouring
+    # windows share (data.n_best and data.max_answer_tokens: configs/classify.py), and the
+    # lengths batches are padded to.
+    config.data.max_length = 256
+    config.data.doc_stride = 64
+    config.data.buckets = (128, 256)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = _parse(arg)
     config = classify_config()
@@ -38,14 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # An encoder checkpoint (any of the six families), hub id, or "asset:minilm".
     config.model.path = args.get("model", "asset:minilm")
 
-    # Tokens per window (question + context part + specials), context tokens two neighbouring
-    # windows share, and the lengths batches are padded to.
-    config.data.max_length = 256
-    config.data.doc_stride = 64
-    config.data.buckets = (128, 256)
-    # Answer search: best start and end logits paired per window, and the longest answer.
-    config.data.n_best = 20
-    config.data.max_answer_tokens = 30
+    qa_data_defaults(config)
 
     # Two epochs of windows, batch 16, evaluated (SQuAD F1 on validation) after each epoch.
     config.train.epochs = 2

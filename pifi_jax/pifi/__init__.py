@@ -15,6 +15,7 @@ from pifi_jax.pifi.plugin import (
     PifiClassifier,
     PifiHead,
     PifiPlugin,
+    PifiSpanModel,
     build,
     layer_fingerprint,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "PifiClassifier",
     "PifiHead",
     "PifiPlugin",
+    "PifiSpanModel",
     "SelectionConfig",
     "build",
     "layer_fingerprint",

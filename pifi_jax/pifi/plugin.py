@@ -30,6 +30,17 @@ and only they train in it: `module.trainable_rules(params)` trains the SLM's PEF
 Prompt tuning puts P soft tokens in front, so "cls" pooling reads the first of them, as Hugging
 Face PEFT's classification heads do; it needs pooling "cls" and mode "token".
 
+Extractive QA (`build(..., task="question_answering")`, PifiSpanModel): a span needs a vector per
+token, so the layer always runs over the whole sequence (mode "sequence": padding masked, RoPE
+positions 0..length-1, attention both ways) and `qa_outputs` (d_s -> 2, as transformers' QA heads)
+reads every token of W_out's output:
+
+    h = SLM(...); h = W_out LLMLayer(W_in h); start, end = qa_outputs(h)   # [batch, length] each
+
+The other choice, the pooled token through the layer and added back to every token, gives each
+token the same shift and so cannot move a span; it is not offered. Its baseline (method "base") is
+the SLM with `qa_outputs`: the architecture of `from_pretrained(..., task="question_answering")`.
+
     module, params = pifi_jax.pifi.build("asset:minilm", "asset:smollm2", -1, num_labels=2)
     logits = module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
 """
@@ -56,6 +67,7 @@ from pifi_jax.models import registry
 METHODS = ("pifi", "base")
 POOLINGS = ("cls", "mean")
 MODES = ("token", "sequence")
+TASKS = ("classification", "question_answering")
 # The frozen layer; everything else (SLM, W_in, W_out, head) trains.
 FROZEN_RULES = ((r"pifi/llm_layer/.*", "frozen"), (r".*", "trainable"))
 # PyTorch's nn.Linear initialisation (uniform in +-1/sqrt(fan_in)), which the paper's new layers had.
@@ -113,7 +125,51 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Arra
     return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-class PifiClassifier(nn.Module):
+class _PifiParts:
+    """What the PiFi models share: the encoder's config, the method, the SLM's PEFT config, the
+    partition rules and the logical axes. `head_name`: the top-level name of the task head."""
+
+    head_name: ClassVar[str] = "head"
+
+    @property
+    def config(self):
+        """The encoder's config (the SLM decides tokenizer, inputs and model type)."""
+        return self.encoder.config
+
+    @property
+    def method(self) -> str:
+        return "base" if self.pifi is None else "pifi"
+
+    @property
+    def peft_config(self):
+        """The SLM's PEFT config, or None when the SLM is fully fine-tuned."""
+        return getattr(self.encoder, "peft_config", None)
+
+    def trainable_rules(self, params: dict) -> list[tuple[str, str]]:
+        """Partition rules: the layer frozen; W_in, W_out and the head trained; the SLM fully
+        trained, or, with a PEFT method, only its PEFT leaves (and its modules_to_save)."""
+        if self.peft_config is None:
+            return list(FROZEN_RULES)
+        encoder_params = {k: v for k, v in params.items() if k not in ("pifi", self.head_name)}
+        return [
+            FROZEN_RULES[0],
+            (rf"(pifi|{self.head_name})/.*", "trainable"),
+            *peft_lib.trainable_rules(self.encoder, encoder_params),
+        ]
+
+    @property
+    def param_axes(self) -> tuple:
+        """Logical axes of the whole tree: the decoder family's rules under pifi/llm_layer/, then
+        the encoder family's. W_in, W_out and the head are small and stay replicated."""
+        axes = []
+        if self.pifi is not None:
+            llm = registry.family_for(self.pifi.llm_layer.config.model_type)
+            # The family's layer rules are written to match a layer's paths with any prefix.
+            axes += [("pifi/llm_layer/" + pattern, names) for pattern, names in llm.PARAM_AXES]
+        return tuple(axes) + tuple(registry.family_for(self.config.model_type).PARAM_AXES)
+
+
+class PifiClassifier(_PifiParts, nn.Module):
     """SLM -> pooling -> [PiFi plug-in] -> head. Logits [batch, num_labels] in float32.
 
     encoder: a bare encoder (`from_pretrained(path, task="encoder")`); it shares this module's
@@ -162,42 +218,41 @@ class PifiClassifier(nn.Module):
             pooled = self.pifi(pooled[:, None], one, 0 * one, deterministic)[:, 0]
         return self.head(pooled, deterministic).astype(jnp.float32)
 
-    @property
-    def config(self):
-        """The encoder's config (the SLM decides tokenizer, inputs and model type)."""
-        return self.encoder.config
 
-    @property
-    def method(self) -> str:
-        return "base" if self.pifi is None else "pifi"
+class PifiSpanModel(_PifiParts, nn.Module):
+    """SLM -> [PiFi plug-in over every token] -> qa_outputs: start and end logits [batch, length]
+    in float32 (extractive QA; the module docstring says why every token).
 
-    @property
-    def peft_config(self):
-        """The SLM's PEFT config, or None when the SLM is fully fine-tuned."""
-        return getattr(self.encoder, "peft_config", None)
+    encoder: a bare encoder (`from_pretrained(path, task="encoder")`), sharing this scope.
+    pifi: the plug-in, or None for the baseline.
+    """
 
-    def trainable_rules(self, params: dict) -> list[tuple[str, str]]:
-        """Partition rules: the layer frozen; W_in, W_out and the head trained; the SLM fully
-        trained, or, with a PEFT method, only its PEFT leaves (and its modules_to_save)."""
-        if self.peft_config is None:
-            return list(FROZEN_RULES)
-        encoder_params = {k: v for k, v in params.items() if k not in ("pifi", "head")}
-        return [
-            FROZEN_RULES[0],
-            (r"(pifi|head)/.*", "trainable"),
-            *peft_lib.trainable_rules(self.encoder, encoder_params),
-        ]
+    task: ClassVar[str] = "question_answering"
+    head_name: ClassVar[str] = "qa_outputs"
+    encoder: nn.Module
+    pifi: PifiPlugin | None = None
+    dtype: Any = jnp.float32
 
-    @property
-    def param_axes(self) -> tuple:
-        """Logical axes of the whole tree: the decoder family's rules under pifi/llm_layer/, then
-        the encoder family's. W_in, W_out and the head are small and stay replicated."""
-        axes = []
+    def setup(self):
+        method = self.peft_config.method if self.peft_config is not None else None
+        if method == "prompt" and self.pifi is not None:
+            raise ValueError(
+                "PiFi for extractive QA runs the layer over every token, which prompt tuning's "
+                "soft tokens would join unmasked: use another PEFT method (or method 'base')"
+            )
+        nn.share_scope(self, self.encoder)
+        self.qa_outputs = Linear(2, dtype=self.dtype, name="qa_outputs")
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        h = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         if self.pifi is not None:
-            llm = registry.family_for(self.pifi.llm_layer.config.model_type)
-            # The family's layer rules are written to match a layer's paths with any prefix.
-            axes += [("pifi/llm_layer/" + pattern, names) for pattern, names in llm.PARAM_AXES]
-        return tuple(axes) + tuple(registry.family_for(self.config.model_type).PARAM_AXES)
+            batch, length = input_ids.shape
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+            h = self.pifi(h, attention_mask, positions, deterministic)  # [batch, length, d_s]
+        logits = self.qa_outputs(h).astype(jnp.float32)  # [batch, length, 2]
+        return logits[..., 0], logits[..., 1]
 
 
 def build(
@@ -206,6 +261,7 @@ def build(
     layer_index: int = -1,
     num_labels: int = 2,
     *,
+    task: str = "classification",
     method: str = "pifi",
     pooling: str = "cls",
     mode: str = "token",
@@ -217,7 +273,7 @@ def build(
     seed: int = 0,
     peft=None,
     log=print,
-) -> tuple[PifiClassifier, dict]:
+) -> tuple[PifiClassifier | PifiSpanModel, dict]:
     """The PiFi classifier (or its baseline) with the SLM and the LLM layer loaded.
 
     Args:
@@ -226,6 +282,9 @@ def build(
       llm_path: the LLM (directory, hub id, GGUF file, `asset:smollm2`); only the tensors of layer
         `layer_index` are read. Unused for method "base".
       layer_index: the layer to plug in; negative counts from the end (-1 = last, the paper's).
+      task: "classification" (PifiClassifier) or "question_answering" (PifiSpanModel: start and
+        end logits; the layer runs over every token, so `mode` must be "sequence", and
+        num_labels, pooling and head_dropout do not apply).
       method: "pifi" or "base" (no W_in / layer / W_out).
       pooling: "cls" (paper) or "mean"; mode: "token" (paper: the layer sees one pooled token) or
         "sequence" (the layer runs over the whole sequence, then pooling).
@@ -238,6 +297,13 @@ def build(
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
+    if task not in TASKS:
+        raise ValueError(f"PiFi task {task!r} is not one of {TASKS}")
+    if task == "question_answering" and mode != "sequence":
+        raise ValueError(
+            f"PiFi for extractive QA runs the layer over every token: set pifi.mode='sequence' "
+            f"(got {mode!r})"
+        )
     kw = dict(mesh=mesh, logical_axis_rules=logical_axis_rules)
     encoder, params = from_pretrained(
         slm_path, task="encoder", dtype=dtype, seed=seed, peft=peft, log=log, **kw
@@ -251,11 +317,14 @@ def build(
         )
         plugin = PifiPlugin(layer, encoder.config.hidden_size, dtype)
         params = {**params, "pifi": {"llm_layer": layer_params}}
-    module = PifiClassifier(encoder, num_labels, plugin, pooling, mode, head_dropout, dtype)
+    if task == "question_answering":
+        module = PifiSpanModel(encoder, plugin, dtype)
+    else:
+        module = PifiClassifier(encoder, num_labels, plugin, pooling, mode, head_dropout, dtype)
     return module, _init_new_leaves(module, params, seed)
 
 
-def _init_new_leaves(module: PifiClassifier, params: dict, seed: int) -> dict:
+def _init_new_leaves(module: nn.Module, params: dict, seed: int) -> dict:
     """Creates W_in, W_out and the head by running the model once with the loaded leaves given:
     Linen returns a parameter that exists and initialises one that does not."""
     ids = jnp.zeros((1, 4), jnp.int32)

@@ -27,7 +27,7 @@ from flax import traverse_util
 from pifi_jax import data, peft
 from pifi_jax.pifi import select
 from pifi_jax.pifi.names import short_name
-from pifi_jax.pifi.plugin import build, layer_fingerprint
+from pifi_jax.pifi.plugin import TASKS, build, layer_fingerprint
 from pifi_jax.train import checkpoint
 from pifi_jax.train.builders import BuiltModel, peft_method, register_builder
 
@@ -152,13 +152,25 @@ def check_provenance(workdir: Path, record: dict) -> None:
         (workdir / PROVENANCE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
-def build_for_run(config, slm_dir, task, workdir, *, mesh, logical_axis_rules, log=print):
-    """(module, params) of the PiFi classifier (or its baseline) that `config` describes."""
+def build_for_run(
+    config,
+    slm_dir,
+    task,
+    workdir,
+    *,
+    mesh,
+    logical_axis_rules,
+    log=print,
+    model_task: str = "classification",
+):
+    """(module, params) of the PiFi model (or its baseline) that `config` describes: a
+    classifier, or for model_task "question_answering" the span model."""
     pc = config.pifi
     workdir = Path(workdir)
     method = peft.config.from_flat_config(config.peft)
     kw = dict(
-        num_labels=task.num_labels,
+        task=model_task,
+        num_labels=getattr(task, "num_labels", 2),
         method=pc.method,
         pooling=pc.pooling,
         mode=pc.mode,
@@ -175,6 +187,12 @@ def build_for_run(config, slm_dir, task, workdir, *, mesh, logical_axis_rules, l
         module, params = build(slm_dir, None, **kw)
         record = {"method": "base"}
     else:
+        if model_task != "classification" and str(pc.layer) == "auto":
+            raise ValueError(
+                "pifi.layer=auto: layer selection scores layers against class labels, which an "
+                f"extractive QA task has none of; give a layer index (-1 = last), got task "
+                f"{task.name!r}"
+            )
         index, auto = _layer_index(config, task, workdir, log)
         module, params = build(slm_dir, pc.llm, index, **kw)
         layer = module.pifi.llm_layer
@@ -206,9 +224,10 @@ def save_adapter(module, params: dict, directory, format: str = "native") -> Pat
     from safetensors.numpy import save_file
 
     directory = Path(directory)
-    slm = {k: v for k, v in params.items() if k not in ("pifi", "head")}
+    head = module.head_name
+    slm = {k: v for k, v in params.items() if k not in ("pifi", head)}
     peft.save_adapter(module.encoder, slm, directory, format=format)
-    plugin = {k: v for k, v in params.items() if k == "head"}
+    plugin = {k: v for k, v in params.items() if k == head}
     if "pifi" in params:
         plugin["pifi"] = {k: v for k, v in params["pifi"].items() if k != "llm_layer"}
     flat = traverse_util.flatten_dict(jax.device_get(plugin), sep="/")
@@ -222,10 +241,10 @@ class PifiBuilder:
     adapter is written with the plug-in weights beside it (`save_adapter`)."""
 
     def build(self, config, model_dir, model_task, task, workdir, *, mesh, logical_axis_rules, log):
-        if model_task != "classification":
+        if model_task not in TASKS:
             raise ValueError(
-                f"the PiFi builder makes sequence classifiers; objective {model_task!r} is not "
-                "supported by it yet"
+                f"the PiFi builder makes sequence classifiers and extractive QA models "
+                f"{TASKS}; objective {model_task!r} is not supported by it yet"
             )
         module, params = build_for_run(
             config,
@@ -235,6 +254,7 @@ class PifiBuilder:
             mesh=mesh,
             logical_axis_rules=logical_axis_rules,
             log=log,
+            model_task=model_task,
         )
         built = BuiltModel(module, params, module.param_axes)
         method = peft_method(config)

@@ -500,8 +500,8 @@ def make_objective(config, task, module, tokenizer=None, model_config: dict | No
             module,
             max(config.data.buckets),
             tuple(task.metrics),
-            n_best=config.data.get("n_best", 20),
-            max_answer_tokens=config.data.get("max_answer_tokens", 30),
+            n_best=config.data.n_best,
+            max_answer_tokens=config.data.max_answer_tokens,
         )
     if cls is Regression:
         return Regression(module, metrics=tuple(task.metrics))
