@@ -303,3 +303,26 @@ def test_real_qwen_15b_layer_reads_only_its_bytes():
     expected = gguf.quants.dequantize(down.data, down.tensor_type)  # the package's own reader
     np.testing.assert_array_equal(np.asarray(params["mlp"]["down_proj"]["kernel"]), expected.T)
     assert os.path.getsize(path) > 30 * layer_bytes
+
+
+@pytest.mark.slow
+def test_real_qwen_15b_last_layer_plugs_into_minilm():
+    """configs/pifi.py:llm=qwen2.5-coder-1.5b's model: MiniLM + the 1.5B's last layer (bf16)."""
+    _need("qwen2.5-coder-1.5b")
+    if not assets.is_available("minilm"):
+        pytest.skip("offline asset minilm not installed")
+    import jax.numpy as jnp
+
+    from pifi_jax import pifi
+
+    module, params = pifi.build("asset:minilm", "asset:qwen2.5-coder-1.5b", -1, num_labels=2)
+    layer = module.pifi.llm_layer
+    assert (layer.layer_index, layer.config.hidden_size, layer.config.model_type) == (
+        27,
+        1536,
+        "qwen2",
+    )
+    assert params["pifi"]["llm_layer"]["self_attn"]["q_proj"]["bias"].dtype == jnp.bfloat16
+    ids = np.array([[101, 2023, 3185, 2001, 2307, 102]], np.int32)
+    logits = jax.jit(module.apply)({"params": params}, ids, np.ones_like(ids))
+    assert logits.shape == (1, 2) and np.isfinite(np.asarray(logits)).all()
