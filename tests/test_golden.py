@@ -2,13 +2,15 @@
 MiniLM, real Rotten Tomatoes, seed 2023) for base, PiFi (the last layer of the real SmolLM2) and
 LoRA, against the values recorded in tests/golden/offline_default.json.
 
-Where this machine matches the recording (CPU model, jax, jaxlib, flax, optax and numpy versions)
-the losses must be the same floats, bit for bit: XLA on the CPU is deterministic, so any change
+Where this machine matches the recording (CPU model and vector features, jax, jaxlib, flax, optax
+and numpy versions) the losses must be the same floats, bit for bit: XLA on the CPU is deterministic, so any change
 of the computation, even one of rounding only, shows. Such changes are not harmless. Commit
 24e7e74 (backward passes that keep only what they need: a softmax that keeps its output, an
 activation that keeps its input) moved the second loss by 5e-7 and, 319 steps later, PiFi's test
 accuracy on README's main job from 80.22% to 80.96%. Elsewhere (another CPU or library version,
-whose kernels round differently) the losses must agree to `RTOL`, which a real change of the
+whose kernels round differently: two VMs that both report "AMD EPYC", with the same libraries,
+gave base's first loss as 0.69685304 (the recording at 6a13ced) and 0.69685310 (an AVX2 machine
+without AVX-512, 2026-12-01), so the CPU's features count too) the losses must agree to `RTOL`, which a real change of the
 computation (a GELU approximation, a dtype, a mask, an optimizer bug) exceeds.
 
 When a change of the numerics is intended, re-record the losses and re-measure the figures in
@@ -46,19 +48,30 @@ SHORTENED = (
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy")
 
 
+# CPU features XLA's CPU compiler targets (vector width, fused multiply-add): two machines that
+# report the same model ("AMD EPYC" in a VM) but differ here round differently.
+CPU_FEATURES = ("sse4", "avx", "fma", "f16c", "amx")
+
+
 def machine() -> dict:
-    """What decides the exact floats: the CPU model and the numerical libraries."""
+    """What decides the exact floats: the CPU model and features, and the numerical libraries."""
     import importlib.metadata
 
-    cpu = platform.processor() or platform.machine()
+    cpu, features = platform.processor() or platform.machine(), ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = dict(
+            line.split(":", 1)
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if ":" in line
+        )  # the last processor's lines; every core reports the same model and flags
+        info = {key.strip(): value.strip() for key, value in info.items()}
+        cpu = info.get("model name", cpu)
+        flags = info.get("flags", "").split()
+        features = " ".join(sorted(f for f in flags if f.startswith(CPU_FEATURES)))
     except OSError:
         pass
-    return {"cpu": cpu, **{name: importlib.metadata.version(name) for name in VERSIONED}}
+    versions = {name: importlib.metadata.version(name) for name in VERSIONED}
+    return {"cpu": cpu, "cpu_features": features, **versions}
 
 
 def losses(name: str, workdir: Path) -> list[float]:
