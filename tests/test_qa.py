@@ -376,3 +376,28 @@ def test_span_logits_keep_the_last_positions_behind_soft_tokens():
     assert out["start_logits"][0, 4] < -1e30  # padding can never be picked
     loss, aux = objective.loss_fn({}, {}, batch, None, deterministic=True)
     assert aux["span_accuracy"] == 1.0 and float(loss) < 0.02
+
+
+def test_a_window_longer_than_every_bucket_names_its_example_row(tiny_bert_dir, tmp_path):
+    """Windows are rows of the span layout; the error names the file row of the longest window's
+    example. (The first full-length window always belongs to an example whose predecessors had
+    one window each, so its position equals its example's: the test pins the row named, not the
+    mapping from windows to examples that the check applies.)"""
+    import re
+
+    from pifi_jax.train import train_and_evaluate
+
+    config = _qa_config(tiny_bert_dir, tmp_path, ["--config.data.buckets=(16,)"])
+    with pytest.raises(ValueError, match=r"train\.jsonl: row \d+ is \d+ tokens long") as info:
+        train_and_evaluate(config, tmp_path / "run")
+    row = int(re.search(r"row (\d+)", str(info.value)).group(1))
+    task = data.get_task("qa_local")
+    examples = data.load_examples(
+        task, "train", data_files={"train": str(tmp_path / "train.jsonl")}
+    ).head(config.data.max_examples)
+    encoded = spans.encode_spans(
+        data.load_tokenizer(tiny_bert_dir), examples, config.data.max_length, config.data.doc_stride
+    )
+    longest = int(np.argmax([len(ids) for ids in encoded.input_ids]))
+    assert len(encoded) > len(examples)  # several windows per long context
+    assert row == int(examples.rows[encoded.window_example[longest]])

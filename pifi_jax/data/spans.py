@@ -46,6 +46,8 @@ def encode_spans(
     questions, contexts = examples.texts
     rows = examples.rows if examples.rows is not None else np.arange(len(examples))
     specials = tokenizer.num_special_tokens_to_add(pair=True)
+    if stride >= max_length - specials:
+        raise ValueError(f"data.doc_stride={stride} must be below data.max_length={max_length}")
     room = max_length - specials - stride
     question_ids = tokenizer(list(questions), add_special_tokens=False)["input_ids"]
     for i, ids in enumerate(question_ids):
@@ -55,8 +57,6 @@ def encode_spans(
                 f"data.max_length={max_length} and data.doc_stride={stride} at most {room - 1} "
                 "fit beside a part of the context (raise max_length or lower doc_stride)"
             )
-    if stride >= max_length - specials:
-        raise ValueError(f"data.doc_stride={stride} must be below data.max_length={max_length}")
     spans = []
     golds = examples.answers if examples.answers is not None else [None] * len(examples)
     if examples.answers is None and train:

@@ -8,7 +8,7 @@ files.CheckpointReader under Hugging Face tensor names, so hub/convert.py loads 
   - values: dequantized to float32 by the `gguf` package (gguf.quants.dequantize: F32, F16, BF16,
     Q4_0 ... Q8_0 and the K-quants Q2_K ... Q6_K), one tensor at a time, when asked for. The header
     is memory-mapped; a tensor's bytes are read with one `pread` when `get` asks for it, so the
-    rest of the file is never read, and `bytes_read` counts what was;
+    rest of the file is never read;
   - layout: for `llama`, llama.cpp permutes the rows of q and k for its adjacent-pairs RoPE; `get`
     undoes it, giving the rotate-half layout of transformers (and layers/rotary.py). llama.cpp
     writes `qwen2` in the rotate-half layout already (its NEOX RoPE), so nothing is undone there.
@@ -115,7 +115,6 @@ class GGUFCheckpoint:
     Attributes:
       hf_config: the Hugging Face config dict built from the metadata.
       opened_files: {file name}; a GGUF checkpoint is one file.
-      bytes_read: bytes of tensor data read from the file so far (by `get`).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -136,11 +135,9 @@ class GGUFCheckpoint:
                 f"{self.path}: not a readable GGUF file (truncated or corrupted?): {err}"
             ) from err
         self.opened_files = {self.path.name}
-        self.bytes_read = 0
         self.arch = self._field("general.architecture")
-        if (
-            self.arch not in _ARCHS
-        ):  # checked first: another architecture's tensors have other names
+        # Checked first: another architecture's tensors have other names.
+        if self.arch not in _ARCHS:
             raise ValueError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported (only "
                 f"{sorted(_ARCHS)}: Llama, SmolLM2, Mistral and others llama.cpp converts as "
@@ -167,10 +164,6 @@ class GGUFCheckpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._tensors
 
-    def nbytes(self, key: str) -> int:
-        """Bytes the tensor takes in the file (quantized)."""
-        return int(self._tensors[key].n_bytes)
-
     def get(self, key: str) -> np.ndarray:
         """One tensor, dequantized to float32, in Hugging Face's shape and row order."""
         tensor = self._tensors[key]
@@ -195,7 +188,6 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor {tensor.name} is cut short ({len(data)} of {size} bytes at "
                 f"offset {int(tensor.data_offset)}): the file is truncated"
             )
-        self.bytes_read += size
         return data
 
     def _field(self, key: str) -> Any:

@@ -221,6 +221,8 @@ def _check_buckets(encoded: data.Encoded, examples: data.Examples, cfg) -> None:
     lengths = np.array([len(ids) for ids in encoded.input_ids])
     if len(lengths) and lengths.max() > largest:
         position = int(np.argmax(lengths))
+        if encoded.window_example is not None:  # span layout: rows are windows of examples
+            position = int(encoded.window_example[position])
         row = position if examples.rows is None else int(examples.rows[position])
         if encoded.layout in ("classification", "span"):
             advice = (
