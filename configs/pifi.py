@@ -10,6 +10,11 @@ The paper's setting (hub names need the network; the LLM layer is read alone fro
     python -m launch.train --config=configs/pifi.py:task=sst2,slm=bert,method=base
 Extractive QA (a span task: the layer runs over every token, see pifi_jax.pifi.plugin):
     python -m launch.train --config=configs/pifi.py:task=squad_spans,llm=qwen2.5-coder-1.5b
+A decoder SLM: classification on its last real token, or causal generation with the layer
+between its last hidden state and its LM head (a generation task: configs/causal_lm.py's
+settings, LoRA on the SLM):
+    python -m launch.train --config=configs/pifi.py:task=rt,slm=smollm2,llm=qwen2.5-coder-1.5b
+    python -m launch.train --config=configs/pifi.py:task=sciq_question,llm=qwen2.5-coder-1.5b
 
 Another layer, or the one automatic selection picks (pifi_jax.pifi.select) before training:
     python -m launch.train --config=configs/pifi.py:task=rt --config.pifi.layer=3
@@ -17,22 +22,26 @@ Another layer, or the one automatic selection picks (pifi_jax.pifi.select) befor
 Any local encoder or LLM directory works in place of a short name (slm=/path, llm=/path).
 
 The argument after the colon is comma-separated: `task=NAME`, `slm=NAME_OR_PATH` (bert, roberta,
-albert, electra, deberta, debertav3, minilm), `llm=NAME_OR_PATH` (llama3.1, llama3, llama2,
+albert, electra, deberta, debertav3, minilm; decoders smollm2, qwen2.5-coder-0.5b; a generation
+task's default is smollm2), `llm=NAME_OR_PATH` (llama3.1, llama3, llama2,
 mistral0.1, mistral0.3, qwen2_0.5b, qwen2_1.5b, qwen2_7b, qwen2_72b, gemma2, falcon, smollm2,
 qwen2.5-coder-0.5b, qwen2.5-coder-1.5b),
 `method=pifi|base`, and the flag `runlocal` (a tiny, seconds-long setting used by the tests).
 The default run directory is runs/<task>_<slm>_<method>[_<llm>_L<layer>].
 
-Everything not set here is configs/classify.py's (data, checkpoints, mesh, ...); the fields below
-are the paper's hyperparameters (shared/spec/pifi.md) and the `pifi` section.
+Everything not set here is configs/classify.py's (data, checkpoints, mesh, ...), or for a
+generation task configs/causal_lm.py's; the fields below are the paper's hyperparameters
+(shared/spec/pifi.md, classification and QA) and the `pifi` section.
 """
 
 import ml_collections
 
+from configs.causal_lm import apply_runlocal as causal_runlocal
+from configs.causal_lm import get_config as causal_lm_config
 from configs.classify import get_config as classify_config
 from configs.qa import qa_data_defaults
 from pifi_jax.data import get_task
-from pifi_jax.pifi.names import resolve_llm, resolve_slm
+from pifi_jax.pifi.names import DECODER_SLMS, resolve_llm, resolve_slm
 from pifi_jax.pifi.plugin import FROZEN_RULES
 
 _ARGS = ("task", "slm", "llm", "method", "runlocal")
@@ -50,13 +59,18 @@ def _parse(arg: str | None) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = _parse(arg)
-    config = classify_config()
+    task = args.get("task", "rt")
+    generation = get_task(task).kind == "generation"
+    # A generation task takes configs/causal_lm.py's data, decoding and optimiser (LoRA r 8 on
+    # the SLM); the others configs/classify.py's, with the paper's hyperparameters below.
+    config = causal_lm_config() if generation else classify_config()
     # Task name from the registry (pifi_jax.data.TASKS); "rt" = offline Rotten Tomatoes.
-    config.task = args.get("task", "rt")
+    config.task = task
     # The paper's seed.
     config.seed = 2023
-    # The small encoder (SLM): a short name (see the docstring) resolved to its checkpoint, or a path.
-    config.model.path = resolve_slm(args.get("slm", "minilm"))
+    slm = args.get("slm", "smollm2" if generation else "minilm")
+    # The SLM: a short name (see the docstring) resolved to its checkpoint, or a path.
+    config.model.path = resolve_slm(slm)
 
     # The model builder the trainer looks up (pifi_jax.train.builders): PiFi's own.
     config.builder = "pifi"
@@ -68,8 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pifi.llm = resolve_llm(args.get("llm", "smollm2"))
     # Layer index (-1 = last, the paper's choice) or "auto" (automatic selection before training).
     config.pifi.layer = "-1"
-    # Pooling of the encoder output: "cls" (paper) or "mean" (over the attention mask).
-    config.pifi.pooling = "cls"
+    # Pooling of the SLM output: "cls" (paper), "mean" (over the attention mask) or "last" (the
+    # last real token: a decoder SLM's, set for the decoder short names).
+    config.pifi.pooling = "last" if slm in DECODER_SLMS else "cls"
     # "token": the layer sees the pooled vector as one token (paper, classification);
     # "sequence": the layer runs over the whole sequence (padding masked, RoPE), then pooling.
     config.pifi.mode = "token"
@@ -90,6 +105,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pifi.selection_max_length = 128
     config.pifi.selection_batch_size = 16
     config.pifi.selection_dtype = "bfloat16"
+    # The frozen LLM layer gets no gradient and no optimizer state; everything else trains.
+    config.train.trainable_rules = FROZEN_RULES
+
+    if generation:
+        # Causal generation (a decoder SLM): logits of h + W_out(layer(W_in h)), W_out starting
+        # at zero (the pretrained SLM at step 0); False: of W_out(layer(W_in h)) alone.
+        config.pifi.residual = True
+        if args.get("runlocal"):
+            causal_runlocal(config)
+            _runlocal_selection(config)
+        return config
 
     # The paper: max_seq_len 100 (buckets end there, so no batch is padded beyond it).
     config.data.max_length = 100
@@ -99,8 +125,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 32
     # Cross-entropy with label smoothing 0.05 (paper).
     config.train.label_smoothing = 0.05
-    # The frozen LLM layer gets no gradient and no optimizer state; everything else trains.
-    config.train.trainable_rules = FROZEN_RULES
     # Evaluate (and keep the best-validation checkpoint, which is tested) once per epoch.
     config.train.eval_every_steps = 0
     # Stop after 5 evaluations without improvement (paper: patience 5).
@@ -132,12 +156,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.eval_every_steps = 2
         config.train.checkpoint_every_steps = 1
         config.train.progress_bar = False
-        config.pifi.selection_samples = 48
-        config.pifi.selection_batch_size = 8
-        config.pifi.selection_dtype = "float32"
+        _runlocal_selection(config)
         if config.pifi.mode == "sequence" and get_task(config.task).kind == "extractive_qa":
             # Windows of the tiny QA setting: a stride below the window length.
             config.data.max_length = 48
             config.data.doc_stride = 16
             config.data.buckets = (32, 48)
     return config
+
+
+def _runlocal_selection(config) -> None:
+    """The tiny setting's layer selection: a few examples in float32."""
+    config.pifi.selection_samples = 48
+    config.pifi.selection_batch_size = 8
+    config.pifi.selection_dtype = "float32"

@@ -271,14 +271,17 @@ def _decoder_start(module, params, input_ids, attention_mask, max_new_tokens, ca
     """A decoder: the prompts prefilled into a KVCache of prompt + max_new_tokens slots."""
     config = module.config
     batch, prompt_length = input_ids.shape
-    cache = KVCache.create(
-        batch,
-        prompt_length + max_new_tokens,
-        config.cache_kv_heads,
-        config.head_dim,
-        layers=config.num_layers,
-        dtype=cache_dtype,
-    )
+    if hasattr(module, "init_cache"):  # a module with more than its stack to cache (PiFi)
+        cache = module.init_cache(batch, prompt_length + max_new_tokens, cache_dtype)
+    else:
+        cache = KVCache.create(
+            batch,
+            prompt_length + max_new_tokens,
+            config.cache_kv_heads,
+            config.head_dim,
+            layers=config.num_layers,
+            dtype=cache_dtype,
+        )
     logits, cache = module.apply(
         {"params": params}, input_ids, attention_mask, cache=cache, last_logits_only=True
     )
@@ -319,17 +322,6 @@ def _seq2seq_start(module, params, input_ids, attention_mask, max_new_tokens, ca
     return logits[:, -1], cache, step
 
 
-def _take_rows(cache, rows):
-    """The cache of batch rows `rows` [n] (beam search repeats and reorders beams)."""
-    if isinstance(cache, Seq2SeqCache):
-        return cache.take_rows(rows)
-    return cache.replace(
-        key=jnp.take(cache.key, rows, axis=1),
-        value=jnp.take(cache.value, rows, axis=1),
-        mask=jnp.take(cache.mask, rows, axis=0),
-    )
-
-
 def _gather(x, indices):
     """x [batch, beams, ...] at beam `indices` [batch, k] -> [batch, k, ...]."""
     indices = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
@@ -345,7 +337,7 @@ def _beam_search(step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, l
     keep = max(2, 1 + int(eos_ids.shape[0])) * beams  # candidates per step
     # Every beam starts as a copy of its prompt; only beam 0 is live at first (others at _NEG).
     logits = jnp.repeat(logits, beams, axis=0)  # [batch * beams, vocab]
-    cache = _take_rows(cache, jnp.repeat(jnp.arange(batch), beams))
+    cache = cache.take_rows(jnp.repeat(jnp.arange(batch), beams))
     shape = (batch, beams, max_new_tokens)
     running = jnp.full(shape, pad, jnp.int32)
     running_scores = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, _NEG), (batch, 1))
@@ -391,7 +383,7 @@ def _beam_search(step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, l
         stop = ~jnp.any(improvable) | jnp.all(ends)
 
         rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)  # [batch * beams]
-        cache = _take_rows(cache, rows)
+        cache = cache.take_rows(rows)
         next_tokens = jax.lax.dynamic_index_in_dim(running, index, axis=2, keepdims=False)
         logits, cache = step(next_tokens.reshape(-1), cache)
         return (

@@ -294,6 +294,16 @@ class KVCache:
             key=self.key.at[i].set(layer_cache.key), value=self.value.at[i].set(layer_cache.value)
         )
 
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache of batch rows `rows` [n] (beam search repeats and reorders beams); one
+        layer's or a whole stack's."""
+        axis = self.key.ndim - 4  # 1 for a stack's [layers, batch, ...], else 0
+        return self.replace(
+            key=jnp.take(self.key, rows, axis=axis),
+            value=jnp.take(self.value, rows, axis=axis),
+            mask=jnp.take(self.mask, rows, axis=0),
+        )
+
     def advance(self, attention_mask: jax.Array | None, length: int) -> "KVCache":
         """Marks `length` new slots as written, with their padding mask [batch, length] (None: all
         real tokens)."""
@@ -368,13 +378,8 @@ class Seq2SeqCache:
 
     def take_rows(self, rows: jax.Array) -> "Seq2SeqCache":
         """The cache of batch rows `rows` [n] (beam search: repeat or reorder beams)."""
-        kv = self.self_attn
         return Seq2SeqCache(
-            self_attn=kv.replace(
-                key=jnp.take(kv.key, rows, axis=1),
-                value=jnp.take(kv.value, rows, axis=1),
-                mask=jnp.take(kv.mask, rows, axis=0),
-            ),
+            self_attn=self.self_attn.take_rows(rows),
             cross_key=jnp.take(self.cross_key, rows, axis=1),
             cross_value=jnp.take(self.cross_value, rows, axis=1),
             cross_mask=jnp.take(self.cross_mask, rows, axis=0),

@@ -191,6 +191,11 @@ class CausalLM(nn.Module):
     logits of the last slot only ([batch, 1, vocab]: a prompt's next token, without the
     [batch, length, vocab] tensor). Under prompt tuning the P prompt slots have logits too
     ([batch, P + length, vocab]), as in Hugging Face PEFT.
+
+    The two halves apart, for a module that acts between them (PiFi's plugged layer):
+    `output_hidden=True` returns the base model's last hidden state [batch, length, hidden]
+    instead of the logits (with the cache when one is given), and `hidden=h` skips the base
+    model and returns the logits of h (input_ids and the rest unused).
     """
 
     task: ClassVar[str] = "causal_lm"
@@ -212,6 +217,8 @@ class CausalLM(nn.Module):
         deterministic=True,
         cache=None,
         last_logits_only=False,
+        output_hidden=False,
+        hidden=None,
     ):
         cfg = self.config
         base = self.base_class(
@@ -222,9 +229,14 @@ class CausalLM(nn.Module):
             self.remat_policy,
             name=self.base_name,
         )
-        h = base(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
-        if cache is not None:
-            h, cache = h
+        if hidden is None:
+            h = base(input_ids, attention_mask, positions, deterministic=deterministic, cache=cache)
+            if output_hidden:
+                return h
+            if cache is not None:
+                h, cache = h
+        else:
+            h = hidden
         if last_logits_only:
             h = h[:, -1:]
         if cfg.tie_word_embeddings:

@@ -14,7 +14,12 @@ SLMS = {
     "deberta": "microsoft/deberta-base",
     "debertav3": "microsoft/deberta-v3-base",
     "minilm": "asset:minilm",
+    # Decoder SLMs (classification on the last real token; causal generation).
+    "smollm2": "asset:smollm2",
+    "qwen2.5-coder-0.5b": "asset:qwen2.5-coder-0.5b",
 }
+# The SLM short names that are decoders (configs/pifi.py pools their last real token).
+DECODER_SLMS = ("smollm2", "qwen2.5-coder-0.5b")
 # The paper's LLMs (its main results use llama3.1), plus the offline SmolLM2-135M and, with
 # requirements-assets-qwen.txt, the offline Qwen2.5-Coder 0.5B / 1.5B (GGUF).
 LLMS = {

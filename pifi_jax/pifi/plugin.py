@@ -52,6 +52,7 @@ import os
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,14 +61,15 @@ from flax import traverse_util
 from pifi_jax import parallel
 from pifi_jax import peft as peft_lib
 from pifi_jax.hub.layer import load_layer
-from pifi_jax.hub.pretrained import from_pretrained
-from pifi_jax.layers import Linear, activation
+from pifi_jax.hub.pretrained import from_pretrained, open_checkpoint
+from pifi_jax.layers import KVCache, Linear, activation
 from pifi_jax.models import registry
+from pifi_jax.models.stack import last_token_index
 
 METHODS = ("pifi", "base")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")
 MODES = ("token", "sequence")
-TASKS = ("classification", "question_answering")
+TASKS = ("classification", "question_answering", "causal_lm")
 # The frozen layer; everything else (SLM, W_in, W_out, head) trains.
 FROZEN_RULES = ((r"pifi/llm_layer/.*", "frozen"), (r".*", "trainable"))
 # PyTorch's nn.Linear initialisation (uniform in +-1/sqrt(fan_in)), which the paper's new layers had.
@@ -101,26 +103,45 @@ class PifiPlugin(nn.Module):
     llm_layer: nn.Module
     slm_hidden_size: int
     dtype: Any = jnp.float32
+    zero_out: bool = False  # W_out starts at zero (a residual plug-in starts as the identity)
 
     @nn.compact
-    def __call__(self, x, attention_mask, positions, deterministic: bool = True):
-        kw = dict(use_bias=False, dtype=self.dtype, kernel_init=_TORCH_LINEAR_INIT)
+    def __call__(
+        self, x, attention_mask, positions, deterministic: bool = True, *, causal=False, cache=None
+    ):
+        """x [batch, length, d_s] -> [batch, length, d_s]. positions None: from the mask (or the
+        cache). causal: a decoder SLM's states (each token sees those before it). cache: the
+        layer's own KVCache (generation); then the result is (output, updated cache)."""
+        kw = dict(use_bias=False, dtype=self.dtype)
         llm_hidden = self.llm_layer.config.hidden_size
-        x = Linear(llm_hidden, **kw, name="w_in")(x)  # [batch, length, d_llm]
+        x = Linear(llm_hidden, **kw, kernel_init=_TORCH_LINEAR_INIT, name="w_in")(x)
         y = self.llm_layer(
             x,
             attention_mask=attention_mask,
             positions=positions,
-            causal=False,
+            causal=causal,
             deterministic=deterministic,
+            cache=cache,
         )  # [batch, length, d_llm]
-        return Linear(self.slm_hidden_size, **kw, name="w_out")(y.astype(self.dtype))
+        if cache is not None:
+            y, cache = y
+        out_init = nn.initializers.zeros if self.zero_out else _TORCH_LINEAR_INIT
+        z = Linear(self.slm_hidden_size, **kw, kernel_init=out_init, name="w_out")(
+            y.astype(self.dtype)
+        )
+        return z if cache is None else (z, cache)
 
 
 def pool(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
-    """[batch, length, d] -> [batch, d]: the first token ("cls") or the masked mean ("mean")."""
+    """[batch, length, d] -> [batch, d]: the first token ("cls"), the masked mean ("mean") or
+    each row's last real token ("last", a decoder's; soft-prompt slots in front, if hidden is
+    longer than the mask, are skipped)."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "last":
+        length = attention_mask.shape[1]
+        last = last_token_index(attention_mask, length) + (hidden.shape[1] - length)  # [batch]
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     mask = attention_mask.astype(hidden.dtype)[:, :, None]  # [batch, length, 1]
     return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
@@ -129,7 +150,12 @@ class _PifiParts:
     """What the PiFi models share: the encoder's config, the method, the SLM's PEFT config, the
     partition rules and the logical axes. `head_name`: the top-level name of the task head."""
 
-    head_name: ClassVar[str] = "head"
+    head_name: ClassVar[str | None] = "head"
+
+    @property
+    def slm_is_decoder(self) -> bool:
+        """A decoder SLM (its bare stack, or its causal LM), not an encoder."""
+        return self.encoder.task in ("decoder", "causal_lm")
 
     @property
     def config(self):
@@ -150,10 +176,11 @@ class _PifiParts:
         trained, or, with a PEFT method, only its PEFT leaves (and its modules_to_save)."""
         if self.peft_config is None:
             return list(FROZEN_RULES)
-        encoder_params = {k: v for k, v in params.items() if k not in ("pifi", self.head_name)}
+        own = ("pifi",) if self.head_name is None else ("pifi", self.head_name)
+        encoder_params = {k: v for k, v in params.items() if k not in own}
         return [
             FROZEN_RULES[0],
-            (rf"(pifi|{self.head_name})/.*", "trainable"),
+            (rf"({'|'.join(own)})/.*", "trainable"),
             *peft_lib.trainable_rules(self.encoder, encoder_params),
         ]
 
@@ -191,12 +218,18 @@ class PifiClassifier(_PifiParts, nn.Module):
             raise ValueError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
-        method = self.peft_config.method if self.peft_config is not None else None
-        if method == "prompt" and (self.pooling, self.mode) != ("cls", "token"):
+        if self.slm_is_decoder and self.pooling == "cls":
             raise ValueError(
-                "PiFi with prompt tuning needs pooling='cls' and mode='token': the soft prompt "
-                f"makes the encoder output longer than the mask (got pooling={self.pooling!r}, "
-                f"mode={self.mode!r})"
+                "pifi.pooling='cls' reads a decoder SLM's first token, which sees only itself: "
+                "use 'last' (the last real token, as decoders classify) or 'mean'"
+            )
+        method = self.peft_config.method if self.peft_config is not None else None
+        first = "last" if self.slm_is_decoder else "cls"
+        if method == "prompt" and (self.pooling, self.mode) != (first, "token"):
+            raise ValueError(
+                f"PiFi with prompt tuning needs pooling={first!r} and mode='token': the soft "
+                "prompt makes the SLM's output longer than the mask (got "
+                f"pooling={self.pooling!r}, mode={self.mode!r})"
             )
         nn.share_scope(self, self.encoder)
         self.head = PifiHead(
@@ -206,11 +239,17 @@ class PifiClassifier(_PifiParts, nn.Module):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        h = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         batch, length = input_ids.shape
+        if self.slm_is_decoder:  # no segment embedding; positions from the mask
+            h = self.encoder(input_ids, attention_mask, deterministic=deterministic)
+        else:
+            h = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         if self.pifi is not None and self.mode == "sequence":
-            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-            h = self.pifi(h, attention_mask, positions, deterministic)  # [batch, length, d_s]
+            if self.slm_is_decoder:  # causal, as the SLM's own layers; positions from the mask
+                h = self.pifi(h, attention_mask, None, deterministic, causal=True)
+            else:
+                positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+                h = self.pifi(h, attention_mask, positions, deterministic)  # [batch, length, d_s]
         pooled = pool(h, attention_mask, self.pooling)  # [batch, d_s]
         if self.pifi is not None and self.mode == "token":
             # One token at position 0: RoPE is the identity and the mask a no-op.
@@ -240,6 +279,8 @@ class PifiSpanModel(_PifiParts, nn.Module):
                 "PiFi for extractive QA runs the layer over every token, which prompt tuning's "
                 "soft tokens would join unmasked: use another PEFT method (or method 'base')"
             )
+        if self.slm_is_decoder:
+            raise ValueError("PiFi for extractive QA needs an encoder SLM, not a decoder")
         nn.share_scope(self, self.encoder)
         self.qa_outputs = Linear(2, dtype=self.dtype, name="qa_outputs")
 
@@ -255,6 +296,110 @@ class PifiSpanModel(_PifiParts, nn.Module):
         return logits[..., 0], logits[..., 1]
 
 
+@flax.struct.dataclass
+class PifiCache:
+    """What PiFi's causal LM keeps between generation steps: the SLM stack's KVCache and the
+    plugged layer's own (its heads and width are the LLM's). Beam search reorders both alike."""
+
+    slm: KVCache
+    layer: KVCache
+
+    def take_rows(self, rows: jax.Array) -> PifiCache:
+        return PifiCache(self.slm.take_rows(rows), self.layer.take_rows(rows))
+
+
+class PifiCausalLM(_PifiParts, nn.Module):
+    """A decoder SLM with the plug-in between its last hidden state and its LM head:
+
+        h = SLM(input_ids)                       # last hidden state, after the final norm
+        z = W_out LLMLayer(W_in h)               # causal, positions of the sequence, padding masked
+        logits = lm_head(h + z)                  # residual=True (W_out starts at zero)
+        logits = lm_head(z)                      # residual=False (the classifier's replacement)
+
+    With `residual` (the default) the model starts as the pretrained SLM and the layer's share
+    grows as W_out trains; without it the LM head first sees a random projection of the layer's
+    output, as a new classification head would. Method "base" (pifi None) is the SLM alone.
+
+    encoder: the SLM's causal LM (`from_pretrained(path, task="causal_lm")`), sharing this scope
+    (its paths `model/...`, `lm_head/...` stay at the top). Call and cache as stack.CausalLM's:
+    `cache=` takes the PifiCache of `init_cache` (the SLM's plain KVCache for method "base").
+    """
+
+    task: ClassVar[str] = "causal_lm"
+    head_name: ClassVar[str | None] = None
+    encoder: nn.Module
+    pifi: PifiPlugin | None = None
+    residual: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        method = self.peft_config.method if self.peft_config is not None else None
+        if method == "prompt" and self.pifi is not None:
+            raise ValueError(
+                "PiFi's causal LM runs the layer over every token, which prompt tuning's soft "
+                "tokens would join unmasked: use another PEFT method (or method 'base')"
+            )
+        nn.share_scope(self, self.encoder)
+
+    def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
+        """An empty cache of `max_length` slots for generation (pifi_jax.generate)."""
+        cfg = self.config
+        slm = KVCache.create(
+            batch, max_length, cfg.cache_kv_heads, cfg.head_dim, layers=cfg.num_layers, dtype=dtype
+        )
+        if self.pifi is None:
+            return slm
+        llm = self.pifi.llm_layer.config
+        layer = KVCache.create(batch, max_length, llm.cache_kv_heads, llm.head_dim, dtype=dtype)
+        return PifiCache(slm, layer)
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        *,
+        deterministic=True,
+        cache=None,
+        last_logits_only=False,
+    ):
+        kw = dict(deterministic=deterministic)
+        if self.pifi is None:
+            return self.encoder(
+                input_ids, attention_mask, positions, cache=cache,
+                last_logits_only=last_logits_only, **kw,
+            )  # fmt: skip
+        slm_cache = None if cache is None else cache.slm
+        h = self.encoder(
+            input_ids, attention_mask, positions, cache=slm_cache, output_hidden=True, **kw
+        )  # [batch, length, d_s]
+        if cache is not None:
+            h, slm_cache = h
+        # Positions: the given ones (packed rows), else from the mask or the layer's cache, so
+        # the layer numbers tokens as the SLM does (a PEFT prefix in the SLM is not counted).
+        z = self.pifi(
+            h,
+            attention_mask,
+            positions,
+            deterministic,
+            causal=True,
+            cache=None if cache is None else cache.layer,
+        )
+        if cache is not None:
+            z, layer_cache = z
+        h = h + z if self.residual else z
+        logits = self.encoder(None, hidden=h, last_logits_only=last_logits_only, **kw)
+        return logits if cache is None else (logits, PifiCache(slm_cache, layer_cache))
+
+
+def slm_kind(slm_path: str | os.PathLike) -> str:
+    """ "decoder" for a decoder family's checkpoint (Llama, Qwen2, SmolLM2, ...), else "encoder"
+    (only the config, or a GGUF file's header, is read)."""
+    _, hf_config = open_checkpoint(slm_path)
+    family = registry.family_for(hf_config.get("model_type"))
+    return "decoder" if hasattr(family, "decoder_layer") else "encoder"
+
+
 def build(
     slm_path: str | os.PathLike,
     llm_path: str | os.PathLike | None,
@@ -263,8 +408,9 @@ def build(
     *,
     task: str = "classification",
     method: str = "pifi",
-    pooling: str = "cls",
+    pooling: str | None = None,
     mode: str = "token",
+    residual: bool = True,
     head_dropout: float = 0.2,
     dtype: Any = jnp.float32,
     layer_dtype: Any = jnp.bfloat16,
@@ -273,27 +419,34 @@ def build(
     seed: int = 0,
     peft=None,
     log=print,
-) -> tuple[PifiClassifier | PifiSpanModel, dict]:
-    """The PiFi classifier (or its baseline) with the SLM and the LLM layer loaded.
+) -> tuple[PifiClassifier | PifiSpanModel | PifiCausalLM, dict]:
+    """The PiFi model (or its baseline) with the SLM and the LLM layer loaded.
 
     Args:
-      slm_path: the small encoder (directory, hub id, `asset:minilm`); its pretrained head, if any,
-        is not used.
+      slm_path: the small model (directory, hub id, `asset:minilm`): an encoder, or a decoder
+        (`asset:smollm2`, a Qwen2 / Llama checkpoint) for classification on its last real token
+        and for causal generation; its pretrained classification head, if any, is not used.
       llm_path: the LLM (directory, hub id, GGUF file, `asset:smollm2`); only the tensors of layer
         `layer_index` are read. Unused for method "base".
       layer_index: the layer to plug in; negative counts from the end (-1 = last, the paper's).
-      task: "classification" (PifiClassifier) or "question_answering" (PifiSpanModel: start and
-        end logits; the layer runs over every token, so `mode` must be "sequence", and
-        num_labels, pooling and head_dropout do not apply).
+      task: "classification" (PifiClassifier), "question_answering" (PifiSpanModel, encoders:
+        start and end logits; the layer runs over every token, so `mode` must be "sequence", and
+        num_labels, pooling and head_dropout do not apply) or "causal_lm" (PifiCausalLM, decoder
+        SLMs: the layer between the SLM's last hidden state and its LM head, causal).
       method: "pifi" or "base" (no W_in / layer / W_out).
-      pooling: "cls" (paper) or "mean"; mode: "token" (paper: the layer sees one pooled token) or
-        "sequence" (the layer runs over the whole sequence, then pooling).
+      pooling: "cls" (paper), "mean" or "last" (the last real token); None: "cls" for an encoder,
+        "last" for a decoder. mode: "token" (paper: the layer sees one pooled token) or
+        "sequence" (the layer runs over the whole sequence, causal for a decoder, then pooling).
+      residual: causal_lm only: logits of h + W_out LLMLayer(W_in h), W_out starting at zero
+        (True), or of W_out LLMLayer(W_in h) (False); see PifiCausalLM.
       dtype: computation dtype of everything; layer_dtype: storage dtype of the frozen layer.
       seed: initialises W_in, W_out and the head (and the PEFT leaves).
       peft: a pifi_jax.peft config (LoraConfig, ...) for the SLM, or None (fully fine-tuned).
     Returns:
       (module, params): `module.apply({"params": params}, input_ids, attention_mask,
-      token_type_ids, deterministic=True)` -> logits [batch, num_labels].
+      token_type_ids, deterministic=True)` -> logits [batch, num_labels] (causal_lm:
+      `module.apply({"params": params}, input_ids, attention_mask)` -> [batch, length, vocab];
+      pifi_jax.generate takes the module as it takes a causal LM).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
@@ -304,9 +457,18 @@ def build(
             f"PiFi for extractive QA runs the layer over every token: set pifi.mode='sequence' "
             f"(got {mode!r})"
         )
+    kind = slm_kind(slm_path)
+    if kind == "encoder" and task == "causal_lm":
+        raise ValueError(
+            f"PiFi generation needs a decoder SLM (SmolLM2, Qwen2, Llama...); {slm_path} is an "
+            "encoder"
+        )
+    if pooling is None:
+        pooling = "last" if kind == "decoder" else "cls"
+    slm_task = "causal_lm" if task == "causal_lm" else kind  # the SLM's module: its bare stack
     kw = dict(mesh=mesh, logical_axis_rules=logical_axis_rules)
     encoder, params = from_pretrained(
-        slm_path, task="encoder", dtype=dtype, seed=seed, peft=peft, log=log, **kw
+        slm_path, task=slm_task, dtype=dtype, seed=seed, peft=peft, log=log, **kw
     )
     plugin = None
     if method == "pifi":
@@ -315,10 +477,13 @@ def build(
         layer, layer_params = load_layer(
             llm_path, layer_index, dtype=dtype, param_dtype=layer_dtype, **kw
         )
-        plugin = PifiPlugin(layer, encoder.config.hidden_size, dtype)
+        zero_out = task == "causal_lm" and residual
+        plugin = PifiPlugin(layer, encoder.config.hidden_size, dtype, zero_out)
         params = {**params, "pifi": {"llm_layer": layer_params}}
     if task == "question_answering":
         module = PifiSpanModel(encoder, plugin, dtype)
+    elif task == "causal_lm":
+        module = PifiCausalLM(encoder, plugin, residual, dtype)
     else:
         module = PifiClassifier(encoder, num_labels, plugin, pooling, mode, head_dropout, dtype)
     return module, _init_new_leaves(module, params, seed)

@@ -164,7 +164,8 @@ def build_for_run(
     model_task: str = "classification",
 ):
     """(module, params) of the PiFi model (or its baseline) that `config` describes: a
-    classifier, or for model_task "question_answering" the span model."""
+    classifier, for model_task "question_answering" the span model, for "causal_lm" a decoder
+    SLM's causal LM with the layer before its LM head."""
     pc = config.pifi
     workdir = Path(workdir)
     method = peft.config.from_flat_config(config.peft)
@@ -174,6 +175,7 @@ def build_for_run(
         method=pc.method,
         pooling=pc.pooling,
         mode=pc.mode,
+        residual=pc.get("residual", True),
         head_dropout=pc.head_dropout,
         dtype=jnp.dtype(config.model.dtype),
         layer_dtype=jnp.dtype(pc.layer_dtype),
@@ -189,8 +191,8 @@ def build_for_run(
     else:
         if model_task != "classification" and str(pc.layer) == "auto":
             raise ValueError(
-                "pifi.layer=auto: layer selection scores layers against class labels, which an "
-                f"extractive QA task has none of; give a layer index (-1 = last), got task "
+                "pifi.layer=auto: layer selection scores layers against class labels, which a "
+                f"{model_task} task has none of; give a layer index (-1 = last), got task "
                 f"{task.name!r}"
             )
         index, auto = _layer_index(config, task, workdir, log)
@@ -208,10 +210,20 @@ def build_for_run(
         log(
             f"PiFi: layer {record['layer']} of {record['num_layers']} from {pc.llm} "
             f"({layer.config.model_type}, hidden {layer.config.hidden_size}, {record['dtype']}, "
-            f"frozen), {pc.mode} mode, {pc.pooling} pooling"
+            f"frozen), " + _placement(module)
         )
     check_provenance(workdir, record)
     return module, params
+
+
+def _placement(module) -> str:
+    """Where the layer sits, for the log."""
+    if module.task == "causal_lm":
+        form = "h + W_out(layer(W_in h))" if module.residual else "W_out(layer(W_in h))"
+        return f"before the LM head (causal, {form})"
+    if module.task == "question_answering":
+        return "over every token"
+    return f"{module.mode} mode, {module.pooling} pooling"
 
 
 PLUGIN_WEIGHTS = "pifi_plugin.safetensors"
@@ -236,15 +248,15 @@ def save_adapter(module, params: dict, directory, format: str = "native") -> Pat
 
 
 class PifiBuilder:
-    """The "pifi" model builder: the PiFi classifier (or its base) of the config's `pifi`
-    section; with a PEFT method on the SLM, its leaves, W_in, W_out and the head train, and the
+    """The "pifi" model builder: the PiFi model (or its base) of the config's `pifi`
+    section, for the objective's task; with a PEFT method on the SLM, its leaves, W_in, W_out and the head train, and the
     adapter is written with the plug-in weights beside it (`save_adapter`)."""
 
     def build(self, config, model_dir, model_task, task, workdir, *, mesh, logical_axis_rules, log):
         if model_task not in TASKS:
             raise ValueError(
-                f"the PiFi builder makes sequence classifiers and extractive QA models "
-                f"{TASKS}; objective {model_task!r} is not supported by it yet"
+                f"the PiFi builder makes sequence classifiers, extractive QA models and causal "
+                f"LMs {TASKS}; objective {model_task!r} is not supported by it yet"
             )
         module, params = build_for_run(
             config,
