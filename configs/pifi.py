@@ -15,6 +15,12 @@ between its last hidden state and its LM head (a generation task: configs/causal
 settings, LoRA on the SLM):
     python -m launch.train --config=configs/pifi.py:task=rt,slm=smollm2,llm=qwen2.5-coder-1.5b
     python -m launch.train --config=configs/pifi.py:task=sciq_question,llm=qwen2.5-coder-1.5b
+The paper's generation tasks (an encoder-decoder SLM: the layer over the encoder states, which
+the decoder attends to; configs/seq2seq.py's data settings, the whole SLM fine-tuned):
+    python -m launch.train --config=configs/pifi.py:task=multi30k,slm=t5,llm=llama3.1   # BLEU
+    python -m launch.train --config=configs/pifi.py:task=cnn_dailymail,slm=bart,llm=llama3.1
+    python -m launch.train --config=configs/pifi.py:task=pairs,slm=/path/to/t5,seq2seq \
+        --config.data.data_files.train=train.csv --config.data.data_files.validation=dev.csv
 
 Another layer, or the one automatic selection picks (pifi_jax.pifi.select) before training:
     python -m launch.train --config=configs/pifi.py:task=rt --config.pifi.layer=3
@@ -22,11 +28,12 @@ Another layer, or the one automatic selection picks (pifi_jax.pifi.select) befor
 Any local encoder or LLM directory works in place of a short name (slm=/path, llm=/path).
 
 The argument after the colon is comma-separated: `task=NAME`, `slm=NAME_OR_PATH` (bert, roberta,
-albert, electra, deberta, debertav3, minilm; decoders smollm2, qwen2.5-coder-0.5b; a generation
-task's default is smollm2), `llm=NAME_OR_PATH` (llama3.1, llama3, llama2,
+albert, electra, deberta, debertav3, minilm; decoders smollm2, qwen2.5-coder-0.5b; encoder-decoders
+t5, bart; a generation task's default is smollm2, or t5 with `seq2seq`), `llm=NAME_OR_PATH` (llama3.1, llama3, llama2,
 mistral0.1, mistral0.3, qwen2_0.5b, qwen2_1.5b, qwen2_7b, qwen2_72b, gemma2, falcon, smollm2,
 qwen2.5-coder-0.5b, qwen2.5-coder-1.5b),
-`method=pifi|base`, and the flag `runlocal` (a tiny, seconds-long setting used by the tests).
+`method=pifi|base`, the flag `seq2seq` (an encoder-decoder SLM given by path) and the flag
+`runlocal` (a tiny, seconds-long setting used by the tests).
 The default run directory is runs/<task>_<slm>_<method>[_<llm>_L<layer>].
 
 Everything not set here is configs/classify.py's (data, checkpoints, mesh, ...), or for a
@@ -40,11 +47,12 @@ from configs.causal_lm import apply_runlocal as causal_runlocal
 from configs.causal_lm import get_config as causal_lm_config
 from configs.classify import get_config as classify_config
 from configs.qa import qa_data_defaults
+from configs.seq2seq import get_config as seq2seq_config
 from pifi_jax.data import get_task
-from pifi_jax.pifi.names import DECODER_SLMS, resolve_llm, resolve_slm
+from pifi_jax.pifi.names import DECODER_SLMS, ENCODER_DECODER_SLMS, resolve_llm, resolve_slm
 from pifi_jax.pifi.plugin import FROZEN_RULES
 
-_ARGS = ("task", "slm", "llm", "method", "runlocal")
+_ARGS = ("task", "slm", "llm", "method", "seq2seq", "runlocal")
 
 
 def _parse(arg: str | None) -> dict:
@@ -61,14 +69,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = _parse(arg)
     task = args.get("task", "rt")
     generation = get_task(task).kind == "generation"
-    # A generation task takes configs/causal_lm.py's data, decoding and optimiser (LoRA r 8 on
-    # the SLM); the others configs/classify.py's, with the paper's hyperparameters below.
-    config = causal_lm_config() if generation else classify_config()
+    default_slm = ("t5" if args.get("seq2seq") else "smollm2") if generation else "minilm"
+    slm = args.get("slm", default_slm)
+    seq2seq = generation and (bool(args.get("seq2seq")) or slm in ENCODER_DECODER_SLMS)
+    # A generation task takes configs/seq2seq.py's (an encoder-decoder SLM) or
+    # configs/causal_lm.py's data and decoding settings; the others configs/classify.py's. The
+    # paper's hyperparameters below apply to all but the causal LM (not in the paper: LoRA r 8
+    # on the SLM, configs/causal_lm.py's optimiser).
+    if seq2seq:
+        config = seq2seq_config()
+    else:
+        config = causal_lm_config() if generation else classify_config()
     # Task name from the registry (pifi_jax.data.TASKS); "rt" = offline Rotten Tomatoes.
     config.task = task
     # The paper's seed.
     config.seed = 2023
-    slm = args.get("slm", "smollm2" if generation else "minilm")
     # The SLM: a short name (see the docstring) resolved to its checkpoint, or a path.
     config.model.path = resolve_slm(slm)
 
@@ -108,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The frozen LLM layer gets no gradient and no optimizer state; everything else trains.
     config.train.trainable_rules = FROZEN_RULES
 
-    if generation:
+    if generation and not seq2seq:
         # Causal generation (a decoder SLM): logits of h + W_out(layer(W_in h)), W_out starting
         # at zero (the pretrained SLM at step 0); False: of W_out(layer(W_in h)) alone.
         config.pifi.residual = True
@@ -116,15 +131,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             causal_runlocal(config)
             _runlocal_selection(config)
         return config
+    if seq2seq:
+        # The decoder's cross-attention memory is W_out(layer(W_in e)) (paper); True: e + that,
+        # W_out starting at zero.
+        config.pifi.residual = False
+        # The paper fine-tunes the whole SLM (the optimiser below is its classification one).
+        config.peft.method = "full"
 
-    # The paper: max_seq_len 100 (buckets end there, so no batch is padded beyond it).
-    config.data.max_length = 100
-    config.data.buckets = (32, 64, 100)
+    if not seq2seq:  # (sources and targets of generation: configs/seq2seq.py's lengths)
+        # The paper: max_seq_len 100 (buckets end there, so no batch is padded beyond it).
+        config.data.max_length = 100
+        config.data.buckets = (32, 64, 100)
+        # Cross-entropy with label smoothing 0.05 (paper).
+        config.train.label_smoothing = 0.05
     # The paper: 3 epochs, batch 32 (README's main job sets 1 epoch to fit 15 minutes on a CPU).
     config.train.epochs = 3
     config.train.batch_size = 32
-    # Cross-entropy with label smoothing 0.05 (paper).
-    config.train.label_smoothing = 0.05
     # Evaluate (and keep the best-validation checkpoint, which is tested) once per epoch.
     config.train.eval_every_steps = 0
     # Stop after 5 evaluations without improvement (paper: patience 5).
@@ -145,7 +167,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.label_smoothing = 0.0
         qa_data_defaults(config)
 
-    if args.get("runlocal"):
+    if args.get("runlocal") and seq2seq:
+        causal_runlocal(config)  # configs/causal_lm.py's tiny setting, target buckets included
+        _runlocal_selection(config)
+    elif args.get("runlocal"):
         # A few steps on a few examples; the tests point model.path and pifi.llm at tiny models.
         config.data.max_examples = 48
         config.data.max_length = 32

@@ -273,7 +273,7 @@ def test_decoder_slm_refusals(tiny_llama_dir, tiny_bert_dir, qwen_dir):
 
     with pytest.raises(ValueError, match="pifi.pooling='cls' reads a decoder SLM's first token"):
         pifi.build(tiny_llama_dir, qwen_dir, pooling="cls", log=print)
-    with pytest.raises(ValueError, match="PiFi generation needs a decoder SLM"):
+    with pytest.raises(ValueError, match="PiFi.s causal LM needs a decoder SLM"):
         pifi.build(tiny_bert_dir, qwen_dir, task="causal_lm", log=print)
     with pytest.raises(ValueError, match="extractive QA needs an encoder SLM"):
         pifi.build(tiny_llama_dir, qwen_dir, task="question_answering", mode="sequence", log=print)

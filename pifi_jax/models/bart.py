@@ -449,6 +449,8 @@ BASE_MODEL_PREFIX = "model"
 # Tied copies of model.shared.weight that transformers may write.
 IGNORED_SOURCE_KEYS = (r"model\.(encoder|decoder)\.embed_tokens\.weight", r"lm_head\.weight")
 OPTIONAL_SOURCE_KEYS = ()
+# An encoder-decoder family (its encoder states are its decoder's cross-attention memory).
+ENCODER_DECODER = True
 NEW_HEAD_PATHS = ()
 PARAM_AXES = (
     (r"model/shared/embedding", ("vocab", "embed")),

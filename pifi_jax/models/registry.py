@@ -9,6 +9,7 @@ Optional: `BASE_MODEL_PREFIX` (HF's base_model_prefix when it is not the model t
 Decoder families also give `decoder_layer(config, index, dtype, param_dtype)`, `LAYER_KEYS` (regex
 of one layer's tensor names: group 1 the index, group 2 the name inside the layer) and
 `config.num_layers`, which `pifi_jax.load_layer` uses (see models/llama.py).
+`ENCODER_DECODER = True` marks the encoder-decoder families (T5, BART).
 `config_for_checkpoint(config, reader)`, optional: the config refined by the checkpoint's tensors,
 for what a config leaves to them (T5's lm-head tying under transformers 5, models/t5.py).
 Adding a family = one file in models/ and one entry in `_FAMILY_MODULES`.

@@ -529,6 +529,8 @@ IGNORED_SOURCE_KEYS = (
 # A tied model's checkpoint may still hold lm_head.weight, equal to shared.weight
 # (config_for_checkpoint unties the model when it differs).
 OPTIONAL_SOURCE_KEYS = (r"lm_head\.weight",)
+# An encoder-decoder family (its encoder states are its decoder's cross-attention memory).
+ENCODER_DECODER = True
 NEW_HEAD_PATHS = ()
 # The gated feed-forward's two input projections: names, not list indices (`wi_0`, not `wi.0`).
 LITERAL_NAMES = ("wi_0", "wi_1")

@@ -17,9 +17,14 @@ SLMS = {
     # Decoder SLMs (classification on the last real token; causal generation).
     "smollm2": "asset:smollm2",
     "qwen2.5-coder-0.5b": "asset:qwen2.5-coder-0.5b",
+    # Encoder-decoder SLMs of the paper's generation experiments.
+    "t5": "google-t5/t5-base",
+    "bart": "facebook/bart-base",
 }
-# The SLM short names that are decoders (configs/pifi.py pools their last real token).
+# The SLM short names that are decoders (configs/pifi.py pools their last real token) and
+# encoder-decoders (configs/pifi.py makes their generation runs seq2seq).
 DECODER_SLMS = ("smollm2", "qwen2.5-coder-0.5b")
+ENCODER_DECODER_SLMS = ("t5", "bart")
 # The paper's LLMs (its main results use llama3.1), plus the offline SmolLM2-135M and, with
 # requirements-assets-qwen.txt, the offline Qwen2.5-Coder 0.5B / 1.5B (GGUF).
 LLMS = {

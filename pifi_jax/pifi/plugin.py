@@ -1,4 +1,4 @@
-"""PiFi (Kim et al., ACL 2025): one frozen LLM decoder layer between a small encoder and its head.
+"""PiFi (Kim et al., ACL 2025): one frozen LLM decoder layer between a small model and its head.
 
     h      = SLM(input_ids, attention_mask, token_type_ids)   # [batch, length, d_s]
     c      = h[:, 0]   (pooling="cls"; "mean" = masked mean)  # [batch, d_s]
@@ -41,6 +41,14 @@ The other choice, the pooled token through the layer and added back to every tok
 token the same shift and so cannot move a span; it is not offered. Its baseline (method "base") is
 the SLM with `qa_outputs`: the architecture of `from_pretrained(..., task="question_answering")`.
 
+Decoder SLMs (SmolLM2, Qwen2, Llama: `build("asset:smollm2", llm, ...)`): classification pools
+the last real token (pooling "last"; "cls" would read a token that sees only itself), the
+sequence mode runs the layer causally at the mask's positions; `task="causal_lm"`
+(PifiCausalLM) puts the layer between the SLM's last hidden state and its LM head, causal, and
+generates with a cache of its own beside the SLM's. Encoder-decoder SLMs (T5, BART,
+`task="seq2seq"`, PifiSeq2Seq): the layer runs over the encoder states (both ways, padding
+masked), and the decoder attends to W_out's output; generation computes it once.
+
     module, params = pifi_jax.pifi.build("asset:minilm", "asset:smollm2", -1, num_labels=2)
     logits = module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
 """
@@ -69,7 +77,7 @@ from pifi_jax.models.stack import last_token_index
 METHODS = ("pifi", "base")
 POOLINGS = ("cls", "mean", "last")
 MODES = ("token", "sequence")
-TASKS = ("classification", "question_answering", "causal_lm")
+TASKS = ("classification", "question_answering", "causal_lm", "seq2seq")
 # The frozen layer; everything else (SLM, W_in, W_out, head) trains.
 FROZEN_RULES = ((r"pifi/llm_layer/.*", "frozen"), (r".*", "trainable"))
 # PyTorch's nn.Linear initialisation (uniform in +-1/sqrt(fan_in)), which the paper's new layers had.
@@ -392,12 +400,83 @@ class PifiCausalLM(_PifiParts, nn.Module):
         return logits if cache is None else (logits, PifiCache(slm_cache, layer_cache))
 
 
+class PifiSeq2Seq(_PifiParts, nn.Module):
+    """An encoder-decoder SLM (T5, BART) with the plug-in on its encoder states, which become the
+    decoder's cross-attention memory (the paper's generation setting):
+
+        e = SLM.encoder(input_ids)                                    # [batch, source, d_s]
+        m = W_out LLMLayer(W_in e)    # residual=False (paper); e + W_out ... with residual=True
+        logits = SLM.decoder(decoder_input_ids, memory=m, source padding mask)
+
+    The layer runs over the whole source, attention both ways, RoPE at positions 0..S-1, padding
+    masked (the original code did not mask it). The call is the encoder-decoder contract of
+    models/t5.py: without decoder inputs it returns m, the plugged memory, so pifi_jax.generate
+    computes it once and decodes from it with the SLM's own Seq2SeqCache.
+    """
+
+    task: ClassVar[str] = "seq2seq"
+    is_encoder_decoder: ClassVar[bool] = True
+    head_name: ClassVar[str | None] = None
+    # The SLM (from_pretrained(path, task="seq2seq")), sharing this scope; not a field named
+    # `encoder` as in the other PiFi models, since T5 names its own encoder stack so.
+    slm: nn.Module
+    pifi: PifiPlugin | None = None
+    residual: bool = False
+    dtype: Any = jnp.float32
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The SLM (the name the other PiFi models give it)."""
+        return self.slm
+
+    def setup(self):
+        # (prefix and prompt tuning, whose virtual tokens the plugged sequence would lack, are
+        # not offered for T5 and BART by pifi_jax.peft)
+        nn.share_scope(self, self.slm)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        *,
+        encoder_hidden=None,
+        cache=None,
+        deterministic=True,
+    ):
+        if encoder_hidden is None and input_ids is not None:
+            if attention_mask is None:
+                attention_mask = jnp.ones_like(input_ids)
+            encoder_hidden = self.slm(input_ids, attention_mask, deterministic=deterministic)
+            if self.pifi is not None:
+                batch, length = input_ids.shape
+                positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+                z = self.pifi(encoder_hidden, attention_mask, positions, deterministic)
+                encoder_hidden = encoder_hidden + z if self.residual else z
+        if decoder_input_ids is None:
+            if encoder_hidden is None:
+                raise ValueError("give input_ids (the source) or decoder_input_ids")
+            return encoder_hidden  # [batch, source, d_s]
+        return self.slm(
+            None,
+            attention_mask,
+            decoder_input_ids,
+            decoder_attention_mask,
+            encoder_hidden=encoder_hidden,
+            cache=cache,
+            deterministic=deterministic,
+        )
+
+
 def slm_kind(slm_path: str | os.PathLike) -> str:
-    """ "decoder" for a decoder family's checkpoint (Llama, Qwen2, SmolLM2, ...), else "encoder"
-    (only the config, or a GGUF file's header, is read)."""
+    """What the SLM is: "decoder" (a decoder family: Llama, Qwen2, SmolLM2, ...), "seq2seq" (an
+    encoder-decoder: T5, BART) or "encoder". Only the config (or a GGUF header) is read."""
     _, hf_config = open_checkpoint(slm_path)
     family = registry.family_for(hf_config.get("model_type"))
-    return "decoder" if hasattr(family, "decoder_layer") else "encoder"
+    if hasattr(family, "decoder_layer"):
+        return "decoder"
+    return "seq2seq" if getattr(family, "ENCODER_DECODER", False) else "encoder"
 
 
 def build(
@@ -410,7 +489,7 @@ def build(
     method: str = "pifi",
     pooling: str | None = None,
     mode: str = "token",
-    residual: bool = True,
+    residual: bool | None = None,
     head_dropout: float = 0.2,
     dtype: Any = jnp.float32,
     layer_dtype: Any = jnp.bfloat16,
@@ -437,8 +516,9 @@ def build(
       pooling: "cls" (paper), "mean" or "last" (the last real token); None: "cls" for an encoder,
         "last" for a decoder. mode: "token" (paper: the layer sees one pooled token) or
         "sequence" (the layer runs over the whole sequence, causal for a decoder, then pooling).
-      residual: causal_lm only: logits of h + W_out LLMLayer(W_in h), W_out starting at zero
-        (True), or of W_out LLMLayer(W_in h) (False); see PifiCausalLM.
+      residual: the generative tasks: the plugged states are h + W_out LLMLayer(W_in h), W_out
+        starting at zero (True), or W_out LLMLayer(W_in h) alone (False); None: True for
+        causal_lm (PifiCausalLM), False for seq2seq (PifiSeq2Seq, the paper's).
       dtype: computation dtype of everything; layer_dtype: storage dtype of the frozen layer.
       seed: initialises W_in, W_out and the head (and the PEFT leaves).
       peft: a pifi_jax.peft config (LoraConfig, ...) for the SLM, or None (fully fine-tuned).
@@ -458,14 +538,23 @@ def build(
             f"(got {mode!r})"
         )
     kind = slm_kind(slm_path)
-    if kind == "encoder" and task == "causal_lm":
+    if task == "causal_lm" and kind != "decoder":
         raise ValueError(
-            f"PiFi generation needs a decoder SLM (SmolLM2, Qwen2, Llama...); {slm_path} is an "
-            "encoder"
+            f"PiFi's causal LM needs a decoder SLM (SmolLM2, Qwen2, Llama...); {slm_path} is "
+            f"an {'encoder-decoder: use the seq2seq objective' if kind == 'seq2seq' else 'encoder'}"
+        )
+    if (task == "seq2seq") != (kind == "seq2seq"):
+        raise ValueError(
+            f"PiFi with an encoder-decoder SLM (T5, BART) is for the seq2seq objective: SLM "
+            f"{slm_path} is a{'n encoder-decoder' if kind == 'seq2seq' else ' ' + kind}, the "
+            f"task is {task!r}"
         )
     if pooling is None:
         pooling = "last" if kind == "decoder" else "cls"
-    slm_task = "causal_lm" if task == "causal_lm" else kind  # the SLM's module: its bare stack
+    if residual is None:  # seq2seq: the paper's replacement of the memory
+        residual = task == "causal_lm"
+    # The SLM's module: its bare stack (classification, QA) or its generative model.
+    slm_task = task if task in ("causal_lm", "seq2seq") else kind
     kw = dict(mesh=mesh, logical_axis_rules=logical_axis_rules)
     encoder, params = from_pretrained(
         slm_path, task=slm_task, dtype=dtype, seed=seed, peft=peft, log=log, **kw
@@ -477,16 +566,23 @@ def build(
         layer, layer_params = load_layer(
             llm_path, layer_index, dtype=dtype, param_dtype=layer_dtype, **kw
         )
-        zero_out = task == "causal_lm" and residual
-        plugin = PifiPlugin(layer, encoder.config.hidden_size, dtype, zero_out)
+        zero_out = task in ("causal_lm", "seq2seq") and residual
+        plugin = PifiPlugin(layer, _slm_width(encoder.config), dtype, zero_out)
         params = {**params, "pifi": {"llm_layer": layer_params}}
     if task == "question_answering":
         module = PifiSpanModel(encoder, plugin, dtype)
     elif task == "causal_lm":
         module = PifiCausalLM(encoder, plugin, residual, dtype)
+    elif task == "seq2seq":
+        module = PifiSeq2Seq(encoder, plugin, residual, dtype)
     else:
         module = PifiClassifier(encoder, num_labels, plugin, pooling, mode, head_dropout, dtype)
     return module, _init_new_leaves(module, params, seed)
+
+
+def _slm_width(config) -> int:
+    """The SLM's hidden width (T5 calls it d_model)."""
+    return getattr(config, "hidden_size", None) or config.d_model
 
 
 def _init_new_leaves(module: nn.Module, params: dict, seed: int) -> dict:

@@ -165,7 +165,8 @@ def build_for_run(
 ):
     """(module, params) of the PiFi model (or its baseline) that `config` describes: a
     classifier, for model_task "question_answering" the span model, for "causal_lm" a decoder
-    SLM's causal LM with the layer before its LM head."""
+    SLM's causal LM with the layer before its LM head, for "seq2seq" an encoder-decoder with the
+    layer over its encoder states."""
     pc = config.pifi
     workdir = Path(workdir)
     method = peft.config.from_flat_config(config.peft)
@@ -221,6 +222,9 @@ def _placement(module) -> str:
     if module.task == "causal_lm":
         form = "h + W_out(layer(W_in h))" if module.residual else "W_out(layer(W_in h))"
         return f"before the LM head (causal, {form})"
+    if module.task == "seq2seq":
+        form = "e + W_out(layer(W_in e))" if module.residual else "W_out(layer(W_in e))"
+        return f"over the encoder states, the decoder's memory ({form})"
     if module.task == "question_answering":
         return "over every token"
     return f"{module.mode} mode, {module.pooling} pooling"
@@ -255,8 +259,8 @@ class PifiBuilder:
     def build(self, config, model_dir, model_task, task, workdir, *, mesh, logical_axis_rules, log):
         if model_task not in TASKS:
             raise ValueError(
-                f"the PiFi builder makes sequence classifiers, extractive QA models and causal "
-                f"LMs {TASKS}; objective {model_task!r} is not supported by it yet"
+                f"the PiFi builder makes classifiers, extractive QA models, causal LMs and "
+                f"encoder-decoders {TASKS}; objective {model_task!r} is not supported by it"
             )
         module, params = build_for_run(
             config,
