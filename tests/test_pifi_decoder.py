@@ -326,6 +326,23 @@ def test_pifi_generation_run_trains_the_plug_in_and_scores_text(
     assert not any(p.startswith("pifi/llm_layer/") for p in flat)  # frozen: not checkpointed
     assert np.abs(np.asarray(flat["pifi/w_out/kernel"])).max() > 0  # moved off its zero start
     assert (tmp_path / "run" / "adapter" / "pifi_plugin.safetensors").is_file()
+    _predictor_repeats_the_test_predictions(tmp_path / "run", tiny_pair_files["test"])
+
+
+def _predictor_repeats_the_test_predictions(workdir, test_file):
+    """launch.predict's Predictor rebuilds the PiFi model from the run directory (the layer
+    loaded again, the trained leaves restored) and generates what the run's evaluation did."""
+    import csv
+    import json
+
+    from pifi_jax.train.predict import Predictor
+
+    records = [json.loads(line) for line in open(workdir / "predictions_test.jsonl")]
+    with open(test_file, newline="") as f:
+        sources = [row["source"] for row in csv.DictReader(f)]
+    predictor = Predictor.from_workdir(workdir)
+    rows = predictor.predict(([sources[r["index"]] for r in records],), progress=False)
+    assert [row["generated"] for row in rows] == [r["prediction"] for r in records]
 
 
 def test_pifi_classification_run_with_a_decoder_slm(

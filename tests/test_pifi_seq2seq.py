@@ -17,7 +17,11 @@ from pifi_jax.hub import from_pretrained
 from pifi_jax.train import train_and_evaluate
 from tests.conftest import load_config, write_tiny_seq2seq
 from tests.test_pifi import write_tiny_llm
-from tests.test_pifi_decoder import _linear, _perturb_w_out
+from tests.test_pifi_decoder import (
+    _linear,
+    _perturb_w_out,
+    _predictor_repeats_the_test_predictions,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -157,3 +161,4 @@ def test_pifi_seq2seq_run(slm_dirs, llama_dir, tiny_pair_files, tmp_path, family
     results = train_and_evaluate(config, tmp_path / "run")
     for split in ("validation", "test"):
         assert np.isfinite(results[f"{split}/rougeL"]) and np.isfinite(results[f"{split}/bleu"])
+    _predictor_repeats_the_test_predictions(tmp_path / "run", tiny_pair_files["test"])
