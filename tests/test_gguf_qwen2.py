@@ -326,3 +326,39 @@ def test_real_qwen_15b_last_layer_plugs_into_minilm():
     ids = np.array([[101, 2023, 3185, 2001, 2307, 102]], np.int32)
     logits = jax.jit(module.apply)({"params": params}, ids, np.ones_like(ids))
     assert logits.shape == (1, 2) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.slow
+def test_real_smollm2_generates_with_the_15b_layer_before_its_head():
+    """configs/pifi.py:task=sciq_question,llm=qwen2.5-coder-1.5b's model: SmolLM2-135M with the
+    1.5B's last layer before its LM head. At the start (W_out zero) it is SmolLM2 exactly; with
+    W_out moved, the cached generation equals recomputing the whole sequence each step."""
+    _need("qwen2.5-coder-1.5b")
+    if not assets.is_available("smollm2"):
+        pytest.skip("offline asset smollm2 not installed")
+    import jax.numpy as jnp
+
+    from pifi_jax import pifi
+    from pifi_jax.data import load_tokenizer
+    from tests.test_pifi_decoder import _perturb_w_out
+
+    module, params = pifi.build("asset:smollm2", "asset:qwen2.5-coder-1.5b", -1, task="causal_lm")
+    assert params["pifi"]["w_in"]["kernel"].shape == (576, 1536)
+    tokenizer = load_tokenizer("asset:smollm2")
+    ids = np.array([tokenizer("The capital of France is")["input_ids"]], np.int32)
+    mask = np.ones_like(ids)
+    plain, plain_params = pifi_jax.from_pretrained("asset:smollm2", task="causal_lm")
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(module.apply)({"params": params}, ids, mask)),
+        np.asarray(jax.jit(plain.apply)({"params": plain_params}, ids, mask)),
+    )
+    params = _perturb_w_out(params)
+    steps = 4
+    tokens = np.asarray(pifi_jax.generate(module, params, ids, mask, max_new_tokens=steps,
+                                          eos_token_id=()))  # fmt: skip
+    apply = jax.jit(lambda i: module.apply({"params": params}, i, jnp.ones_like(i)))
+    seq = ids
+    for _ in range(steps):
+        nxt = np.argmax(np.asarray(apply(seq))[:, -1], axis=-1).astype(np.int32)
+        seq = np.concatenate([seq, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(tokens, seq[:, ids.shape[1] :])
