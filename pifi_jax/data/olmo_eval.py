@@ -135,6 +135,27 @@ def spans(name: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["question", "context", "answers", "group"])
 
 
+def classification(name: str) -> pd.DataFrame:
+    """A labelled text-pair classification set: "boolq", BoolQ's question and passage with the
+    label 1 for a true answer, 0 for false (columns question, passage, label, group = the
+    passage's digest, so no passage lands in two splits)."""
+    if name != "boolq":
+        raise ValueError(f"unknown classification set {name!r}; known sets: ['boolq']")
+    spec = COMMONSENSE_SETS[name]
+    path = _locate(spec.path)
+    rows = [
+        {
+            "question": row["question"].strip(),
+            "passage": row["passage"].strip(),
+            "label": int(bool(row["answer"])),
+            "group": _digest(row["passage"]),
+        }
+        for row in _arrow_rows(path)
+    ]
+    _check_rows(name, path, len(rows), spec.rows)
+    return pd.DataFrame(rows, columns=["question", "passage", "label", "group"])
+
+
 def commonsense(name: str) -> pd.DataFrame:
     """One of `COMMONSENSE_SETS` as a frame with columns source, target, label, options, group."""
     if name not in COMMONSENSE_SETS:

