@@ -182,6 +182,29 @@ def test_causal_plug_in_ignores_padding(tiny_llama_dir, qwen_dir):
         )
 
 
+def test_packed_segments_get_their_logits_alone(tiny_llama_dir, qwen_dir):
+    """data.pack=True rows (segment ids 1, 2, ... in the mask): the plugged layer, like the SLM,
+    attends within each segment and restarts its positions there."""
+    module, params = _causal(tiny_llama_dir, qwen_dir)
+    params = _perturb_w_out(params)
+    rng = np.random.default_rng(0)
+    segments = [rng.integers(4, VOCAB, size=n).astype(np.int32) for n in (5, 7, 4)]
+    ids = np.zeros((1, 19), np.int32)
+    mask = np.zeros((1, 19), np.int32)
+    end = 0
+    for number, segment in enumerate(segments, start=1):
+        begin, end = end, end + len(segment)
+        ids[0, begin:end], mask[0, begin:end] = segment, number
+    packed = np.asarray(module.apply({"params": params}, ids, mask))
+    end = 0
+    for segment in segments:
+        begin, end = end, end + len(segment)
+        alone = module.apply(
+            {"params": params}, segment[None], np.ones((1, len(segment)), np.int32)
+        )
+        np.testing.assert_allclose(packed[0, begin:end], np.asarray(alone)[0], atol=1e-5)
+
+
 def test_generation_with_the_cache_equals_recomputing_every_step(tied_slm_dir, qwen_dir):
     module, params = _causal(tied_slm_dir, qwen_dir)
     params = _perturb_w_out(params, seed=3)
