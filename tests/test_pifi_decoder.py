@@ -111,9 +111,18 @@ def _causal(slm_dir, qwen_dir, **kw):
 # Causal generation: SLM -> [plug-in] -> LM head
 
 
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("left", [False, True])
+def _composition_cases():
+    """(residual, tied, left): two in the default run that between them take every option; the
+    other six with -m slow."""
+    default = {(True, False, False), (False, True, True)}
+    for residual in (True, False):
+        for tied in (False, True):
+            for left in (False, True):
+                marks = [] if (residual, tied, left) in default else [pytest.mark.slow]
+                yield pytest.param(residual, tied, left, marks=marks)
+
+
+@pytest.mark.parametrize("residual, tied, left", list(_composition_cases()))
 def test_causal_lm_matches_a_pytorch_composition(
     tiny_llama_dir, tied_slm_dir, qwen_dir, residual, tied, left
 ):

@@ -76,8 +76,15 @@ def _torch_memory(llm_dir, params, h, mask):
     return w_out(y[0] if isinstance(y, tuple) else y)
 
 
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize(
+    "family, residual",
+    [
+        ("t5", False),
+        ("bart", True),
+        pytest.param("t5", True, marks=pytest.mark.slow),
+        pytest.param("bart", False, marks=pytest.mark.slow),
+    ],
+)
 def test_seq2seq_matches_a_pytorch_composition(slm_dirs, llama_dir, family, residual):
     module, params = _build(slm_dirs[family], llama_dir, residual=residual)
     assert isinstance(module, pifi.PifiSeq2Seq) and module.is_encoder_decoder
@@ -121,7 +128,7 @@ def test_seq2seq_memory_ignores_padding_and_base_is_the_slm(slm_dirs, llama_dir)
     )
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", pytest.param("bart", marks=pytest.mark.slow)])
 def test_generation_decodes_from_the_plugged_memory(slm_dirs, llama_dir, family):
     module, params = _build(slm_dirs[family], llama_dir)
     ids, mask, _ = _batch()
@@ -149,7 +156,7 @@ def test_seq2seq_refusals(slm_dirs, llama_dir, tiny_llama_dir):
         pifi.build(slm_dirs["bart"], llama_dir, task="causal_lm", log=print)
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["bart", pytest.param("t5", marks=pytest.mark.slow)])
 def test_pifi_seq2seq_run(slm_dirs, llama_dir, tiny_pair_files, tmp_path, family):
     overrides = [
         f"--config.model.path={slm_dirs[family]}",
