@@ -11,7 +11,8 @@ cola, mnli, snli); any comma-separated list of registry tasks works.
 
 Every run is a normal training run in <out>/<task>/<method>/seed<seed>; finished runs are skipped
 and interrupted ones resume, so the same command completes an interrupted grid. Writes runs.csv,
-summary.csv and summary.md (mean ± std over seeds; the paper's accuracies where it has them).
+summary.csv and summary.md (mean ± std over seeds; the paper's accuracies where it has them;
+generation and QA tasks are scored by their own metrics).
 """
 
 from absl import app, flags

@@ -536,6 +536,34 @@ def test_experiments_launcher_compares_base_and_pifi_on_the_config_task(
     assert summary in run.stdout and "| sst2 | 1/1 |" in summary
 
 
+def test_experiment_grid_scores_generation_tasks_by_their_metrics(tmp_path, monkeypatch):
+    """A generation task's grid reports ROUGE-L and BLEU (percentages already), QA F1 and EM;
+    tasks scored differently are not mixed in one table."""
+    from pifi_jax.train import loop
+
+    assert experiments.metrics_of("rt") == ("accuracy", "f1_macro")
+    assert experiments.metrics_of("sciq_question") == ("rougeL", "bleu")
+    assert experiments.metrics_of("squad_spans") == ("f1", "exact_match")
+
+    def fake_train(config, workdir):
+        rouge = 40.0 + 2.0 * (config.pifi.method == "pifi") + config.seed
+        results = {"test/rougeL": rouge, "test/bleu": rouge / 2}
+        Path(workdir).mkdir(parents=True)
+        (Path(workdir) / "results.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+    config = load_config("configs/pifi.py:task=sciq_question")
+    rows = experiments.run_grid(config, ["sciq_question"], [1, 3], tmp_path, log=print)
+    assert [r["rougeL"] for r in rows] == [41.0, 43.0, 43.0, 45.0]
+    table = experiments.summarize(rows)
+    text = experiments.markdown(table)
+    assert "| task | seeds | base rougeL | PiFi rougeL | Δ rougeL | base bleu | PiFi bleu |" in text
+    assert "| sciq_question | 2/2 | 42.00 ± 1.41 | 44.00 ± 1.41 | 2.00 | 21.00 ± 0.71 |" in text
+    with pytest.raises(ValueError, match="scored alike"):
+        experiments.run_grid(config, ["rt", "sciq_question"], [1], tmp_path / "mixed", log=print)
+
+
 def test_experiment_grid_reuses_finished_runs_and_tabulates(tmp_path, monkeypatch):
     from pifi_jax.train import loop
 

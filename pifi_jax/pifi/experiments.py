@@ -7,7 +7,9 @@
 Each run is an ordinary training run in <out_dir>/<task>/<method>/seed<seed>; one that already
 wrote results.json is not run again and an interrupted one resumes, so the same command finishes
 an interrupted grid. Scores are those of the best-validation checkpoint on the test split (the
-validation split for tasks without one), in percent. Imports the trainer, so it is not re-exported
+validation split for tasks without one), in percent: accuracy and macro-F1 for classification,
+else the task's primary metric and a second one (`metrics_of`: ROUGE-L and BLEU for generation,
+F1 and exact match for extractive QA). Imports the trainer, so it is not re-exported
 by pifi_jax.pifi (which the trainer itself imports).
 """
 
@@ -54,7 +56,22 @@ PAPER_ACCURACY = {
 }
 PAPER_TASKS = tuple(PAPER_ACCURACY["bert"])
 METHODS = ("base", "pifi")
-_METRICS = ("accuracy", "f1_macro")
+# Short column names of the table.
+_SHORT = {"accuracy": "acc", "f1_macro": "F1", "exact_match": "EM"}
+
+
+def metrics_of(task_name: str) -> tuple[str, str]:
+    """The two scores a grid reports for a task: accuracy and macro-F1 for classification, else
+    the task's primary metric and a second one (BLEU beside ROUGE-L, exact match beside F1)."""
+    from pifi_jax.data import get_task
+
+    task = get_task(task_name)
+    if task.kind == "classification" and not task.is_regression:
+        return "accuracy", "f1_macro"
+    primary = task.primary_metric
+    others = [m for m in task.metrics if m != primary]
+    preferred = [m for m in ("bleu", "exact_match", "f1", "spearman") if m in others]
+    return primary, (preferred or others or [primary])[0]
 
 
 def run_grid(
@@ -65,9 +82,15 @@ def run_grid(
     methods: Sequence[str] = METHODS,
     log=print,
 ) -> list[dict]:
-    """Trains `config` for every task x method x seed; one row of scores per run."""
+    """Trains `config` for every task x method x seed; one row of scores per run (the two
+    `metrics_of` the task, in percent). The tasks of one grid share their metrics."""
     from pifi_jax.train.loop import train_unless_finished
 
+    kinds = {task: metrics_of(task) for task in tasks}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            f"the tasks of one grid are scored alike; these are not: {kinds} (run them apart)"
+        )
     out_dir = Path(out_dir)
     rows = []
     for task in tasks:
@@ -84,9 +107,13 @@ def run_grid(
                 )
                 split = "test" if any(k.startswith("test/") for k in results) else "validation"
                 row = {"task": task, "method": method, "seed": int(seed), "split": split}
-                for metric in _METRICS:
+                for metric in kinds[task]:
                     value = results.get(f"{split}/{metric}")
-                    row[metric] = math.nan if value is None else 100.0 * value
+                    # ROUGE / BLEU / EM / F1 of generation and QA are percentages already.
+                    scale = (
+                        100.0 if metric in ("accuracy", "f1_macro", "pearson", "spearman") else 1.0
+                    )
+                    row[metric] = math.nan if value is None else scale * value
                 rows.append(row)
     return rows
 
@@ -106,21 +133,22 @@ def summarize(rows: list[dict], slm: str | None = None) -> list[dict]:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     table = []
     for task in tasks:
-        entry = {"task": task}
+        first, second = metrics_of(task)
+        entry = {"task": task, "metric": first, "metric2": second}
         for method in METHODS:
             runs = [r for r in rows if r["task"] == task and r["method"] == method]
             entry[f"{method}_n"] = len(runs)
-            for metric in _METRICS:
+            for metric in (first, second):
                 mean, std = _mean_std([r[metric] for r in runs])
                 entry[f"{method}_{metric}_mean"], entry[f"{method}_{metric}_std"] = mean, std
-        entry["delta_accuracy"] = entry["pifi_accuracy_mean"] - entry["base_accuracy_mean"]
+        entry[f"delta_{first}"] = entry[f"pifi_{first}_mean"] - entry[f"base_{first}_mean"]
         base, pifi = paper.get(task, (math.nan, math.nan))
         entry.update(paper_base=base, paper_pifi=pifi, paper_delta=pifi - base)
         table.append(entry)
     if len(table) > 1:
-        average = {"task": "average"}
+        average = {"task": "average", "metric": table[0]["metric"], "metric2": table[0]["metric2"]}
         for key in table[0]:
-            if key != "task":
+            if key not in average:
                 values = [row[key] for row in table]
                 average[key] = float(np.mean(values))  # nan if any task lacks the value
         table.append(average)
@@ -134,9 +162,12 @@ def _cell(mean: float, std: float | None = None) -> str:
 
 
 def markdown(table: list[dict], title: str = "") -> str:
-    """The summary as a markdown table (accuracy and macro-F1 in %, mean ± std over seeds)."""
+    """The summary as a markdown table (the two scores in %, mean ± std over seeds): accuracy and
+    macro-F1 for classification, the task's metrics otherwise."""
+    first, second = table[0]["metric"], table[0]["metric2"]
+    a, b = _SHORT.get(first, first), _SHORT.get(second, second)
     header = (
-        "| task | seeds | base acc | PiFi acc | Δ acc | base F1 | PiFi F1 | paper base | "
+        f"| task | seeds | base {a} | PiFi {a} | Δ {a} | base {b} | PiFi {b} | paper base | "
         "paper PiFi | paper Δ |"
     )
     lines = [f"### {title}", ""] if title else []
@@ -146,11 +177,11 @@ def markdown(table: list[dict], title: str = "") -> str:
         cells = [
             row["task"],
             seeds,
-            _cell(row["base_accuracy_mean"], row["base_accuracy_std"]),
-            _cell(row["pifi_accuracy_mean"], row["pifi_accuracy_std"]),
-            _cell(row["delta_accuracy"]),
-            _cell(row["base_f1_macro_mean"], row["base_f1_macro_std"]),
-            _cell(row["pifi_f1_macro_mean"], row["pifi_f1_macro_std"]),
+            _cell(row[f"base_{first}_mean"], row[f"base_{first}_std"]),
+            _cell(row[f"pifi_{first}_mean"], row[f"pifi_{first}_std"]),
+            _cell(row[f"delta_{first}"]),
+            _cell(row[f"base_{second}_mean"], row[f"base_{second}_std"]),
+            _cell(row[f"pifi_{second}_mean"], row[f"pifi_{second}_std"]),
             _cell(row["paper_base"]),
             _cell(row["paper_pifi"]),
             _cell(row["paper_delta"]),
