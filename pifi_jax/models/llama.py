@@ -218,8 +218,10 @@ class LlamaConfig:
 
     def layer_window(self, index: int) -> int | None:
         """The sliding window of layer `index` (None = full attention)."""
-        if self.model_type == "qwen2" and self.layer_types[index] != "sliding_attention":
-            return None
+        if self.model_type == "qwen2":
+            # Without layer_types (a config built directly) every layer attends fully.
+            if self.layer_types is None or self.layer_types[index] != "sliding_attention":
+                return None
         return self.sliding_window
 
 

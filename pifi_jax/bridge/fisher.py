@@ -1,0 +1,377 @@
+"""Empirical Fisher importance of a large decoder's weights on task data, one layer at a time.
+
+For every weight tensor W of the LLM, H = mean over examples e of (d log p(y_e | x_e) / dW)^2,
+with log p(y | x) the log-likelihood of the example's target tokens (the causal-LM batch's
+`loss_mask`, position t predicting token t + 1, as train/objectives.CausalLM). The gradient is
+taken per example, squared, and only then averaged: the empirical Fisher, not the square of the
+batch gradient.
+
+Bounded memory. The model is never held whole:
+  1. forward: the embedding, then layer by layer (each read from the checkpoint alone, as
+     `load_layer` reads it, then dropped): the residual stream at every layer boundary is kept on
+     the host, (L + 1) x examples x length x hidden floats;
+  2. the head (final norm + LM head): per-example gradients of its weights and of its input;
+  3. backward, from the last layer down: the layer is read again, each example's vector-Jacobian
+     product recomputes its forward and gives that example's weight gradient (squared into an
+     accumulator) and the cotangent of the layer's input; the layer is dropped.
+So the device holds, besides the boundary states, one layer's weights, one example's gradient of
+them and the squared-gradient accumulator (3 x one layer's weights), or the same for the
+embedding and LM head, whichever is larger. Every layer is read twice (forward, backward).
+
+What pruning needs is reduced from H at once (`reduce_layer`), so nothing of H's size stays:
+  hidden [d]      per residual-stream dimension: the embedding's columns, every norm's weights,
+                  the input rows of q, k, v, gate and up, the output columns (and biases) of o
+                  and down, the LM head's input rows;
+  q_heads [L, n_q]    per query head: its block of q's columns (and bias) and of o's rows;
+  kv_groups [L, n_kv] per key/value head: its blocks of k's and v's columns (and biases);
+  ffn [L, f]      per MLP unit: its gate and up columns (and biases) and its down row.
+Tied embeddings count once with the sum of their two uses in each example's gradient.
+
+Families: the Llama architecture (llama, mistral, qwen2); others are refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pifi_jax.hub import convert
+from pifi_jax.hub.layer import LayerView
+from pifi_jax.hub.pretrained import (
+    _flatten,
+    _unflatten,
+    abstract_params,
+    in_out_kernels,
+    open_checkpoint,
+)
+from pifi_jax.layers import RMSNorm, positions_from_mask
+from pifi_jax.models import llama, registry
+
+SUPPORTED = llama.MODEL_TYPES
+
+
+@dataclasses.dataclass
+class FisherScores:
+    """Fisher importance of an LLM's prunable dimensions (see the module docstring)."""
+
+    model_type: str
+    hidden: np.ndarray  # [d]
+    q_heads: np.ndarray  # [layers, n_q]
+    kv_groups: np.ndarray  # [layers, n_kv]
+    ffn: np.ndarray  # [layers, intermediate]
+    examples: int
+    full: dict[str, np.ndarray] | None = None  # flax path -> H (keep_full=True; tiny models)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp,
+            model_type=np.array(self.model_type),
+            hidden=self.hidden,
+            q_heads=self.q_heads,
+            kv_groups=self.kv_groups,
+            ffn=self.ffn,
+            examples=np.array(self.examples),
+        )
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FisherScores:
+        try:
+            with np.load(path) as z:
+                return cls(
+                    model_type=str(z["model_type"]),
+                    hidden=z["hidden"],
+                    q_heads=z["q_heads"],
+                    kv_groups=z["kv_groups"],
+                    ffn=z["ffn"],
+                    examples=int(z["examples"]),
+                )
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: not a Fisher score file ({e})") from None
+
+
+def check_family(config) -> None:
+    if config.model_type not in SUPPORTED:
+        raise ValueError(
+            f"bridge pruning supports the Llama architecture {SUPPORTED}; the checkpoint is "
+            f"{config.model_type!r}"
+        )
+
+
+def _blocks(h: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """Sums of h over blocks of `width` along `axis` (and over every other axis): [n_blocks]."""
+    h = np.moveaxis(h, axis, 0)
+    return h.reshape(h.shape[0] // width, -1).sum(axis=1)
+
+
+def _along(h: np.ndarray, axis: int) -> np.ndarray:
+    """Sums of h over every axis but `axis`."""
+    return _blocks(h, 1, axis)
+
+
+def reduce_layer(fisher: dict[str, np.ndarray], config) -> tuple[np.ndarray, ...]:
+    """(hidden [d], q_heads [n_q], kv_groups [n_kv], ffn [f]) of one decoder layer's H, given as
+    flax paths inside the layer (`self_attn/q_proj/kernel`, ...) in the [in, out] layout."""
+    d, hd = config.hidden_size, config.head_dim
+    hidden = np.zeros(d, np.float64)
+    q = np.zeros(config.num_attention_heads, np.float64)
+    kv = np.zeros(config.num_key_value_heads, np.float64)
+    ffn = np.zeros(config.intermediate_size, np.float64)
+    for path, h in fisher.items():
+        h = np.asarray(h, np.float64)
+        module, leaf = path.rsplit("/", 1)
+        name = module.rsplit("/", 1)[-1]
+        if leaf == "scale":  # input_layernorm, post_attention_layernorm
+            hidden += h
+        elif name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            out_axis = 1 if leaf == "kernel" else 0
+            if leaf == "kernel":
+                hidden += _along(h, 0)
+            if name == "q_proj":
+                q += _blocks(h, hd, out_axis)
+            elif name in ("k_proj", "v_proj"):
+                kv += _blocks(h, hd, out_axis)
+            else:
+                ffn += _along(h, out_axis)
+        elif name in ("o_proj", "down_proj"):
+            if leaf == "kernel":
+                hidden += _along(h, 1)
+                if name == "o_proj":
+                    q += _blocks(h, hd, 0)
+                else:
+                    ffn += _along(h, 0)
+            else:
+                hidden += h
+        else:
+            raise ValueError(f"reduce_layer: no rule for the layer tensor {path!r}")
+    return hidden, q, kv, ffn
+
+
+def _is_layer_path(path: str) -> bool:
+    return re.match(rf"model/{llama.LAYER_STACK}_\d+/", path) is not None
+
+
+def read_layer(reader, family, config, index: int):
+    """(layer module, flat float32 params) of layer `index`, reading only its tensors."""
+    module = family.decoder_layer(config, index, jnp.float32, jnp.float32)
+    x = jnp.zeros((1, 2, config.hidden_size), jnp.float32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))["params"]
+    flat = convert.load_params(
+        LayerView(reader, family.LAYER_KEYS, index),
+        _flatten(shapes),
+        prefix="",
+        ignored=family.IGNORED_SOURCE_KEYS,
+        in_out_kernels=in_out_kernels(family),
+    )
+    return module, flat
+
+
+class _LayerFns:
+    """Jitted forward and per-example backward of one decoder layer, one compilation per
+    distinct layer module (layers differ only by their sliding window)."""
+
+    def __init__(self):
+        self._fns: dict[Any, tuple] = {}
+
+    def get(self, module: nn.Module, window):
+        if window not in self._fns:
+
+            def forward(params, x, mask, positions):
+                return module.apply({"params": params}, x, mask, positions, True)
+
+            def backward(params, acc, x, mask, positions, cot):
+                def one(acc, inputs):
+                    x_e, m_e, p_e, c_e = inputs
+
+                    def f(p, x1):
+                        return module.apply({"params": p}, x1[None], m_e[None], p_e[None], True)[0]
+
+                    _, vjp = jax.vjp(f, params, x_e)
+                    g_p, g_x = vjp(c_e)
+                    return jax.tree.map(lambda a, g: a + g * g, acc, g_p), g_x
+
+                return jax.lax.scan(one, acc, (x, mask, positions, cot))
+
+            self._fns[window] = (jax.jit(forward), jax.jit(backward, donate_argnums=1))
+        return self._fns[window]
+
+
+def _example_nll(head_params, h, ids, loss_mask, config, tied: bool):
+    """-log p(targets) of one example: h [length, d] the last layer's output."""
+    normed = RMSNorm(config.rms_norm_eps).apply({"params": head_params["norm"]}, h)
+    w = head_params["embed"].T if tied else head_params["lm_head"]
+    logits = (normed @ w).astype(jnp.float32)  # [length, vocab]
+    logp = jax.nn.log_softmax(logits[:-1], axis=-1)
+    picked = jnp.take_along_axis(logp, ids[1:, None], axis=-1)[:, 0]
+    return -jnp.sum(picked * loss_mask[1:])
+
+
+def fisher_scores(
+    checkpoint: str,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    keep_full: bool = False,
+    log=print,
+) -> FisherScores:
+    """Fisher importance of `checkpoint`'s dimensions on causal-LM `batches`.
+
+    batches: dicts of numpy input_ids, attention_mask and loss_mask [batch, length] (right
+    padded; rows without a counted token add nothing). keep_full: also return every tensor's
+    H (flax paths of the causal LM) in `.full`, for tests on tiny models.
+    """
+    reader, hf_config = open_checkpoint(checkpoint)
+    config = registry.config_from_hf(hf_config)
+    check_family(config)
+    family = registry.family_for(config.model_type)
+    tied = bool(config.tie_word_embeddings)
+    model = family.build(config, "causal_lm", 0, jnp.float32, jnp.float32)
+    head_abstract = {p: s for p, s in abstract_params(model).items() if not _is_layer_path(p)}
+    layer_keys = re.compile(family.LAYER_KEYS)
+    head_flat = convert.load_params(
+        reader,
+        head_abstract,
+        prefix=family.BASE_MODEL_PREFIX,
+        ignored=family.IGNORED_SOURCE_KEYS,
+        optional=family.OPTIONAL_SOURCE_KEYS,
+        key_filter=lambda k: layer_keys.fullmatch(k) is None,
+        in_out_kernels=in_out_kernels(family),
+        log=log,
+    )
+    head = {
+        "embed": head_flat["model/embed_tokens/embedding"],
+        "norm": {"scale": head_flat["model/norm/scale"]},
+    }
+    if not tied:
+        head["lm_head"] = head_flat["lm_head/kernel"]
+    del head_flat
+
+    data = [
+        {k: np.asarray(b[k]) for k in ("input_ids", "attention_mask", "loss_mask")} for b in batches
+    ]
+    if not data:
+        raise ValueError("fisher_scores: no batches")
+    examples = sum(int((b["loss_mask"][:, 1:] > 0).any(axis=1).sum()) for b in data)
+    if examples == 0:
+        raise ValueError("fisher_scores: no example has a target token (loss_mask is all zero)")
+    positions = [np.asarray(positions_from_mask(jnp.asarray(b["attention_mask"]))) for b in data]
+    n_layers = config.num_layers
+
+    # 1. forward, keeping every layer boundary on the host
+    embed = jax.jit(lambda e, ids: e[ids])
+    states = [[np.asarray(embed(head["embed"], b["input_ids"])) for b in data]]
+    fns = _LayerFns()
+    for i in range(n_layers):
+        module, flat = read_layer(reader, family, config, i)
+        forward, _ = fns.get(module, config.layer_window(i))
+        params = _unflatten(flat)
+        states.append(
+            [
+                np.asarray(forward(params, states[-1][k], b["attention_mask"], positions[k]))
+                for k, b in enumerate(data)
+            ]
+        )
+        del params, flat
+        log(f"fisher: forward through layer {i + 1}/{n_layers}")
+
+    # 2. the head: squared per-example gradients of its weights, cotangents of its input
+    def head_backward(head_params, acc, h, ids, loss_mask):
+        def one(acc, inputs):
+            h_e, ids_e, m_e = inputs
+            g_p, g_h = jax.grad(_example_nll, argnums=(0, 1))(
+                head_params, h_e, ids_e, m_e, config, tied
+            )
+            acc = jax.tree.map(lambda a, g: a + g * g, acc, g_p)
+            rows = g_p["embed"][ids_e] if tied else jnp.zeros((0,), jnp.float32)
+            return acc, (g_h, rows)
+
+        return jax.lax.scan(one, acc, (h, ids, loss_mask))
+
+    head_backward = jax.jit(head_backward, donate_argnums=1)
+    head_acc = jax.tree.map(jnp.zeros_like, head)
+    cots, head_rows = [], []
+    for k, b in enumerate(data):
+        head_acc, (g_h, rows) = head_backward(
+            head, head_acc, states[-1][k], b["input_ids"], b["loss_mask"].astype(np.float32)
+        )
+        cots.append(np.asarray(g_h))
+        head_rows.append(np.asarray(rows))
+    states.pop()
+
+    # 3. backward through the layers, last first
+    q_heads = np.zeros((n_layers, config.num_attention_heads))
+    kv_groups = np.zeros((n_layers, config.num_key_value_heads))
+    ffn = np.zeros((n_layers, config.intermediate_size))
+    hidden = np.zeros(config.hidden_size)
+    full: dict[str, np.ndarray] = {}
+    for i in reversed(range(n_layers)):
+        module, flat = read_layer(reader, family, config, i)
+        _, backward = fns.get(module, config.layer_window(i))
+        params = _unflatten(flat)
+        acc = jax.tree.map(jnp.zeros_like, params)
+        inputs = states.pop()
+        for k, b in enumerate(data):
+            acc, g_x = backward(params, acc, inputs[k], b["attention_mask"], positions[k], cots[k])
+            cots[k] = np.asarray(g_x)
+        layer_h = {p: np.asarray(v) / examples for p, v in _flatten(acc).items()}
+        h_d, q_heads[i], kv_groups[i], ffn[i] = reduce_layer(layer_h, config)
+        hidden += h_d
+        if keep_full:
+            full.update({f"model/{llama.LAYER_STACK}_{i}/{p}": v for p, v in layer_h.items()})
+        del params, flat, acc, inputs
+        log(f"fisher: backward through layer {i + 1}/{n_layers}")
+
+    # 4. the embedding: each example's gradient is the scatter of its input cotangents over its
+    # token ids (plus, when tied, the head's use of the same rows)
+    column_sq = np.zeros(config.hidden_size, np.float64)
+    embed_full = None
+    if tied:  # the head's part, every row
+        column_sq += np.asarray(head_acc["embed"], np.float64).sum(axis=0)
+        if keep_full:
+            embed_full = np.asarray(head_acc["embed"], np.float64)
+    elif keep_full:
+        embed_full = np.zeros((config.vocab_size, config.hidden_size), np.float64)
+    for k, b in enumerate(data):
+        for e in range(b["input_ids"].shape[0]):
+            uniq, inverse = np.unique(b["input_ids"][e], return_inverse=True)
+            g_in = np.zeros((len(uniq), config.hidden_size), np.float64)
+            np.add.at(g_in, inverse, cots[k][e])
+            if tied:  # (g_head + g_in)^2 - g_head^2 on the rows this example touched
+                g_head = np.zeros_like(g_in)
+                g_head[inverse] = head_rows[k][e]
+                delta = 2 * g_head * g_in + g_in * g_in
+            else:
+                delta = g_in * g_in
+            column_sq += delta.sum(axis=0)
+            if keep_full:
+                embed_full[uniq] += delta
+    if keep_full:
+        full["model/embed_tokens/embedding"] = embed_full / examples
+    hidden += column_sq / examples
+    hidden += np.asarray(head_acc["norm"]["scale"], np.float64) / examples
+    if not tied:
+        hidden += np.asarray(head_acc["lm_head"], np.float64).sum(axis=1) / examples
+        if keep_full:
+            full["lm_head/kernel"] = np.asarray(head_acc["lm_head"]) / examples
+    if keep_full:
+        full["model/norm/scale"] = np.asarray(head_acc["norm"]["scale"]) / examples
+    return FisherScores(
+        model_type=config.model_type,
+        hidden=hidden,
+        q_heads=q_heads,
+        kv_groups=kv_groups,
+        ffn=ffn,
+        examples=examples,
+        full=full or None,
+    )

@@ -1,0 +1,385 @@
+"""Bridge transfer, stages 2-3: depth mapping, Fisher importance, the pruned bridge model.
+
+References: the empirical Fisher from transformers' PyTorch models (one backward per example,
+squared gradients summed), the selection rule transcribed in NumPy from shared/spec/bridge.md
+and the choices of pifi_jax/bridge/prune.py's docstring, the dense LLM with the dropped weights
+zeroed, and transformers loading the saved bridge.
+"""
+
+from fractions import Fraction
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import pifi_jax
+from pifi_jax import bridge
+from pifi_jax.hub.pretrained import _flatten, _unflatten
+
+VOCAB = 61
+
+
+def write_llm(directory, *, family="qwen2", tied=False, seed=0, heads=8, kv=2, layers=3):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        rms_norm_eps=1e-5,
+    )
+    if family == "llama":
+        config = transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    with torch.no_grad():  # non-trivial norm weights and biases, so that each is tested
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.copy_(
+                    1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p)
+                )
+    model.save_pretrained(directory)
+    return model
+
+
+def make_batches(seed=0, rows=(3, 2), length=9):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in rows:
+        ids = rng.integers(1, VOCAB, size=(n, length)).astype(np.int32)
+        mask = np.ones((n, length), np.int32)
+        loss = np.zeros((n, length), np.int32)
+        for r in range(n):
+            real = int(rng.integers(5, length + 1))
+            mask[r, real:] = 0
+            ids[r, real:] = 0
+            loss[r, real - 3 : real] = 1  # the last three real tokens are the target
+        ids[0, 1] = ids[0, 4]  # a repeated token: its embedding row gets two contributions
+        out.append({"input_ids": ids, "attention_mask": mask, "loss_mask": loss})
+    return out
+
+
+def torch_fisher(model, batches) -> tuple[dict[str, np.ndarray], int]:
+    """Per-example squared gradients of -log p(targets), averaged: torch names -> [out, in]."""
+    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    count = 0
+    for b in batches:
+        for e in range(b["input_ids"].shape[0]):
+            ids = torch.tensor(b["input_ids"][e : e + 1], dtype=torch.long)
+            mask = torch.tensor(b["attention_mask"][e : e + 1])
+            target = torch.tensor(b["loss_mask"][e, 1:], dtype=torch.float64)
+            model.zero_grad()
+            logits = model(input_ids=ids, attention_mask=mask).logits[0, :-1].double()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            (-(logp * target).sum()).backward()
+            for n, p in model.named_parameters():
+                acc[n] += p.grad.detach() ** 2
+            count += int(target.sum() > 0)
+    return {n: (v / count).numpy() for n, v in acc.items()}, count
+
+
+def numpy_scores(h: dict[str, np.ndarray], cfg) -> dict:
+    """The spec's importance aggregates, in torch's [out, in] layout."""
+    layers, hd = cfg.num_hidden_layers, cfg.head_dim
+    hidden = h["model.embed_tokens.weight"].sum(0) + h["model.norm.weight"]
+    if "lm_head.weight" in h:
+        hidden = hidden + h["lm_head.weight"].sum(0)
+    q = np.zeros((layers, cfg.num_attention_heads))
+    kv = np.zeros((layers, cfg.num_key_value_heads))
+    ffn = np.zeros((layers, cfg.intermediate_size))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+
+        def get(name, p=p):
+            return h.get(p + name, None)
+
+        hidden = hidden + get("input_layernorm.weight") + get("post_attention_layernorm.weight")
+        for name in ("q_proj", "k_proj", "v_proj"):
+            w = get(f"self_attn.{name}.weight")
+            hidden = hidden + w.sum(0)
+            per_head = w.reshape(-1, hd, w.shape[1]).sum((1, 2))
+            bias = get(f"self_attn.{name}.bias")
+            if bias is not None:
+                per_head = per_head + bias.reshape(-1, hd).sum(1)
+            if name == "q_proj":
+                q[i] += per_head
+            else:
+                kv[i] += per_head
+        o = get("self_attn.o_proj.weight")
+        hidden = hidden + o.sum(1)
+        q[i] += o.reshape(o.shape[0], -1, hd).sum((0, 2))
+        for name in ("gate_proj", "up_proj"):
+            w = get(f"mlp.{name}.weight")
+            hidden = hidden + w.sum(0)
+            ffn[i] += w.sum(1) + (
+                get(f"mlp.{name}.bias") if get(f"mlp.{name}.bias") is not None else 0
+            )
+        down = get("mlp.down_proj.weight")
+        hidden = hidden + down.sum(1)
+        ffn[i] += down.sum(0)
+        for name in ("self_attn.o_proj.bias", "mlp.down_proj.bias"):
+            if get(name) is not None:
+                hidden = hidden + get(name)
+    return {"hidden": hidden, "q": q, "kv": kv, "ffn": ffn}
+
+
+def numpy_selection(s: dict, cfg, r: float) -> dict:
+    f = np.sqrt(r)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    n_kv = max(1, round(cfg.num_key_value_heads / f))
+    per = min(group, max(1, round(cfg.num_attention_heads / f / n_kv)))
+
+    def top(x, k):  # brute force: sort by (-score, index)
+        return sorted(sorted(range(len(x)), key=lambda j: (-x[j], j))[:k])
+
+    out = {
+        "hidden": top(s["hidden"], max(1, round(cfg.hidden_size / f))),
+        "kv": [],
+        "q": [],
+        "ffn": [],
+    }
+    for i in range(cfg.num_hidden_layers):
+        g_score = [
+            s["kv"][i][g] + sum(s["q"][i][g * group : (g + 1) * group])
+            for g in range(cfg.num_key_value_heads)
+        ]
+        groups = top(g_score, n_kv)
+        out["kv"].append(groups)
+        out["q"].append(
+            [
+                g * group + j
+                for g in groups
+                for j in top(s["q"][i][g * group : (g + 1) * group], per)
+            ]
+        )
+        out["ffn"].append(top(s["ffn"][i], max(1, round(cfg.intermediate_size / f))))
+    return out
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama-tied"])
+def llm(request, tmp_path_factory):
+    family, tied = ("llama", True) if request.param == "llama-tied" else ("qwen2", False)
+    directory = tmp_path_factory.mktemp(request.param)
+    model = write_llm(directory, family=family, tied=tied)
+    batches = make_batches()
+    scores = bridge.fisher_scores(str(directory), batches, keep_full=True, log=lambda s: None)
+    return {"dir": directory, "model": model, "batches": batches, "scores": scores}
+
+
+def test_fisher_matches_torch_per_example_gradients(llm):
+    reference, count = torch_fisher(llm["model"], llm["batches"])
+    scores = llm["scores"]
+    assert scores.examples == count == 5
+    flat = scores.full
+    for name, h in reference.items():
+        if name == "lm_head.weight" and "lm_head/kernel" not in flat:
+            continue  # tied: the embedding holds both uses
+        path = (
+            name.replace("model.layers.", "model/layers_")
+            .replace(".", "/")
+            .replace("/weight", "/kernel")
+            .replace("embed_tokens/kernel", "embed_tokens/embedding")
+        )
+        if "norm/kernel" in path:
+            path = path.replace("norm/kernel", "norm/scale")
+        ours = flat[path]
+        if path.endswith("/kernel"):
+            ours = ours.T
+        np.testing.assert_allclose(ours, h, rtol=2e-4, atol=1e-6 * np.abs(h).max(), err_msg=name)
+
+
+def test_selection_keeps_the_brute_force_top_rows_and_columns(llm):
+    reference, _ = torch_fisher(llm["model"], llm["batches"])
+    cfg = llm["model"].config
+    ref_scores = numpy_scores(reference, cfg)
+    scores = llm["scores"]
+    np.testing.assert_allclose(scores.hidden, ref_scores["hidden"], rtol=2e-4)
+    np.testing.assert_allclose(scores.q_heads, ref_scores["q"], rtol=2e-4)
+    np.testing.assert_allclose(scores.kv_groups, ref_scores["kv"], rtol=2e-4)
+    np.testing.assert_allclose(scores.ffn, ref_scores["ffn"], rtol=2e-4)
+    config = pifi_jax.from_pretrained(str(llm["dir"]), task="causal_lm", log=lambda s: None)[
+        0
+    ].config
+    for r in (4, 16, 64):
+        want = numpy_selection(ref_scores, cfg, r)
+        got = bridge.select(scores, config, r)
+        assert got.hidden.tolist() == want["hidden"], r
+        assert [g.tolist() for g in got.kv_groups] == want["kv"], r
+        assert [q.tolist() for q in got.q_heads] == want["q"], r
+        assert [u.tolist() for u in got.ffn] == want["ffn"], r
+
+
+def _logits(module, params, batch):
+    return np.asarray(module.apply({"params": params}, batch["input_ids"], batch["attention_mask"]))
+
+
+def test_reduction_one_is_the_llm(llm):
+    module, params = pifi_jax.from_pretrained(str(llm["dir"]), task="causal_lm", log=lambda s: None)
+    selection = bridge.select(llm["scores"], module.config, 1)
+    small, small_params = bridge.prune(str(llm["dir"]), selection, log=lambda s: None)
+    assert small.config == module.config
+    batch = llm["batches"][0]
+    np.testing.assert_allclose(
+        _logits(small, small_params, batch), _logits(module, params, batch), atol=1e-5
+    )
+
+
+def _zeroed(params: dict, config, sel) -> dict:
+    """The dense LLM with every dropped dimension, head and unit zeroed."""
+    flat = {p: np.array(v) for p, v in _flatten(params).items()}
+    drop_h = np.setdiff1d(np.arange(config.hidden_size), sel.hidden)
+    hd = config.head_dim
+    flat["model/embed_tokens/embedding"][:, drop_h] = 0
+    for i in range(config.num_hidden_layers):
+        p = f"model/layers_{i}/"
+        q_keep = (sel.q_heads[i][:, None] * hd + np.arange(hd)).ravel()
+        kv_keep = (sel.kv_groups[i][:, None] * hd + np.arange(hd)).ravel()
+        for name, keep in (("q_proj", q_keep), ("k_proj", kv_keep), ("v_proj", kv_keep)):
+            w = flat[p + f"self_attn/{name}/kernel"]
+            w[:, np.setdiff1d(np.arange(w.shape[1]), keep)] = 0
+            if p + f"self_attn/{name}/bias" in flat:
+                b = flat[p + f"self_attn/{name}/bias"]
+                b[np.setdiff1d(np.arange(b.shape[0]), keep)] = 0
+        o = flat[p + "self_attn/o_proj/kernel"]
+        o[np.setdiff1d(np.arange(o.shape[0]), q_keep)] = 0
+        o[:, drop_h] = 0
+        drop_u = np.setdiff1d(np.arange(config.intermediate_size), sel.ffn[i])
+        for name in ("gate_proj", "up_proj"):
+            flat[p + f"mlp/{name}/kernel"][:, drop_u] = 0
+            if p + f"mlp/{name}/bias" in flat:
+                flat[p + f"mlp/{name}/bias"][drop_u] = 0
+        flat[p + "mlp/down_proj/kernel"][drop_u] = 0
+        flat[p + "mlp/down_proj/kernel"][:, drop_h] = 0
+        for name in ("self_attn/o_proj/bias", "mlp/down_proj/bias"):
+            if p + name in flat:
+                flat[p + name][drop_h] = 0
+    return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+@pytest.mark.parametrize("r", [4, 16])
+def test_bridge_is_the_dense_llm_with_the_dropped_dimensions_zeroed(llm, r):
+    module, params = pifi_jax.from_pretrained(str(llm["dir"]), task="causal_lm", log=lambda s: None)
+    selection = bridge.select(llm["scores"], module.config, r)
+    small, small_params = bridge.prune(str(llm["dir"]), selection, log=lambda s: None)
+    sizes = bridge.bridge_sizes(module.config, r)
+    assert small.config.hidden_size == sizes.hidden < module.config.hidden_size
+    assert small.config.num_attention_heads == sizes.heads < module.config.num_attention_heads
+    dense = _zeroed(params, module.config, selection)
+    for batch in llm["batches"]:
+        want = _logits(module, dense, batch)
+        got = _logits(small, small_params, batch)
+        real = batch["attention_mask"] > 0
+        np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=1e-5)
+    # and the identity is not trivial: the unpruned LLM computes something else
+    full = _logits(module, params, llm["batches"][0])
+    assert np.abs(full - _logits(small, small_params, llm["batches"][0])).max() > 1e-2
+
+
+def test_saved_bridge_loads_in_pifi_jax_and_transformers(llm, tmp_path):
+    module, _ = pifi_jax.from_pretrained(str(llm["dir"]), task="causal_lm", log=lambda s: None)
+    selection = bridge.select(llm["scores"], module.config, 16)
+    small, small_params = bridge.prune(str(llm["dir"]), selection, log=lambda s: None)
+    out = bridge.save_bridge(
+        small,
+        small_params,
+        tmp_path / "bridge",
+        llm=str(llm["dir"]),
+        selection=selection,
+        reduction=16,
+        scores=llm["scores"],
+    )
+    loaded, loaded_params = pifi_jax.from_pretrained(str(out), task="causal_lm", log=lambda s: None)
+    batch = llm["batches"][1]
+    ours = _logits(small, small_params, batch)
+    np.testing.assert_array_equal(_logits(loaded, loaded_params, batch), ours)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        theirs = torch_model(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+        ).logits.numpy()
+    real = batch["attention_mask"] > 0
+    np.testing.assert_allclose(theirs[real], ours[real], atol=3e-5)
+    record = __import__("json").loads((out / "bridge.json").read_text())
+    assert (
+        bridge.Selection.from_json(record["selection"]).hidden.tolist() == selection.hidden.tolist()
+    )
+    assert record["reduction"] == 16 and record["fisher_examples"] == 5
+
+
+def test_fisher_scores_file_round_trip_and_garbage_refused(llm, tmp_path):
+    path = llm["scores"].save(tmp_path / "fisher.npz")
+    back = bridge.FisherScores.load(path)
+    np.testing.assert_array_equal(back.hidden, llm["scores"].hidden)
+    np.testing.assert_array_equal(back.ffn, llm["scores"].ffn)
+    assert back.examples == 5
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="bad.npz: not a Fisher score file"):
+        bridge.FisherScores.load(tmp_path / "bad.npz")
+
+
+def test_depth_map_matches_real_number_bounds():
+    for slm, llm in [(24, 28), (12, 48), (6, 6), (4, 30), (30, 4), (1, 5)]:
+        mapping = bridge.depth_map(slm, llm)
+        assert len(mapping) == llm
+        for j, i in enumerate(mapping):
+            # SLM layer i serves [i * L / Ls, (i + 1) * L / Ls)
+            assert Fraction(i * llm, slm) <= j < Fraction((i + 1) * llm, slm)
+        assert mapping == sorted(mapping)
+    assert bridge.served_layers(2, 5) == {0: [0, 1, 2], 1: [3, 4]}
+    with pytest.raises(ValueError, match="at least one layer"):
+        bridge.depth_map(0, 4)
+
+
+def test_depth_map_file(tmp_path):
+    path = bridge.write_depth_map(tmp_path / "depth.json", 24, 28)
+    record = __import__("json").loads(path.read_text())
+    assert record["llm_to_slm"] == bridge.depth_map(24, 28)
+    assert sum(len(v) for v in record["slm_to_llm"].values()) == 28
+
+
+def test_tokenizer_pairs_refused_with_the_difference(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.conftest import tiny_word_tokenizer
+
+    a = tiny_word_tokenizer(tmp_path / "a", bos=True)
+    same = tiny_word_tokenizer(tmp_path / "same", bos=True)
+    bridge.check_same_tokenizer(a, same, "slm", "llm")  # the same tokenizer passes
+    no_bos = tiny_word_tokenizer(tmp_path / "b", bos=False)
+    with pytest.raises(ValueError, match="same vocabulary but encode a probe text differently"):
+        bridge.check_same_tokenizer(a, no_bos, "slm-dir", "llm-dir")
+    vocab = dict(a.get_vocab())
+    vocab["zebra"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    with pytest.raises(
+        ValueError, match=r"my-slm .* and my-llm .* differ: .*only in the LLM's \['zebra'\]"
+    ):
+        bridge.check_same_tokenizer(a, other, "my-slm", "my-llm")
+
+
+def test_other_families_and_bad_reductions_refused(tmp_path, llm):
+    from tests.conftest import write_tiny_decoder
+
+    gpt2 = write_tiny_decoder(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(ValueError, match="supports the Llama architecture .* 'gpt2'"):
+        bridge.fisher_scores(str(gpt2), llm["batches"], log=lambda s: None)
+    config = pifi_jax.from_pretrained(str(llm["dir"]), task="causal_lm", log=lambda s: None)[
+        0
+    ].config
+    with pytest.raises(ValueError, match="reduction must be >= 1"):
+        bridge.bridge_sizes(config, 0.5)
+    empty = [dict(b, loss_mask=np.zeros_like(b["loss_mask"])) for b in llm["batches"]]
+    with pytest.raises(ValueError, match="no example has a target token"):
+        bridge.fisher_scores(str(llm["dir"]), empty, log=lambda s: None)
