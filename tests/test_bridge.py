@@ -165,9 +165,13 @@ def numpy_selection(s: dict, cfg, r: float) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama-tied"])
+# Default: a tied Qwen2 (q/k/v biases; tied like SmolLM2 and Qwen2.5's small models); with -m slow
+# also an untied Llama with biases on o, down and the MLP.
+@pytest.fixture(
+    scope="module", params=["qwen2-tied", pytest.param("llama-untied", marks=pytest.mark.slow)]
+)
 def llm(request, tmp_path_factory):
-    family, tied = ("llama", True) if request.param == "llama-tied" else ("qwen2", False)
+    family, tied = ("llama", False) if request.param == "llama-untied" else ("qwen2", True)
     directory = tmp_path_factory.mktemp(request.param)
     model = write_llm(directory, family=family, tied=tied)
     batches = make_batches()
@@ -383,3 +387,105 @@ def test_other_families_and_bad_reductions_refused(tmp_path, llm):
     empty = [dict(b, loss_mask=np.zeros_like(b["loss_mask"])) for b in llm["batches"]]
     with pytest.raises(ValueError, match="no example has a target token"):
         bridge.fisher_scores(str(llm["dir"]), empty, log=lambda s: None)
+
+
+# --- W_plug and plugging LoRA modules into the LLM (stage 2 / 5) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    slm_dir = tmp_path_factory.mktemp("slm")
+    llm_dir = tmp_path_factory.mktemp("llm")
+    torch.manual_seed(1)
+    small = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    transformers.Qwen2ForCausalLM(small).save_pretrained(slm_dir)
+    write_llm(llm_dir, family="qwen2", seed=2)
+    quiet = dict(log=lambda s: None)
+    return {
+        "slm": pifi_jax.from_pretrained(str(slm_dir), task="causal_lm", **quiet),
+        "llm": pifi_jax.from_pretrained(str(llm_dir), task="causal_lm", **quiet),
+        "llm_dir": llm_dir,
+    }
+
+
+TARGETS = ("q_proj", "v_proj", "up_proj")
+
+
+def test_plug_fitted_between_a_model_and_itself_is_the_identity(pair):
+    llm = pair["llm"]
+    plug = bridge.fit_plug(llm, llm, make_batches(3, rows=(4, 4)), TARGETS, ridge=1e-9)
+    for t in TARGETS:
+        np.testing.assert_allclose(plug[t]["in"], np.eye(plug[t]["in"].shape[0]), atol=1e-4)
+        np.testing.assert_allclose(plug[t]["out"], np.eye(plug[t]["out"].shape[0]), atol=1e-4)
+
+
+def test_plug_is_the_least_squares_map_between_the_two_models_activations(pair):
+    slm, llm = pair["slm"], pair["llm"]
+    batches = make_batches(4, rows=(4, 4))
+    plug = bridge.fit_plug(slm, llm, batches, TARGETS, ridge=0.0)
+    assert plug["q_proj"]["in"].shape == (32, 16) and plug["q_proj"]["out"].shape == (16, 64)
+    assert plug["v_proj"]["out"].shape == (8, 16) and plug["up_proj"]["out"].shape == (24, 48)
+    # an independent pooling of the same activations, solved by numpy's lstsq
+    from pifi_jax.bridge.plug import activations
+
+    mapping = bridge.depth_map(2, 3)
+    xs, xl, ys, yl = [], [], [], []
+    for b in batches:
+        a_s = activations(*slm, b, ("up_proj",))
+        a_l = activations(*llm, b, ("up_proj",))
+        for j in range(3):
+            xs.append(a_s[(mapping[j], "post_attention_layernorm")])
+            xl.append(a_l[(j, "post_attention_layernorm")])
+            ys.append(a_s[(mapping[j], "up_proj")])
+            yl.append(a_l[(j, "up_proj")])
+    want_in = np.linalg.lstsq(np.concatenate(xl), np.concatenate(xs), rcond=None)[0]
+    want_out = np.linalg.lstsq(np.concatenate(ys), np.concatenate(yl), rcond=None)[0]
+    np.testing.assert_allclose(plug["up_proj"]["in"], want_in, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(plug["up_proj"]["out"], want_out, rtol=1e-3, atol=1e-4)
+
+
+def test_plugged_modules_on_the_llm_equal_the_modules_merged_by_hand(pair):
+    from pifi_jax.peft import LoraConfig
+
+    slm, llm = pair["slm"], pair["llm"]
+    lora = LoraConfig(r=2, lora_alpha=4.0, target_modules=TARGETS, init_lora_weights=False)
+    slm_peft, slm_params = pifi_jax.peft.wrap(*slm, lora, seed=3)
+    modules = bridge.slm_modules(_flatten(slm_params), TARGETS, 2)
+    plug = bridge.fit_plug(slm, llm, make_batches(5), TARGETS)
+    leaves = bridge.plug_lora(modules, plug, 3)
+    llm_peft, llm_params = pifi_jax.peft.wrap(*llm, lora, seed=0)
+    flat = _flatten(llm_params)
+    assert set(leaves) == {p for p in flat if "/lora_" in p}
+    flat.update(leaves)
+    plugged = _unflatten(flat)
+    # by hand: W + (alpha / r) * P_in A B P_out in every LLM layer, A B of SLM layer depth_map(j)
+    dense = {p: np.array(v) for p, v in _flatten(llm[1]).items()}
+    slm_flat = _flatten(slm_params)
+    for j, i in enumerate(bridge.depth_map(2, 3)):
+        for t in TARGETS:
+            block = "mlp" if t == "up_proj" else "self_attn"
+            a = np.asarray(slm_flat[f"model/layers_{i}/{block}/{t}/lora_a"])
+            b = np.asarray(slm_flat[f"model/layers_{i}/{block}/{t}/lora_b"])
+            delta = plug[t]["in"] @ a @ b @ plug[t]["out"]
+            dense[f"model/layers_{j}/{block}/{t}/kernel"] += 2.0 * delta
+    batch = make_batches(6)[0]
+    got = _logits(llm_peft, plugged, batch)
+    want = _logits(llm[0], _unflatten({k: jnp.asarray(v) for k, v in dense.items()}), batch)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(want - _logits(*llm, batch)).max() > 1e-3  # the modules do change the LLM
+
+
+def test_unsupported_targets_are_refused():
+    with pytest.raises(ValueError, match=r"supports the targets .* got \['o_proj'\]"):
+        bridge.plug.check_targets(["o_proj"])

@@ -118,7 +118,11 @@ def _assert_ends_as(workdir: Path, reference: Path):
 
 @pytest.mark.parametrize(
     "accum, weight, loss_finite",
-    [(1, np.inf, False), (2, np.inf, False), (1, np.nan, True)],
+    [
+        pytest.param(1, np.inf, False, marks=pytest.mark.slow),
+        (2, np.inf, False),
+        pytest.param(1, np.nan, True, marks=pytest.mark.slow),
+    ],
     ids=["inf-weights", "inf-weights-in-one-micro-batch", "nan-weights-finite-loss-nan-grads"],
 )
 def test_a_skipped_step_leaves_params_and_optimizer_state_unchanged(

@@ -37,6 +37,7 @@ def test_gguf_is_found_from_file_directory_and_asset():
     assert gguf.find_gguf(path.parent) == path  # a directory with one .gguf and no config.json
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF (tiny GGUFs: test_gguf_qwen2.py)
 def test_config_and_unpermuted_weights_match_transformers(smollm2):
     reference, _, module, params = smollm2
     cfg = module.config
@@ -52,6 +53,7 @@ def test_config_and_unpermuted_weights_match_transformers(smollm2):
             np.testing.assert_array_equal(np.asarray(ours[name]["kernel"]), expected)
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF (tiny GGUFs: test_gguf_qwen2.py)
 def test_logits_and_greedy_tokens_match_transformers(smollm2):
     reference, tokenizer, module, params = smollm2
     prompt = tokenizer(PROMPT)["input_ids"]
@@ -77,6 +79,7 @@ def test_logits_and_greedy_tokens_match_transformers(smollm2):
     assert tokenizer.decode(ours_new).strip()  # a real model: it continues the prompt
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF (tiny GGUFs: test_gguf_qwen2.py)
 def test_load_layer_dequantizes_only_that_layer(smollm2, monkeypatch):
     _, _, _, params = smollm2
     read = []

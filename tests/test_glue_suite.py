@@ -107,6 +107,7 @@ def _predictions(run_dir):
     return [json.loads(line) for line in open(run_dir / "predictions_test.jsonl")]
 
 
+@pytest.mark.slow  # trains the whole tiny suite (~1 min on a fresh machine)
 def test_every_task_trains_and_the_table_has_the_study_layout(suite):
     config, workdir, results = suite
     assert set(results["rows"]) == set(glue.SUITE)
@@ -131,6 +132,7 @@ def test_every_task_trains_and_the_table_has_the_study_layout(suite):
     assert json.loads((workdir / "glue.json").read_text())["score"] == results["score"]
 
 
+@pytest.mark.slow  # trains the whole tiny suite (~1 min on a fresh machine)
 def test_mnli_matched_is_scored_on_validation_matched(suite):
     """The matched accuracy is that of the MNLI run's predictions on validation_matched (made by
     a Predictor of the run, in the suite's child)."""
@@ -143,6 +145,7 @@ def test_mnli_matched_is_scored_on_validation_matched(suite):
     assert results["rows"]["mnli"]["matched/accuracy"] == pytest.approx(np.mean(correct))
 
 
+@pytest.mark.slow  # trains the whole tiny suite (~1 min on a fresh machine)
 def test_the_archive_holds_the_official_files_keyed_by_idx(suite):
     config, workdir, results = suite
     assert results["submission"] == str(workdir / "submission.zip")
@@ -164,6 +167,7 @@ def test_the_archive_holds_the_official_files_keyed_by_idx(suite):
     assert {r[1] for r in files["AX.tsv"][1:]} <= {"entailment", "neutral", "contradiction"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sst2", "stsb", "mnli"])
 def test_hidden_predictions_are_the_runs_own_on_the_same_texts(suite, name):
     """The test splits of these tasks hold their validation rows shuffled, idx = the row of
@@ -182,6 +186,7 @@ def test_hidden_predictions_are_the_runs_own_on_the_same_texts(suite, name):
     assert [r[1] for r in rows] == expected
 
 
+@pytest.mark.slow  # trains the whole tiny suite (~1 min on a fresh machine)
 def test_a_finished_suite_is_not_trained_again(suite, monkeypatch):
     config, workdir, results = suite
 

@@ -273,7 +273,7 @@ FAMILY_METHODS = [
     pytest.param(family, method, marks=[] if fast else [pytest.mark.slow], id=f"{method}-{family}")
     for family in ("llama", "mistral", "qwen2", "gemma2", "falcon", "gpt2")
     for method in ("lora", "dora", "adapter_houlsby", "adapter_pfeiffer")
-    for fast in [(family, method) in {("llama", "dora"), ("gpt2", "adapter_pfeiffer")}]
+    for fast in [(family, method) in {("llama", "dora")}]
 ]
 
 

@@ -58,7 +58,12 @@ CASES = {
 }
 
 
-SLOW_CASES = {"lora-gpt2", "adapter-bert", "lora-bert"}  # (test_ist runs IST on an encoder)
+SLOW_CASES = {
+    "lora-gpt2",
+    "adapter-bert",
+    "lora-bert",
+    "lora-dropout-llama",
+}  # (test_ist runs IST on an encoder)
 
 
 @pytest.mark.parametrize(

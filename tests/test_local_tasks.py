@@ -163,6 +163,7 @@ def test_default_names_stay_label_i(tiny_bert_dir, tmp_path):
     assert "problem_type" not in hf
 
 
+@pytest.mark.slow
 def test_three_integer_classes_train_with_lora(tiny_bert_dir, tmp_path):
     files = _task_files(tmp_path, [3, 1, 2])
     config = _config(tiny_bert_dir, files, "--config.peft.method=lora")

@@ -79,7 +79,14 @@ def test_notebook_is_stored_without_outputs(path):
     assert {"MODEL", "TASK", "DATA_FILES", "TINY", "STEPS", "WORKDIR"} <= names
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
+# quickstart in the default run; the Colab TPU notebook (the same trainer) with -m slow
+_RUNS = [
+    pytest.param(p, marks=[pytest.mark.slow] if p.name == "colab_tpu.ipynb" else [], id=p.name)
+    for p in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", _RUNS)
 def test_notebook_runs_on_the_tiny_setting(path, tiny_bert_dir, tiny_task_files, tmp_path):
     from nbclient import NotebookClient
 

@@ -339,7 +339,9 @@ def test_base_method_runs_one_step(llm_dirs, tiny_bert_dir, tiny_task_files, tmp
     assert json.loads((tmp_path / "pifi_layer.json").read_text()) == {"method": "base"}
 
 
-@pytest.mark.parametrize("family", ["albert", "deberta", "debertav3"])
+@pytest.mark.parametrize(
+    "family", ["albert", "deberta", pytest.param("debertav3", marks=pytest.mark.slow)]
+)
 def test_pifi_config_runs_a_step_with_every_other_slm_family(
     family, llm_dirs, tiny_task_files, tmp_path
 ):

@@ -191,6 +191,7 @@ def test_causal_plug_in_ignores_padding(tiny_llama_dir, qwen_dir):
         )
 
 
+@pytest.mark.slow
 def test_packed_segments_get_their_logits_alone(tiny_llama_dir, qwen_dir):
     """data.pack=True rows (segment ids 1, 2, ... in the mask): the plugged layer, like the SLM,
     attends within each segment and restarts its positions there."""

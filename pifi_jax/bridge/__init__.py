@@ -3,9 +3,11 @@
 
 mapping.py: which SLM layer serves each LLM layer, and the shared-tokenizer check;
 fisher.py: the LLM's empirical Fisher importance on task data, one layer at a time;
-prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them.
+prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
+plug.py: W_plug fitted between the two models' activations, LoRA modules carried into the LLM.
 """
 
+from pifi_jax.bridge import plug
 from pifi_jax.bridge.fisher import FisherScores, fisher_scores, reduce_layer
 from pifi_jax.bridge.mapping import (
     check_same_tokenizer,
@@ -13,6 +15,7 @@ from pifi_jax.bridge.mapping import (
     served_layers,
     write_depth_map,
 )
+from pifi_jax.bridge.plug import fit_plug, plug_lora, slm_modules
 from pifi_jax.bridge.prune import (
     BridgeSizes,
     Selection,
@@ -32,10 +35,14 @@ __all__ = [
     "check_same_tokenizer",
     "depth_map",
     "fisher_scores",
+    "fit_plug",
+    "plug",
+    "plug_lora",
     "prune",
     "reduce_layer",
     "save_bridge",
     "select",
     "served_layers",
+    "slm_modules",
     "write_depth_map",
 ]
