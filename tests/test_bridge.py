@@ -489,3 +489,115 @@ def test_plugged_modules_on_the_llm_equal_the_modules_merged_by_hand(pair):
 def test_unsupported_targets_are_refused():
     with pytest.raises(ValueError, match=r"supports the targets .* got \['o_proj'\]"):
         bridge.plug.check_targets(["o_proj"])
+
+
+# --- stage 4: adapting through the bridge ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transfer(pair, tmp_path_factory):
+    from pifi_jax.peft import LoraConfig
+
+    slm, llm = pair["slm"], pair["llm"]
+    lora = LoraConfig(r=2, lora_alpha=4.0, target_modules=TARGETS, init_lora_weights=False)
+    _, slm_params = pifi_jax.peft.wrap(*slm, lora, seed=3)
+    modules = bridge.slm_modules(_flatten(slm_params), TARGETS, 2)
+    plug = bridge.fit_plug(slm, llm, make_batches(5), TARGETS)
+    batches = make_batches(7)
+    scores = bridge.fisher_scores(str(pair["llm_dir"]), batches, log=lambda s: None)
+    return {"lora": lora, "modules": modules, "plug": plug, "scores": scores, "batches": batches}
+
+
+def _bridge_run(pair, transfer, r):
+    llm_module, _ = pair["llm"]
+    selection = bridge.select(transfer["scores"], llm_module.config, r)
+    small = bridge.prune(str(pair["llm_dir"]), selection, log=lambda s: None)
+    peft_bridge, peft_params = pifi_jax.peft.wrap(*small, transfer["lora"], seed=0)
+    trainable = bridge.init_transfer(
+        transfer["modules"], transfer["plug"], selection, llm_module.config
+    )
+    return selection, peft_bridge, _flatten(peft_params), trainable
+
+
+@pytest.mark.parametrize("r", [1, 16])
+def test_bridge_starts_as_the_zeroed_llm_with_the_plugged_modules(pair, transfer, r):
+    llm_module, llm_params = pair["llm"]
+    selection, peft_bridge, frozen, trainable = _bridge_run(pair, transfer, r)
+    assert trainable["down"].shape == (len(selection.hidden), 32)
+    bridge_params = bridge.adapt.with_leaves(
+        frozen, bridge.bridge_leaves(trainable, selection, llm_module.config)
+    )
+    dense = _zeroed(llm_params, llm_module.config, selection) if r > 1 else llm_params
+    peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, transfer["lora"], seed=0)
+    llm_params_plugged = bridge.adapt.with_leaves(
+        _flatten(peft_llm_params), bridge.llm_leaves(trainable, 3)
+    )
+    for batch in transfer["batches"]:
+        real = batch["attention_mask"] > 0
+        got = _logits(peft_bridge, bridge_params, batch)[real]
+        want = _logits(peft_llm, llm_params_plugged, batch)[real]
+        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
+
+
+def test_adaptation_trains_modules_plug_and_down_without_the_llm(pair, transfer):
+    import jax
+    import optax
+
+    llm_module, llm_params = pair["llm"]
+    selection, peft_bridge, frozen, trainable = _bridge_run(pair, transfer, 4)
+    kw = dict(module=peft_bridge, selection=selection, llm_config=llm_module.config)
+    batch = {k: jnp.asarray(v) for k, v in transfer["batches"][0].items()}
+
+    def loss(t):
+        return bridge.adapt_loss(t, frozen, batch, **kw)
+
+    # no LLM weight enters the differentiated program: its inputs are exactly the trainable,
+    # frozen-bridge and batch arrays, and no input or constant has an LLM kernel's shape
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable)
+    inputs = [tuple(v.aval.shape) for v in jaxpr.jaxpr.invars]
+    assert inputs == [tuple(np.shape(x)) for x in jax.tree.leaves(trainable)]
+    consts = {tuple(np.shape(c)) for c in jaxpr.consts}
+    llm_kernels = {
+        tuple(np.shape(v)) for p, v in _flatten(llm_params).items() if p.endswith("kernel")
+    }
+    own = {tuple(np.shape(x)) for x in jax.tree.leaves((trainable, frozen, batch))}
+    assert not ((set(inputs) | consts) & (llm_kernels - own))
+    grads = jax.grad(loss)(trainable)
+    for path, g in _flatten(grads).items():
+        assert np.abs(np.asarray(g)).max() > 0, path
+    opt = optax.adam(3e-2)
+    state = opt.init(trainable)
+    first = float(loss(trainable))
+    step = jax.jit(lambda t, s: _step(loss, opt, t, s))
+    for _ in range(40):
+        trainable, state = step(trainable, state)
+    assert float(loss(trainable)) < 0.95 * first  # random targets: it fits them slowly
+
+
+def _step(loss, opt, t, s):
+    import optax
+
+    g = __import__("jax").grad(loss)(t)
+    updates, s = opt.update(g, s, t)
+    return optax.apply_updates(t, updates), s
+
+
+def test_plugged_modules_export_as_a_peft_adapter_of_the_llm(pair, transfer, tmp_path):
+    import peft as hf_peft
+
+    llm_module, _ = pair["llm"]
+    selection, _, _, trainable = _bridge_run(pair, transfer, 16)
+    module, params = bridge.plugged_llm(pair["llm"], transfer["lora"], trainable)
+    out = bridge.export_llm_adapter(module, params, tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(pair["llm_dir"])
+    model = hf_peft.PeftModel.from_pretrained(base, out).eval()
+    batch = transfer["batches"][1]
+    with torch.no_grad():
+        theirs = model(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+        ).logits.numpy()
+    real = batch["attention_mask"] > 0
+    ours = _logits(module, params, batch)
+    np.testing.assert_allclose(theirs[real], ours[real], atol=3e-5)
+    assert np.abs(ours - _logits(*pair["llm"], batch)).max() > 1e-3

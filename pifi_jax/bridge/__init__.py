@@ -4,10 +4,19 @@
 mapping.py: which SLM layer serves each LLM layer, and the shared-tokenizer check;
 fisher.py: the LLM's empirical Fisher importance on task data, one layer at a time;
 prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
-plug.py: W_plug fitted between the two models' activations, LoRA modules carried into the LLM.
+plug.py: W_plug fitted between the two models' activations, LoRA modules carried into the LLM;
+adapt.py: the modules, W_plug and W_down trained through the bridge (the LLM untouched).
 """
 
-from pifi_jax.bridge import plug
+from pifi_jax.bridge import adapt, plug
+from pifi_jax.bridge.adapt import (
+    adapt_loss,
+    bridge_leaves,
+    export_llm_adapter,
+    init_transfer,
+    llm_leaves,
+    plugged_llm,
+)
 from pifi_jax.bridge.fisher import FisherScores, fisher_scores, reduce_layer
 from pifi_jax.bridge.mapping import (
     check_same_tokenizer,
@@ -27,6 +36,12 @@ from pifi_jax.bridge.prune import (
 )
 
 __all__ = [
+    "adapt",
+    "adapt_loss",
+    "bridge_leaves",
+    "export_llm_adapter",
+    "init_transfer",
+    "llm_leaves",
     "BridgeSizes",
     "FisherScores",
     "Selection",
@@ -38,6 +53,7 @@ __all__ = [
     "fit_plug",
     "plug",
     "plug_lora",
+    "plugged_llm",
     "prune",
     "reduce_layer",
     "save_bridge",

@@ -14,9 +14,12 @@ Bounded memory. The model is never held whole:
   3. backward, from the last layer down: the layer is read again, each example's vector-Jacobian
      product recomputes its forward and gives that example's weight gradient (squared into an
      accumulator) and the cotangent of the layer's input; the layer is dropped.
-So the device holds, besides the boundary states, one layer's weights, one example's gradient of
-them and the squared-gradient accumulator (3 x one layer's weights), or the same for the
-embedding and LM head, whichever is larger. Every layer is read twice (forward, backward).
+So memory holds, besides the boundary states, the largest of: the embedding and one layer (the
+forward); the output matrix (LM head, or the tied embedding) and an example's logits-sized
+buffers (the head: the squared gradient of the output matrix is summed over the vocabulary as
+normed' (delta delta') normed, never formed as a [d, vocab] matrix); one layer's weights, one
+example's gradient of them and their squared-gradient accumulator (the backward). Every layer is
+read twice (forward, backward).
 
 What pruning needs is reduced from H at once (`reduce_layer`), so nothing of H's size stays:
   hidden [d]      per residual-stream dimension: the embedding's columns, every norm's weights,
@@ -208,14 +211,38 @@ class _LayerFns:
         return self._fns[window]
 
 
-def _example_nll(head_params, h, ids, loss_mask, config, tied: bool):
-    """-log p(targets) of one example: h [length, d] the last layer's output."""
-    normed = RMSNorm(config.rms_norm_eps).apply({"params": head_params["norm"]}, h)
-    w = head_params["embed"].T if tied else head_params["lm_head"]
-    logits = (normed @ w).astype(jnp.float32)  # [length, vocab]
-    logp = jax.nn.log_softmax(logits[:-1], axis=-1)
-    picked = jnp.take_along_axis(logp, ids[1:, None], axis=-1)[:, 0]
-    return -jnp.sum(picked * loss_mask[1:])
+def _example_head(scale, w, h, ids, loss_mask, eps: float, full: bool, tied: bool):
+    """One example through the final norm and the output matrix w [d, vocab] (the LM head, or
+    the tied embedding [vocab, d]): the squared gradient of -log p(targets) with respect to the
+    norm's scale [d] and to w, and the cotangent of h [length, d].
+
+    The gradient of w is normed' delta (delta = dloss/dlogits [length, vocab]); what pruning needs
+    is its squared sum over the vocabulary, sum_v (normed' delta)[k, v]^2 = normed[:, k]'
+    (delta delta') normed[:, k], computed without the [d, vocab] matrix (`full`: also that
+    matrix squared, for tests). The rows of the tied embedding's gradient that the example's
+    own tokens index are returned too (delta[:, ids]' normed), for the cross term with its input
+    use.
+    """
+    normed, norm_vjp = jax.vjp(
+        lambda s, x: RMSNorm(eps).apply({"params": {"scale": s}}, x), scale, h
+    )
+
+    def nll(logits):
+        logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, ids[1:, None], axis=-1)[:, 0]
+        return -jnp.sum(picked * loss_mask[1:])
+
+    # tied: w is the embedding [vocab, d]; else the LM head's kernel [d, vocab]
+    logits = normed @ w.T if tied else normed @ w
+    delta = jax.grad(nll)(logits)  # [length, vocab]
+    g_scale, g_h = norm_vjp(delta @ w if tied else delta @ w.T)
+    gram = delta @ delta.T  # [length, length]
+    w_rows = jnp.einsum("tk,ts,sk->k", normed, gram, normed)  # [d]
+    token_rows = delta[:, ids].T @ normed  # [length, d]: the tied embedding's rows at ids
+    w_full = jnp.zeros((0,), jnp.float32)
+    if full:  # [d, vocab] (untied) or [vocab, d] (tied), as w
+        w_full = jnp.square(delta.T @ normed if tied else normed.T @ delta)
+    return g_scale * g_scale, w_rows, w_full, g_h, token_rows
 
 
 def fisher_scores(
@@ -286,28 +313,40 @@ def fisher_scores(
         log(f"fisher: forward through layer {i + 1}/{n_layers}")
 
     # 2. the head: squared per-example gradients of its weights, cotangents of its input
-    def head_backward(head_params, acc, h, ids, loss_mask):
+    w = head["embed"] if tied else head.pop("lm_head")
+    if not tied:
+        del head["embed"]  # untied: the embedding's Fisher comes from the input cotangents alone
+
+    def head_backward(scale, w, acc, h, ids, loss_mask):
         def one(acc, inputs):
-            h_e, ids_e, m_e = inputs
-            g_p, g_h = jax.grad(_example_nll, argnums=(0, 1))(
-                head_params, h_e, ids_e, m_e, config, tied
+            sq_scale, w_rows, w_full, g_h, rows = _example_head(
+                scale, w, *inputs, config.rms_norm_eps, keep_full, tied
             )
-            acc = jax.tree.map(lambda a, g: a + g * g, acc, g_p)
-            rows = g_p["embed"][ids_e] if tied else jnp.zeros((0,), jnp.float32)
+            acc = (acc[0] + sq_scale, acc[1] + w_rows, acc[2] + w_full)
             return acc, (g_h, rows)
 
         return jax.lax.scan(one, acc, (h, ids, loss_mask))
 
-    head_backward = jax.jit(head_backward, donate_argnums=1)
-    head_acc = jax.tree.map(jnp.zeros_like, head)
+    head_backward = jax.jit(head_backward, donate_argnums=2)
+    d = config.hidden_size
+    full_shape = w.shape if keep_full else (0,)
+    head_acc = (jnp.zeros(d), jnp.zeros(d), jnp.zeros(full_shape))
     cots, head_rows = [], []
     for k, b in enumerate(data):
         head_acc, (g_h, rows) = head_backward(
-            head, head_acc, states[-1][k], b["input_ids"], b["loss_mask"].astype(np.float32)
+            head["norm"]["scale"],
+            w,
+            head_acc,
+            states[-1][k],
+            b["input_ids"],
+            b["loss_mask"].astype(np.float32),
         )
         cots.append(np.asarray(g_h))
         head_rows.append(np.asarray(rows))
+    del w, head
     states.pop()
+    scale_sq, w_rows, w_full = (np.asarray(a, np.float64) for a in head_acc)
+    del head_acc
 
     # 3. backward through the layers, last first
     q_heads = np.zeros((n_layers, config.num_attention_heads))
@@ -337,9 +376,9 @@ def fisher_scores(
     column_sq = np.zeros(config.hidden_size, np.float64)
     embed_full = None
     if tied:  # the head's part, every row
-        column_sq += np.asarray(head_acc["embed"], np.float64).sum(axis=0)
+        column_sq += w_rows
         if keep_full:
-            embed_full = np.asarray(head_acc["embed"], np.float64)
+            embed_full = w_full.copy()
     elif keep_full:
         embed_full = np.zeros((config.vocab_size, config.hidden_size), np.float64)
     for k, b in enumerate(data):
@@ -359,13 +398,13 @@ def fisher_scores(
     if keep_full:
         full["model/embed_tokens/embedding"] = embed_full / examples
     hidden += column_sq / examples
-    hidden += np.asarray(head_acc["norm"]["scale"], np.float64) / examples
+    hidden += scale_sq / examples
     if not tied:
-        hidden += np.asarray(head_acc["lm_head"], np.float64).sum(axis=1) / examples
+        hidden += w_rows / examples
         if keep_full:
-            full["lm_head/kernel"] = np.asarray(head_acc["lm_head"]) / examples
+            full["lm_head/kernel"] = w_full / examples
     if keep_full:
-        full["model/norm/scale"] = np.asarray(head_acc["norm"]["scale"]) / examples
+        full["model/norm/scale"] = scale_sq / examples
     return FisherScores(
         model_type=config.model_type,
         hidden=hidden,
