@@ -22,12 +22,13 @@ import ml_collections
 from pifi_jax.parallel import DEFAULT_RULES
 
 
-def _parse(arg: str | None) -> dict:
+def _parse(arg: str | None, allowed=("task", "model", "runlocal")) -> dict:
+    """`key=value,flag,...` after the config file's colon; keys outside `allowed` are refused."""
     out = {}
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("task", "model", "runlocal"):
-            raise ValueError(f"unknown config argument {key!r}; use task=, model=, runlocal")
+        if key not in allowed:
+            raise ValueError(f"unknown config argument {key!r}; use {', '.join(allowed)}")
         out[key] = value if value else True
     return out
 

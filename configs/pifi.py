@@ -45,6 +45,7 @@ import ml_collections
 
 from configs.causal_lm import apply_runlocal as causal_runlocal
 from configs.causal_lm import get_config as causal_lm_config
+from configs.classify import _parse
 from configs.classify import get_config as classify_config
 from configs.qa import qa_data_defaults
 from configs.seq2seq import get_config as seq2seq_config
@@ -55,18 +56,8 @@ from pifi_jax.pifi.plugin import FROZEN_RULES
 _ARGS = ("task", "slm", "llm", "method", "seq2seq", "runlocal")
 
 
-def _parse(arg: str | None) -> dict:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in _ARGS:
-            raise ValueError(f"unknown config argument {key!r}; use {', '.join(_ARGS)}")
-        out[key] = value if value else True
-    return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = _parse(arg)
+    args = _parse(arg, _ARGS)
     task = args.get("task", "rt")
     generation = get_task(task).kind == "generation"
     default_slm = ("t5" if args.get("seq2seq") else "smollm2") if generation else "minilm"

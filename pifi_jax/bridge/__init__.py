@@ -5,10 +5,11 @@ mapping.py: which SLM layer serves each LLM layer, and the shared-tokenizer chec
 fisher.py: the LLM's empirical Fisher importance on task data, one layer at a time;
 prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
 plug.py: W_plug fitted between the two models' activations, LoRA modules carried into the LLM;
-adapt.py: the modules, W_plug and W_down trained through the bridge (the LLM untouched).
+adapt.py: the modules, W_plug and W_down trained through the bridge (the LLM untouched);
+run.py: the trainer's model builder "bridge"; procedure.py: the stages in one run directory.
 """
 
-from pifi_jax.bridge import adapt, plug
+from pifi_jax.bridge import adapt, plug, run  # noqa: F401 (run registers the builder)
 from pifi_jax.bridge.adapt import (
     adapt_loss,
     bridge_leaves,

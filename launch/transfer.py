@@ -1,0 +1,37 @@
+r"""Bridge transfer (Jin et al., EMNLP 2023): LoRA learnt on a small model, carried to a large one
+through a Fisher-pruned bridge, the large model never differentiated.
+
+    python -m launch.transfer --config=configs/transfer.py[:slm=PATH,llm=PATH,task=NAME] \
+        [--stage=all|slm|fisher|bridge|adapt|evaluate] [--workdir=DIR]
+
+Stages (pifi_jax.bridge.procedure): slm (LoRA on the SLM), fisher (the LLM's Fisher importance,
+layer by layer, and the depth map), bridge (the pruned checkpoint), adapt (W_plug fitted, then the
+modules + W_plug + W_down trained through the bridge), evaluate (the modules plugged into the
+LLM, scored, exported as a PEFT adapter). Running the command again skips finished stages and
+resumes the trainer's.
+"""
+
+from absl import app, flags
+
+from launch import common
+
+_CONFIG = common.config_flag("configs/transfer.py", "Transfer configuration.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/transfer_<task>).")
+_STAGE = flags.DEFINE_string("stage", "all", "all, or one of slm|fisher|bridge|adapt|evaluate.")
+
+
+def main(argv):
+    common.start(argv)
+    from pifi_jax.bridge import procedure
+
+    config = _CONFIG.value
+    stages = procedure.STAGES if _STAGE.value == "all" else (_STAGE.value,)
+    workdir = _WORKDIR.value or f"runs/transfer_{config.task}"
+    results = procedure.run(config, workdir, stages)
+    for stage, metrics in results.items():
+        shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
+        print(f"{stage}: {shown}")
+
+
+if __name__ == "__main__":
+    app.run(main)

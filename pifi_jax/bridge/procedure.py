@@ -1,0 +1,245 @@
+"""The whole transfer, stage by stage, in one run directory (launch.transfer drives it).
+
+    <workdir>/slm/               stage 1: the SLM's LoRA run (the trainer; resumable)
+    <workdir>/depth_map.json     stage 2: which SLM layer serves each LLM layer
+    <workdir>/fisher.npz         stage 3: the LLM's Fisher importance on task data
+    <workdir>/bridge/            stage 3: the bridge checkpoint (+ bridge.json, the kept indices)
+    <workdir>/transfer_init.npz  stage 4: the SLM's modules, fitted W_plug, W_down = selection
+    <workdir>/adapt/             stage 4: their training through the bridge (the trainer)
+    <workdir>/evaluate/          stage 5: the LLM with the modules plugged in, evaluated; its
+                                 adapter/ is a Hugging Face PEFT adapter of the LLM
+    <workdir>/transfer.json      the stages' results side by side
+
+Every file is written whole or not at all (temporary name, then rename), so a stage that was
+killed is redone, and a stage whose output exists is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pifi_jax import data, peft
+from pifi_jax.bridge import adapt, fisher, mapping, plug
+from pifi_jax.bridge.prune import Selection, save_bridge, select
+from pifi_jax.bridge.prune import prune as prune_llm
+from pifi_jax.bridge.run import load_tree, save_tree
+from pifi_jax.hub import from_pretrained
+from pifi_jax.hub.pretrained import _flatten, open_checkpoint
+from pifi_jax.models import registry
+from pifi_jax.train import loop
+
+STAGES = ("slm", "fisher", "bridge", "adapt", "evaluate")
+
+
+def check_config(config) -> None:
+    t = config.transfer
+    if t.method != "lora":
+        raise ValueError(
+            f"transfer.method={t.method!r}: only lora is implemented so far (adapter and prefix "
+            "transfer are not)"
+        )
+    if config.peft.method != "lora":
+        raise ValueError(
+            f"transfer: peft.method must be lora (the SLM's modules), got {config.peft.method!r}"
+        )
+    plug.check_targets(targets_of(config))
+
+
+def targets_of(config) -> tuple[str, ...]:
+    """The LoRA targets of the config's peft section (comma-separated names)."""
+    return tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
+
+
+def _llm_config(path: str):
+    _, hf = open_checkpoint(path)
+    config = registry.config_from_hf(hf)
+    fisher.check_family(config)
+    return config
+
+
+def task_batches(config, tokenizer, examples: int, batch_size: int) -> list[dict]:
+    """The first `examples` training examples of the config's task, as causal-LM batches."""
+    task = data.task_for_config(config)
+    encoded = loop.load_splits(config, tokenizer, task, layout="causal_lm")["train"]
+    n = min(examples, len(encoded))
+    encoded.input_ids = encoded.input_ids[:n]
+    encoded.prompt_lengths = encoded.prompt_lengths[:n]
+    if encoded.references is not None:
+        encoded.references = encoded.references[:n]
+    batcher = data.Batcher(
+        encoded,
+        batch_size,
+        tuple(config.data.buckets),
+        shuffle=False,
+        seed=config.seed,
+        drop_remainder=False,
+    )
+    return [
+        {k: b[k] for k in ("input_ids", "attention_mask", "loss_mask")} for b in batcher.batches(0)
+    ]
+
+
+def check_tokenizers(config):
+    slm_tok = data.load_tokenizer(str(config.model.tokenizer or config.model.path))
+    llm_tok = data.load_tokenizer(str(config.transfer.llm))
+    mapping.check_same_tokenizer(slm_tok, llm_tok, str(config.model.path), str(config.transfer.llm))
+    return llm_tok
+
+
+def _stage_config(config, **changes):
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        for key, value in changes.items():
+            node = out
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return out
+
+
+def run_slm(config, workdir: Path, log=print) -> dict:
+    return loop.train_unless_finished(config, workdir / "slm", "stage slm", log=log)
+
+
+def run_fisher(config, workdir: Path, log=print) -> Path:
+    out = workdir / "fisher.npz"
+    llm_tok = check_tokenizers(config)
+    llm_config = _llm_config(str(config.transfer.llm))
+    _, slm_hf = open_checkpoint(str(config.model.path))
+    slm_layers = registry.config_from_hf(slm_hf).num_layers
+    mapping.write_depth_map(workdir / "depth_map.json", slm_layers, llm_config.num_layers)
+    if out.is_file():
+        log(f"stage fisher: done earlier ({out})")
+        return out
+    t = config.transfer
+    batches = task_batches(config, llm_tok, t.fisher_examples, t.fisher_batch_size)
+    log(f"stage fisher: {sum(len(b['input_ids']) for b in batches)} examples through {t.llm}")
+    fisher.fisher_scores(str(t.llm), batches, log=log).save(out)
+    return out
+
+
+def run_bridge(config, workdir: Path, log=print) -> Path:
+    out = workdir / "bridge"
+    if (out / "bridge.json").is_file():
+        log(f"stage bridge: done earlier ({out})")
+        return out
+    t = config.transfer
+    scores = fisher.FisherScores.load(workdir / "fisher.npz")
+    llm_config = _llm_config(str(t.llm))
+    selection = select(scores, llm_config, t.reduction)
+    module, params = prune_llm(str(t.llm), selection, log=log)
+    tmp = workdir / "bridge.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_bridge(
+        module,
+        params,
+        tmp,
+        llm=str(t.llm),
+        selection=selection,
+        reduction=t.reduction,
+        scores=scores,
+    )
+    tmp.rename(out)
+    log(
+        f"stage bridge: {out} (hidden {module.config.hidden_size}, {module.config.num_attention_heads} heads)"
+    )
+    return out
+
+
+def _slm_lora(config, workdir: Path):
+    """The SLM's trained LoRA leaves (flat), read from stage 1's adapter directory."""
+    adapter = workdir / "slm" / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"{adapter}: run the slm stage first")
+    module, params = from_pretrained(
+        str(config.model.path),
+        task="causal_lm",
+        peft=peft.config.from_flat_config(config.peft),
+        log=lambda s: None,
+    )
+    return module, _flatten(peft.load_adapter(module, params, adapter))
+
+
+def run_adapt(config, workdir: Path, log=print) -> dict:
+    init = workdir / "transfer_init.npz"
+    t = config.transfer
+    if not init.is_file():
+        slm_module, slm_flat = _slm_lora(config, workdir)
+        targets = targets_of(config)
+        modules = plug.slm_modules(slm_flat, targets, slm_module.config.num_layers)
+        quiet = dict(task="causal_lm", log=lambda s: None)
+        slm = from_pretrained(str(config.model.path), **quiet)
+        llm = from_pretrained(str(t.llm), **quiet)
+        batches = task_batches(
+            config, check_tokenizers(config), t.plug_examples, t.fisher_batch_size
+        )
+        fitted = plug.fit_plug(slm, llm, batches, targets, ridge=t.ridge)
+        del llm
+        bridge_json = json.loads((workdir / "bridge" / "bridge.json").read_text(encoding="utf-8"))
+        selection = Selection.from_json(bridge_json["selection"])
+        save_tree(adapt.init_transfer(modules, fitted, selection, _llm_config(str(t.llm))), init)
+        log(f"stage adapt: W_plug fitted on {sum(len(b['input_ids']) for b in batches)} examples")
+    stage = _stage_config(
+        config,
+        builder="bridge",
+        **{
+            "model.path": str(workdir / "bridge"),
+            "model.tokenizer": str(workdir / "bridge"),
+            "bridge.stage": "adapt",
+            "bridge.init": str(init),
+            "train.epochs": t.adapt_epochs,
+        },
+    )
+    return loop.train_unless_finished(stage, workdir / "adapt", "stage adapt", log=log)
+
+
+def run_evaluate(config, workdir: Path, log=print) -> dict:
+    trained = workdir / "adapt" / "adapter" / "transfer.npz"
+    if not trained.is_file():
+        raise FileNotFoundError(f"{trained}: run the adapt stage first")
+    load_tree(trained)  # refuses a damaged file before the LLM is loaded
+    stage = _stage_config(
+        config,
+        builder="bridge",
+        **{
+            "model.path": str(config.transfer.llm),
+            "bridge.stage": "llm",
+            "bridge.trained": str(trained),
+            "train.epochs": 0,
+            "train.num_steps": 0,
+        },
+    )
+    return loop.train_unless_finished(stage, workdir / "evaluate", "stage evaluate", log=log)
+
+
+def run(config, workdir: str | Path, stages=STAGES, log=print) -> dict:
+    """Runs `stages` in order; returns what each trainer stage reported."""
+    check_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGES}")
+    results = {}
+    for stage in stages:
+        if stage == "slm":
+            results["slm"] = run_slm(config, workdir, log)
+        elif stage == "fisher":
+            run_fisher(config, workdir, log)
+        elif stage == "bridge":
+            run_bridge(config, workdir, log)
+        elif stage == "adapt":
+            results["adapt"] = run_adapt(config, workdir, log)
+        else:
+            results["evaluate"] = run_evaluate(config, workdir, log)
+    summary = workdir / "transfer.json"
+    old = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    old.update({k: {m: float(np.asarray(v)) for m, v in r.items()} for k, r in results.items()})
+    summary.write_text(json.dumps(old, indent=2) + "\n", encoding="utf-8")
+    return results

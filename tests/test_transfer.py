@@ -1,0 +1,97 @@
+"""launch.transfer / pifi_jax.bridge.procedure: every stage on a tiny SLM -> LLM pair, resume,
+and the exported adapter loading in Hugging Face PEFT."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tests.conftest import load_config, tiny_word_tokenizer, write_tiny_decoder
+
+
+def write_tiny_llm(directory):
+    """A 48-wide, 3-layer Qwen2 with the SLM's tiny tokenizer."""
+    fast = tiny_word_tokenizer(directory, bos=True)
+    torch.manual_seed(5)
+    config = transformers.Qwen2Config(
+        vocab_size=len(fast), hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer_pair")
+    return write_tiny_decoder(root / "slm", "qwen2"), write_tiny_llm(root / "llm")
+
+
+def _config(pair, files, extra=()):
+    slm, llm = pair
+    overrides = ["--config.data.source=local"]
+    overrides += [f"--config.data.data_files.{k}={v}" for k, v in files.items()]
+    return load_config(
+        f"configs/transfer.py:slm={slm},llm={llm},task=pairs,runlocal", [*overrides, *extra]
+    )
+
+
+def test_every_stage_runs_and_a_second_run_skips_them(pair, tiny_pair_files, tmp_path, monkeypatch):
+    from pifi_jax.bridge import fisher, procedure
+
+    config = _config(pair, tiny_pair_files)
+    results = procedure.run(config, tmp_path, log=lambda *a: None)
+    for name in ("depth_map.json", "fisher.npz", "bridge/bridge.json", "transfer_init.npz"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "depth_map.json").read_text())["llm_to_slm"] == [0, 0, 1]
+    assert (tmp_path / "adapt" / "adapter" / "transfer.npz").is_file()
+    for stage in ("slm", "adapt", "evaluate"):
+        assert "test/rougeL" in results[stage], stage
+    summary = json.loads((tmp_path / "transfer.json").read_text())
+    assert set(summary) == {"slm", "adapt", "evaluate"}
+    # the exported adapter is a PEFT adapter of the LLM that peft loads, with the plugged modules
+    import peft as hf_peft
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(pair[1])
+    model = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "evaluate" / "adapter"))
+    lora = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora and all(p.abs().max() > 0 for p in lora.values())
+    # the adaptation trained: its modules moved off their initial values
+    from pifi_jax.bridge.run import load_tree
+
+    start = load_tree(tmp_path / "transfer_init.npz")
+    end = load_tree(tmp_path / "adapt" / "adapter" / "transfer.npz")
+    assert np.abs(np.asarray(end["down"]) - np.asarray(start["down"])).max() > 0
+    # a second run redoes nothing
+    monkeypatch.setattr(fisher, "fisher_scores", lambda *a, **k: pytest.fail("fisher redone"))
+    again = procedure.run(config, tmp_path, log=lambda *a: None)
+    assert again["evaluate"] == results["evaluate"]
+
+
+def test_one_stage_alone_needs_its_inputs(pair, tiny_pair_files, tmp_path):
+    from pifi_jax.bridge import procedure
+
+    config = _config(pair, tiny_pair_files)
+    with pytest.raises(FileNotFoundError, match="run the adapt stage first"):
+        procedure.run(config, tmp_path, stages=("evaluate",))
+    with pytest.raises(ValueError, match="unknown stage"):
+        procedure.run(config, tmp_path, stages=("prune",))
+
+
+def test_refusals(pair, tiny_pair_files, tmp_path):
+    from pifi_jax.bridge import procedure
+
+    with pytest.raises(ValueError, match="only lora is implemented"):
+        procedure.run(_config(pair, tiny_pair_files, ["--config.transfer.method=prefix"]), tmp_path)
+    with pytest.raises(ValueError, match=r"supports the targets .* got \['o_proj'\]"):
+        procedure.run(
+            _config(pair, tiny_pair_files, ["--config.peft.target_modules=o_proj"]), tmp_path
+        )
+    other = tmp_path / "other_llm"
+    write_tiny_decoder(other, "gpt2")
+    config = _config((pair[0], other), tiny_pair_files)
+    with pytest.raises(ValueError, match="encode a probe text differently|differ"):
+        procedure.run(config, tmp_path / "run", stages=("fisher",))
