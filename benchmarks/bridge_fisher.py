@@ -177,7 +177,8 @@ def main(argv=None):
             f"{max_rss / gib:.2f}",
         ),
         (
-            "stated bound: 3 x max(one layer, embedding + head) + boundary states, GiB",
+            "stated bound: max(embedding + one layer, output matrix + 4 logits-sized buffers, "
+            "3 x one layer) + boundary states, GiB",
             f"{bound / gib:.2f}",
         ),
         ("  of which boundary states, GiB", f"{states / gib:.2f}"),

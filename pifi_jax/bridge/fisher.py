@@ -266,23 +266,30 @@ def fisher_scores(
     model = family.build(config, "causal_lm", 0, jnp.float32, jnp.float32)
     head_abstract = {p: s for p, s in abstract_params(model).items() if not _is_layer_path(p)}
     layer_keys = re.compile(family.LAYER_KEYS)
-    head_flat = convert.load_params(
-        reader,
-        head_abstract,
-        prefix=family.BASE_MODEL_PREFIX,
-        ignored=family.IGNORED_SOURCE_KEYS,
-        optional=family.OPTIONAL_SOURCE_KEYS,
-        key_filter=lambda k: layer_keys.fullmatch(k) is None,
-        in_out_kernels=in_out_kernels(family),
-        log=log,
-    )
+
+    def load_head(paths, only=None):
+        """Only these non-layer tensors (source keys matching `only`, a regex), read when
+        needed (the LM head after the forward)."""
+        keep = re.compile(only) if only else None
+        return convert.load_params(
+            reader,
+            {p: head_abstract[p] for p in paths},
+            prefix=family.BASE_MODEL_PREFIX,
+            ignored=family.IGNORED_SOURCE_KEYS,
+            optional=family.OPTIONAL_SOURCE_KEYS,
+            key_filter=lambda k: (
+                layer_keys.fullmatch(k) is None and (keep is None or keep.fullmatch(k) is not None)
+            ),
+            in_out_kernels=in_out_kernels(family),
+            log=log,
+        )
+
+    flat = load_head([p for p in head_abstract if p != "lm_head/kernel"])
     head = {
-        "embed": head_flat["model/embed_tokens/embedding"],
-        "norm": {"scale": head_flat["model/norm/scale"]},
+        "embed": flat.pop("model/embed_tokens/embedding"),
+        "norm": {"scale": flat.pop("model/norm/scale")},
     }
-    if not tied:
-        head["lm_head"] = head_flat["lm_head/kernel"]
-    del head_flat
+    del flat
 
     data = [
         {k: np.asarray(b[k]) for k in ("input_ids", "attention_mask", "loss_mask")} for b in batches
@@ -313,9 +320,13 @@ def fisher_scores(
         log(f"fisher: forward through layer {i + 1}/{n_layers}")
 
     # 2. the head: squared per-example gradients of its weights, cotangents of its input
-    w = head["embed"] if tied else head.pop("lm_head")
     if not tied:
         del head["embed"]  # untied: the embedding's Fisher comes from the input cotangents alone
+    w = (
+        head["embed"]
+        if tied
+        else load_head(["lm_head/kernel"], r"lm_head\.weight")["lm_head/kernel"]
+    )
 
     def head_backward(scale, w, acc, h, ids, loss_mask):
         def one(acc, inputs):

@@ -137,7 +137,7 @@ def load_params(
                 "different num_labels or model size? the config.json and the weights must be "
                 "one checkpoint's)"
             )
-        array = np.asarray(array).astype(want.dtype)
+        array = np.asarray(array, dtype=want.dtype)  # no copy when it has the dtype already
         params[path] = jax.device_put(array, shardings[path]) if shardings else jnp.asarray(array)
     if unused:
         raise ValueError(
