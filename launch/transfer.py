@@ -8,7 +8,9 @@ Stages (pifi_jax.bridge.procedure): slm (LoRA on the SLM), fisher (the LLM's Fis
 layer by layer, and the depth map), bridge (the pruned checkpoint), adapt (W_plug fitted, then the
 modules + W_plug + W_down trained through the bridge), evaluate (the modules plugged into the
 LLM, scored, exported as a PEFT adapter). Running the command again skips finished stages and
-resumes the trainer's.
+resumes the trainer's. `--stage=study` adds the paper's comparison: LoRA on the LLM directly,
+the modules plugged without the bridge, the bridge alone without SLM modules, and prints the
+table.
 """
 
 from absl import app, flags
@@ -17,20 +19,30 @@ from launch import common
 
 _CONFIG = common.config_flag("configs/transfer.py", "Transfer configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/transfer_<task>).")
-_STAGE = flags.DEFINE_string("stage", "all", "all, or one of slm|fisher|bridge|adapt|evaluate.")
+_STAGE = flags.DEFINE_string(
+    "stage",
+    "all",
+    "all (the five stages), study (they and the comparison runs: llm_peft, direct, bridge_only),"
+    " or one stage.",
+)
 
 
 def main(argv):
     common.start(argv)
+    from pifi_jax import data
     from pifi_jax.bridge import procedure
 
     config = _CONFIG.value
-    stages = procedure.STAGES if _STAGE.value == "all" else (_STAGE.value,)
+    named = {"all": procedure.STAGES, "study": procedure.STAGES + procedure.STUDY}
+    stages = named.get(_STAGE.value, (_STAGE.value,))
     workdir = _WORKDIR.value or f"runs/transfer_{config.task}"
     results = procedure.run(config, workdir, stages)
     for stage, metrics in results.items():
         shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
         print(f"{stage}: {shown}")
+    if _STAGE.value == "study":
+        metric = data.task_for_config(config).primary_metric
+        print(procedure.study_table(workdir, metric))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ def test_every_stage_runs_and_a_second_run_skips_them(pair, tiny_pair_files, tmp
     from pifi_jax.bridge import fisher, procedure
 
     config = _config(pair, tiny_pair_files)
-    results = procedure.run(config, tmp_path, log=lambda *a: None)
+    results = procedure.run(
+        config, tmp_path, procedure.STAGES + procedure.STUDY, log=lambda *a: None
+    )
     for name in ("depth_map.json", "fisher.npz", "bridge/bridge.json", "transfer_init.npz"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "depth_map.json").read_text())["llm_to_slm"] == [0, 0, 1]
@@ -51,7 +53,18 @@ def test_every_stage_runs_and_a_second_run_skips_them(pair, tiny_pair_files, tmp
     for stage in ("slm", "adapt", "evaluate"):
         assert "test/rougeL" in results[stage], stage
     summary = json.loads((tmp_path / "transfer.json").read_text())
-    assert set(summary) == {"slm", "adapt", "evaluate"}
+    assert set(summary) == {"slm", "adapt", "evaluate", "llm_peft", "direct", "bridge_only"}
+    table = procedure.study_table(tmp_path, "rougeL").splitlines()
+    assert len(table) == 2 + 5 and table[1] == "|---|---:|---:|"
+    direct = summary["direct"]["test/rougeL"]
+    assert f"{100 * direct:.2f}" in next(r for r in table if "without the bridge" in r)
+    # the bridge-alone ablation starts from untrained modules (B = 0), the SLM's are trained
+    from pifi_jax.bridge.run import load_tree as _load
+
+    fresh = _load(tmp_path / "bridge_only" / "transfer_init.npz")["modules"]
+    learnt = _load(tmp_path / "transfer_init.npz")["modules"]
+    for t in fresh:
+        assert not np.asarray(fresh[t]["b"]).any() and np.asarray(learnt[t]["b"]).any()
     # the exported adapter is a PEFT adapter of the LLM that peft loads, with the plugged modules
     import peft as hf_peft
 
@@ -67,7 +80,7 @@ def test_every_stage_runs_and_a_second_run_skips_them(pair, tiny_pair_files, tmp
     assert np.abs(np.asarray(end["down"]) - np.asarray(start["down"])).max() > 0
     # a second run redoes nothing
     monkeypatch.setattr(fisher, "fisher_scores", lambda *a, **k: pytest.fail("fisher redone"))
-    again = procedure.run(config, tmp_path, log=lambda *a: None)
+    again = procedure.run(config, tmp_path, procedure.STAGES + procedure.STUDY, log=lambda *a: None)
     assert again["evaluate"] == results["evaluate"]
 
 

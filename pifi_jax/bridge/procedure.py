@@ -34,6 +34,8 @@ from pifi_jax.models import registry
 from pifi_jax.train import loop
 
 STAGES = ("slm", "fisher", "bridge", "adapt", "evaluate")
+# The paper's comparison besides the procedure (run_direct, run_bridge_only, run_llm_peft).
+STUDY = ("llm_peft", "direct", "bridge_only")
 
 
 def check_config(config) -> None:
@@ -166,41 +168,67 @@ def _slm_lora(config, workdir: Path):
     return module, _flatten(peft.load_adapter(module, params, adapter))
 
 
-def run_adapt(config, workdir: Path, log=print) -> dict:
+def _make_init(config, workdir: Path, log) -> Path:
+    """transfer_init.npz: the SLM's modules, W_plug fitted on task tokens, W_down = selection."""
     init = workdir / "transfer_init.npz"
+    if init.is_file():
+        return init
     t = config.transfer
-    if not init.is_file():
-        slm_module, slm_flat = _slm_lora(config, workdir)
-        targets = targets_of(config)
-        modules = plug.slm_modules(slm_flat, targets, slm_module.config.num_layers)
-        quiet = dict(task="causal_lm", log=lambda s: None)
-        slm = from_pretrained(str(config.model.path), **quiet)
-        llm = from_pretrained(str(t.llm), **quiet)
-        batches = task_batches(
-            config, check_tokenizers(config), t.plug_examples, t.fisher_batch_size
-        )
-        fitted = plug.fit_plug(slm, llm, batches, targets, ridge=t.ridge)
-        del llm
-        bridge_json = json.loads((workdir / "bridge" / "bridge.json").read_text(encoding="utf-8"))
-        selection = Selection.from_json(bridge_json["selection"])
-        save_tree(adapt.init_transfer(modules, fitted, selection, _llm_config(str(t.llm))), init)
-        log(f"stage adapt: W_plug fitted on {sum(len(b['input_ids']) for b in batches)} examples")
+    slm_module, slm_flat = _slm_lora(config, workdir)
+    targets = targets_of(config)
+    modules = plug.slm_modules(slm_flat, targets, slm_module.config.num_layers)
+    quiet = dict(task="causal_lm", log=lambda s: None)
+    slm = from_pretrained(str(config.model.path), **quiet)
+    llm = from_pretrained(str(t.llm), **quiet)
+    batches = task_batches(config, check_tokenizers(config), t.plug_examples, t.fisher_batch_size)
+    fitted = plug.fit_plug(slm, llm, batches, targets, ridge=t.ridge)
+    del llm
+    bridge_json = json.loads((workdir / "bridge" / "bridge.json").read_text(encoding="utf-8"))
+    selection = Selection.from_json(bridge_json["selection"])
+    save_tree(adapt.init_transfer(modules, fitted, selection, _llm_config(str(t.llm))), init)
+    log(f"stage adapt: W_plug fitted on {sum(len(b['input_ids']) for b in batches)} examples")
+    return init
+
+
+def _fresh_modules(config, workdir: Path) -> Path:
+    """The ablation "bridge alone": transfer_init.npz with the SLM's modules replaced by
+    untrained LoRA factors (A as LoRA initialises it, B = 0; the same shapes and seed)."""
+    out = workdir / "bridge_only" / "transfer_init.npz"
+    if out.is_file():
+        return out
+    tree = load_tree(_make_init(config, workdir, print))
+    module, params = from_pretrained(
+        str(config.model.path),
+        task="causal_lm",
+        peft=peft.config.from_flat_config(config.peft),
+        seed=config.seed,
+        log=lambda s: None,
+    )
+    fresh = plug.slm_modules(_flatten(params), targets_of(config), module.config.num_layers)
+    for t, rows in fresh.items():
+        tree["modules"][t] = {
+            "a": np.stack([np.asarray(a) for a, _ in rows]),
+            "b": np.stack([np.asarray(b) for _, b in rows]),
+        }
+    return save_tree(tree, out)
+
+
+def _adapt(config, init: Path, workdir: Path, bridge_dir: Path, name: str, log) -> dict:
     stage = _stage_config(
         config,
         builder="bridge",
         **{
-            "model.path": str(workdir / "bridge"),
-            "model.tokenizer": str(workdir / "bridge"),
+            "model.path": str(bridge_dir),
+            "model.tokenizer": str(bridge_dir),
             "bridge.stage": "adapt",
             "bridge.init": str(init),
-            "train.epochs": t.adapt_epochs,
+            "train.epochs": config.transfer.adapt_epochs,
         },
     )
-    return loop.train_unless_finished(stage, workdir / "adapt", "stage adapt", log=log)
+    return loop.train_unless_finished(stage, workdir, name, log=log)
 
 
-def run_evaluate(config, workdir: Path, log=print) -> dict:
-    trained = workdir / "adapt" / "adapter" / "transfer.npz"
+def _evaluate(config, trained: Path, workdir: Path, name: str, log) -> dict:
     if not trained.is_file():
         raise FileNotFoundError(f"{trained}: run the adapt stage first")
     load_tree(trained)  # refuses a damaged file before the LLM is loaded
@@ -215,31 +243,90 @@ def run_evaluate(config, workdir: Path, log=print) -> dict:
             "train.num_steps": 0,
         },
     )
-    return loop.train_unless_finished(stage, workdir / "evaluate", "stage evaluate", log=log)
+    return loop.train_unless_finished(stage, workdir, name, log=log)
+
+
+def run_adapt(config, workdir: Path, log=print) -> dict:
+    init = _make_init(config, workdir, log)
+    return _adapt(config, init, workdir / "adapt", workdir / "bridge", "stage adapt", log)
+
+
+def run_evaluate(config, workdir: Path, log=print) -> dict:
+    trained = workdir / "adapt" / "adapter" / "transfer.npz"
+    return _evaluate(config, trained, workdir / "evaluate", "stage evaluate", log)
+
+
+def run_direct(config, workdir: Path, log=print) -> dict:
+    """Ablation: the SLM's modules plugged into the LLM through the fitted W_plug, no bridge."""
+    init = _make_init(config, workdir, log)
+    return _evaluate(config, init, workdir / "direct", "study direct", log)
+
+
+def run_bridge_only(config, workdir: Path, log=print) -> dict:
+    """Ablation: untrained modules adapted through the bridge alone (no SLM learning)."""
+    init = _fresh_modules(config, workdir)
+    out = workdir / "bridge_only"
+    _adapt(config, init, out / "adapt", workdir / "bridge", "study bridge_only (adapt)", log)
+    trained = out / "adapt" / "adapter" / "transfer.npz"
+    return _evaluate(config, trained, out / "evaluate", "study bridge_only", log)
+
+
+def run_llm_peft(config, workdir: Path, log=print) -> dict:
+    """The upper reference: the same LoRA trained on the LLM directly (its gradients)."""
+    stage = _stage_config(config, **{"model.path": str(config.transfer.llm)})
+    return loop.train_unless_finished(stage, workdir / "llm_peft", "study llm_peft", log=log)
+
+
+_RUNNERS = {
+    "slm": run_slm,
+    "fisher": run_fisher,
+    "bridge": run_bridge,
+    "adapt": run_adapt,
+    "evaluate": run_evaluate,
+    "direct": run_direct,
+    "bridge_only": run_bridge_only,
+    "llm_peft": run_llm_peft,
+}
+# What each study row is: the stage whose metrics it reports.
+STUDY_ROWS = (
+    ("LoRA on the SLM", "slm"),
+    ("LoRA on the LLM directly (its gradients)", "llm_peft"),
+    ("transferred, without the bridge", "direct"),
+    ("transferred through the bridge", "evaluate"),
+    ("the bridge alone (no SLM modules)", "bridge_only"),
+)
 
 
 def run(config, workdir: str | Path, stages=STAGES, log=print) -> dict:
-    """Runs `stages` in order; returns what each trainer stage reported."""
+    """Runs `stages` in order (STAGES, and the study's direct / bridge_only / llm_peft);
+    returns what each trainer stage reported, also gathered in <workdir>/transfer.json."""
     check_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in _RUNNERS]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages: {STAGES}")
+        raise ValueError(f"unknown stage(s) {unknown}; stages: {tuple(_RUNNERS)}")
     results = {}
     for stage in stages:
-        if stage == "slm":
-            results["slm"] = run_slm(config, workdir, log)
-        elif stage == "fisher":
-            run_fisher(config, workdir, log)
-        elif stage == "bridge":
-            run_bridge(config, workdir, log)
-        elif stage == "adapt":
-            results["adapt"] = run_adapt(config, workdir, log)
-        else:
-            results["evaluate"] = run_evaluate(config, workdir, log)
+        out = _RUNNERS[stage](config, workdir, log)
+        if isinstance(out, dict):
+            results[stage] = out
     summary = workdir / "transfer.json"
     old = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
     old.update({k: {m: float(np.asarray(v)) for m, v in r.items()} for k, r in results.items()})
     summary.write_text(json.dumps(old, indent=2) + "\n", encoding="utf-8")
     return results
+
+
+def study_table(workdir: str | Path, metric: str) -> str:
+    """A markdown table of the study's rows that have run (transfer.json): validation and test
+    `metric`."""
+    summary = json.loads((Path(workdir) / "transfer.json").read_text(encoding="utf-8"))
+    lines = [f"| run | validation {metric} | test {metric} |", "|---|---:|---:|"]
+    for name, stage in STUDY_ROWS:
+        if stage in summary:
+            r = summary[stage]
+            val, test = r.get(f"validation/{metric}"), r.get(f"test/{metric}")
+            cells = ["-" if v is None else f"{100 * v:.2f}" for v in (val, test)]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
