@@ -39,7 +39,9 @@ def _config(pair, files, extra=()):
     )
 
 
-def test_every_stage_runs_and_a_second_run_skips_them(pair, tiny_pair_files, tmp_path, monkeypatch):
+def test_every_stage_runs_and_a_second_run_skips_them(
+    pair, tiny_pair_files, tmp_path, monkeypatch, capsys
+):
     from pifi_jax.bridge import fisher, procedure
 
     config = _config(pair, tiny_pair_files)
@@ -78,6 +80,13 @@ def test_every_stage_runs_and_a_second_run_skips_them(pair, tiny_pair_files, tmp
     start = load_tree(tmp_path / "transfer_init.npz")
     end = load_tree(tmp_path / "adapt" / "adapter" / "transfer.npz")
     assert np.abs(np.asarray(end["down"]) - np.asarray(start["down"])).max() > 0
+    # the memory benchmark reads the run directory and compiles each arm's step
+    from benchmarks import bridge_memory
+
+    bridge_memory.main(["--workdir", str(tmp_path), "--batch", "2", "--length", "32"])
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| ") and "GiB" not in r]
+    assert len(rows) == 4 and "through the bridge" in rows[1] and "arithmetic" in rows[3]
     # a second run redoes nothing
     monkeypatch.setattr(fisher, "fisher_scores", lambda *a, **k: pytest.fail("fisher redone"))
     again = procedure.run(config, tmp_path, procedure.STAGES + procedure.STUDY, log=lambda *a: None)
