@@ -222,6 +222,14 @@ def test_selection_keeps_the_brute_force_top_rows_and_columns(llm):
         assert [u.tolist() for u in got.ffn] == want["ffn"], r
 
 
+def _torch_logits(model, batch) -> np.ndarray:
+    with torch.no_grad():
+        return model(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+        ).logits.numpy()
+
+
 def _logits(module, params, batch):
     return np.asarray(module.apply({"params": params}, batch["input_ids"], batch["attention_mask"]))
 
@@ -305,12 +313,7 @@ def test_saved_bridge_loads_in_pifi_jax_and_transformers(llm, tmp_path):
     batch = llm["batches"][1]
     ours = _logits(small, small_params, batch)
     np.testing.assert_array_equal(_logits(loaded, loaded_params, batch), ours)
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        theirs = torch_model(
-            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
-            attention_mask=torch.tensor(batch["attention_mask"]),
-        ).logits.numpy()
+    theirs = _torch_logits(transformers.AutoModelForCausalLM.from_pretrained(out), batch)
     real = batch["attention_mask"] > 0
     np.testing.assert_allclose(theirs[real], ours[real], atol=3e-5)
     record = __import__("json").loads((out / "bridge.json").read_text())
@@ -592,11 +595,7 @@ def test_plugged_modules_export_as_a_peft_adapter_of_the_llm(pair, transfer, tmp
     base = transformers.AutoModelForCausalLM.from_pretrained(pair["llm_dir"])
     model = hf_peft.PeftModel.from_pretrained(base, out).eval()
     batch = transfer["batches"][1]
-    with torch.no_grad():
-        theirs = model(
-            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
-            attention_mask=torch.tensor(batch["attention_mask"]),
-        ).logits.numpy()
+    theirs = _torch_logits(model, batch)
     real = batch["attention_mask"] > 0
     ours = _logits(module, params, batch)
     np.testing.assert_allclose(theirs[real], ours[real], atol=3e-5)

@@ -52,6 +52,7 @@ from pifi_jax.hub.pretrained import (
     _flatten,
     _unflatten,
     abstract_params,
+    base_model_prefix,
     in_out_kernels,
     open_checkpoint,
 )
@@ -166,6 +167,31 @@ def _is_layer_path(path: str) -> bool:
     return re.match(rf"model/{llama.LAYER_STACK}_\d+/", path) is not None
 
 
+def non_layer_abstract(family, config) -> dict:
+    """The causal LM's non-layer leaves (embedding, final norm, LM head): path -> shape."""
+    model = family.build(config, "causal_lm", 0, jnp.float32, jnp.float32)
+    return {p: s for p, s in abstract_params(model).items() if not _is_layer_path(p)}
+
+
+def read_non_layer(reader, family, config, abstract: dict, only: str | None = None, log=print):
+    """Those non-layer tensors of a checkpoint (source keys matching the regex `only`, when
+    given), reading no layer: the LM head can be read after the forward pass."""
+    layer_keys = re.compile(family.LAYER_KEYS)
+    keep = re.compile(only) if only else None
+    return convert.load_params(
+        reader,
+        abstract,
+        prefix=base_model_prefix(family, config),
+        ignored=family.IGNORED_SOURCE_KEYS,
+        optional=family.OPTIONAL_SOURCE_KEYS,
+        key_filter=lambda k: (
+            layer_keys.fullmatch(k) is None and (keep is None or keep.fullmatch(k) is not None)
+        ),
+        in_out_kernels=in_out_kernels(family),
+        log=log,
+    )
+
+
 def read_layer(reader, family, config, index: int):
     """(layer module, flat float32 params) of layer `index`, reading only its tensors."""
     module = family.decoder_layer(config, index, jnp.float32, jnp.float32)
@@ -263,25 +289,11 @@ def fisher_scores(
     check_family(config)
     family = registry.family_for(config.model_type)
     tied = bool(config.tie_word_embeddings)
-    model = family.build(config, "causal_lm", 0, jnp.float32, jnp.float32)
-    head_abstract = {p: s for p, s in abstract_params(model).items() if not _is_layer_path(p)}
-    layer_keys = re.compile(family.LAYER_KEYS)
+    head_abstract = non_layer_abstract(family, config)
 
     def load_head(paths, only=None):
-        """Only these non-layer tensors (source keys matching `only`, a regex), read when
-        needed (the LM head after the forward)."""
-        keep = re.compile(only) if only else None
-        return convert.load_params(
-            reader,
-            {p: head_abstract[p] for p in paths},
-            prefix=family.BASE_MODEL_PREFIX,
-            ignored=family.IGNORED_SOURCE_KEYS,
-            optional=family.OPTIONAL_SOURCE_KEYS,
-            key_filter=lambda k: (
-                layer_keys.fullmatch(k) is None and (keep is None or keep.fullmatch(k) is not None)
-            ),
-            in_out_kernels=in_out_kernels(family),
-            log=log,
+        return read_non_layer(
+            reader, family, config, {p: head_abstract[p] for p in paths}, only, log
         )
 
     flat = load_head([p for p in head_abstract if p != "lm_head/kernel"])

@@ -30,21 +30,23 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from pifi_jax.bridge.fisher import FisherScores, check_family, read_layer
-from pifi_jax.hub import convert
+from pifi_jax.bridge.fisher import (
+    FisherScores,
+    check_family,
+    non_layer_abstract,
+    read_layer,
+    read_non_layer,
+)
 from pifi_jax.hub.pretrained import (
     _flatten,
     _unflatten,
     abstract_params,
-    base_model_prefix,
-    in_out_kernels,
     open_checkpoint,
     save_pretrained,
 )
@@ -193,20 +195,8 @@ def prune(checkpoint: str, selection: Selection, *, log=print):
     check_family(config)
     family = registry.family_for(config.model_type)
     new_config = bridge_config(config, selection)
-    module = family.build(config, "causal_lm", 0, jnp.float32, jnp.float32)
     stack = f"model/{llama.LAYER_STACK}_"
-    head_abstract = {p: s for p, s in abstract_params(module).items() if not p.startswith(stack)}
-    layer_keys = re.compile(family.LAYER_KEYS)
-    head = convert.load_params(
-        reader,
-        head_abstract,
-        prefix=base_model_prefix(family, config),
-        ignored=family.IGNORED_SOURCE_KEYS,
-        optional=family.OPTIONAL_SOURCE_KEYS,
-        key_filter=lambda k: layer_keys.fullmatch(k) is None,
-        in_out_kernels=in_out_kernels(family),
-        log=log,
-    )
+    head = read_non_layer(reader, family, config, non_layer_abstract(family, config), log=log)
     hid = selection.hidden
     norm = math.sqrt(config.hidden_size / len(hid))
     flat = {
