@@ -117,3 +117,31 @@ def test_refusals(pair, tiny_pair_files, tmp_path):
     config = _config((pair[0], other), tiny_pair_files)
     with pytest.raises(ValueError, match="encode a probe text differently|differ"):
         procedure.run(config, tmp_path / "run", stages=("fisher",))
+
+
+def test_a_stage_killed_while_writing_is_redone(pair, tiny_pair_files, tmp_path, monkeypatch):
+    from pifi_jax.bridge import fisher, procedure
+
+    config = _config(pair, tiny_pair_files)
+    procedure.run(config, tmp_path, stages=("slm", "fisher"), log=lambda *a: None)
+    real_save = procedure.save_bridge
+
+    def dies_half_way(module, params, directory, **kw):
+        real_save(module, params, directory, **kw)
+        (directory / "bridge.json").unlink()  # killed before its last file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(procedure, "save_bridge", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        procedure.run(config, tmp_path, stages=("bridge",), log=lambda *a: None)
+    assert not (tmp_path / "bridge").exists()  # nothing a later stage could mistake for done
+    monkeypatch.setattr(procedure, "save_bridge", real_save)
+    # a killed Fisher pass leaves no score file either: np.savez wrote a temporary name
+    (tmp_path / "fisher.npz").rename(tmp_path / "fisher.npz.tmp.npz")
+    calls = []
+    real_scores = fisher.fisher_scores
+    monkeypatch.setattr(
+        fisher, "fisher_scores", lambda *a, **k: calls.append(1) or real_scores(*a, **k)
+    )
+    procedure.run(config, tmp_path, stages=("fisher", "bridge"), log=lambda *a: None)
+    assert calls == [1] and (tmp_path / "bridge" / "bridge.json").is_file()
