@@ -12,6 +12,7 @@ from tests.conftest import run_child, tiny_overrides
 from tests.run_checks import assert_classification_results
 
 
+@pytest.mark.slow  # a generative sweep runs in the default set (test_generative.py)
 def test_lora_rank_sweep_writes_csv_and_plot_and_resumes(tiny_bert_dir, tiny_task_files, tmp_path):
     argv = [
         sys.executable,
