@@ -179,6 +179,16 @@ class _PifiParts:
         """The SLM's PEFT config, or None when the SLM is fully fine-tuned."""
         return getattr(self.encoder, "peft_config", None)
 
+    def refuse_prompt_tuning(self, what: str) -> None:
+        """Refuses prompt tuning on the SLM when the layer runs over every token (`what` runs
+        it so): the soft tokens would join the plugged sequence unmasked."""
+        method = self.peft_config.method if self.peft_config is not None else None
+        if method == "prompt" and self.pifi is not None:
+            raise ValueError(
+                f"{what} runs the layer over every token, which prompt tuning's soft tokens "
+                "would join unmasked: use another PEFT method (or method 'base')"
+            )
+
     def trainable_rules(self, params: dict) -> list[tuple[str, str]]:
         """Partition rules: the layer frozen; W_in, W_out and the head trained; the SLM fully
         trained, or, with a PEFT method, only its PEFT leaves (and its modules_to_save)."""
@@ -281,12 +291,7 @@ class PifiSpanModel(_PifiParts, nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        method = self.peft_config.method if self.peft_config is not None else None
-        if method == "prompt" and self.pifi is not None:
-            raise ValueError(
-                "PiFi for extractive QA runs the layer over every token, which prompt tuning's "
-                "soft tokens would join unmasked: use another PEFT method (or method 'base')"
-            )
+        self.refuse_prompt_tuning("PiFi for extractive QA")
         if self.slm_is_decoder:
             raise ValueError("PiFi for extractive QA needs an encoder SLM, not a decoder")
         nn.share_scope(self, self.encoder)
@@ -341,12 +346,7 @@ class PifiCausalLM(_PifiParts, nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        method = self.peft_config.method if self.peft_config is not None else None
-        if method == "prompt" and self.pifi is not None:
-            raise ValueError(
-                "PiFi's causal LM runs the layer over every token, which prompt tuning's soft "
-                "tokens would join unmasked: use another PEFT method (or method 'base')"
-            )
+        self.refuse_prompt_tuning("PiFi's causal LM")
         nn.share_scope(self, self.encoder)
 
     def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
