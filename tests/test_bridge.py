@@ -600,3 +600,36 @@ def test_plugged_modules_export_as_a_peft_adapter_of_the_llm(pair, transfer, tmp
     ours = _logits(module, params, batch)
     np.testing.assert_allclose(theirs[real], ours[real], atol=3e-5)
     assert np.abs(ours - _logits(*pair["llm"], batch)).max() > 1e-3
+
+
+def test_fisher_reads_the_llm_one_layer_at_a_time(llm, monkeypatch):
+    """The pass never loads the model whole: layer tensors are read in one block per layer,
+    ascending (forward) then descending (backward), and the LM head only after the forward."""
+    import re
+
+    from pifi_jax.hub.files import CheckpointReader
+
+    order = []
+    real_get = CheckpointReader.get
+
+    def get(self, key):
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        order.append(int(m.group(1)) if m else key)
+        return real_get(self, key)
+
+    monkeypatch.setattr(CheckpointReader, "get", get)
+    bridge.fisher_scores(str(llm["dir"]), llm["batches"][:1], log=lambda s: None)
+
+    def runs(items):  # consecutive repeats merged
+        out = []
+        for item in items:
+            if not out or item != out[-1]:
+                out.append(item)
+        return out
+
+    n = llm["model"].config.num_hidden_layers
+    head = ["lm_head.weight"] if "lm_head.weight" in order else []
+    reads = [x for x in runs(order) if isinstance(x, int) or x == "lm_head.weight"]
+    # forward 0..n-1, the LM head (untied), backward n-1..0
+    assert reads == runs(list(range(n)) + head + list(reversed(range(n))))
+    assert order.index(n - 1) < (order.index("lm_head.weight") if head else len(order))
