@@ -7,6 +7,8 @@ Other pairs and tasks (a shared tokenizer and the Llama architecture: llama, mis
     python -m launch.transfer --config=configs/transfer.py:slm=Qwen/Qwen2.5-0.5B,llm=Qwen/Qwen2.5-7B,task=piqa
     python -m launch.transfer --config=configs/transfer.py:slm=PATH,llm=PATH,task=pairs \
         --config.data.data_files.train=train.jsonl --config.data.data_files.test=test.jsonl
+Stage 1 alone (LoRA on the SLM) is an ordinary run:
+    python -m launch.train --config=configs/transfer.py
 One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
 is skipped, each trainer stage resumes from its checkpoints).
 
@@ -34,42 +36,45 @@ DEFAULT_TASK = "boolq"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = _parse(arg, ("slm", "llm", "task", "runlocal"))
     config = causal_lm_config(f"task={args.get('task', DEFAULT_TASK)}")
+    # The small model (stage 1 trains its LoRA): a checkpoint directory, hub id, GGUF or asset.
     config.model.path = args.get("slm", DEFAULT_SLM)
     # The SLM's modules: LoRA on projections fed by a norm (q, k, v, gate, up).
     config.peft.method = "lora"
     config.peft.r = 8
     config.peft.lora_alpha = 16.0
     config.peft.target_modules = "q_proj,v_proj"
+    # Prompt tokens at most, and generated tokens (the answers are short).
     config.data.max_length = 256
     config.generation.max_new_tokens = 8
 
-    t = ml_collections.ConfigDict()
+    config.transfer = ml_collections.ConfigDict()
     # The large model (never differentiated): a checkpoint directory, hub id, GGUF or asset.
-    t.llm = args.get("llm", DEFAULT_LLM)
+    config.transfer.llm = args.get("llm", DEFAULT_LLM)
     # PEFT method carried over (lora; adapter and prefix are not implemented yet).
-    t.method = "lora"
+    config.transfer.method = "lora"
     # The bridge has about 1/reduction of the LLM's parameters (each dimension / sqrt(r)).
-    t.reduction = 16.0
+    config.transfer.reduction = 16.0
     # Training examples (and batch size) of the LLM's Fisher importance.
-    t.fisher_examples = 32
-    t.fisher_batch_size = 8
+    config.transfer.fisher_examples = 32
+    config.transfer.fisher_batch_size = 8
     # Training examples of W_plug's ridge fit, and its ridge term (relative).
-    t.plug_examples = 32
-    t.ridge = 1e-3
+    config.transfer.plug_examples = 32
+    config.transfer.ridge = 1e-3
     # Epochs of the adaptation through the bridge (the `train` / `optim` sections otherwise).
-    t.adapt_epochs = 1
-    config.transfer = t
+    config.transfer.adapt_epochs = 1
 
-    b = ml_collections.ConfigDict()
-    b.stage = "adapt"  # adapt | llm (set by launch.transfer)
-    b.init = ""  # transfer_init.npz (adapt)
-    b.trained = ""  # transfer.npz (llm)
-    config.bridge = b
+    # Set by launch.transfer for its trainer stages (builder "bridge", pifi_jax/bridge/run.py).
+    config.bridge = ml_collections.ConfigDict()
+    # adapt (through the bridge) | llm (the plugged LLM, evaluated).
+    config.bridge.stage = "adapt"
+    # The adaptation's starting point (transfer_init.npz) and its result (transfer.npz).
+    config.bridge.init = ""
+    config.bridge.trained = ""
 
     if args.get("runlocal"):
         apply_runlocal(config)
         config.data.max_length = 24
-        t.fisher_examples = 4
-        t.fisher_batch_size = 2
-        t.plug_examples = 4
+        config.transfer.fisher_examples = 4
+        config.transfer.fisher_batch_size = 2
+        config.transfer.plug_examples = 4
     return config

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 
 # Module fixtures that train or load for tens of seconds (test module -> fixture names).
 COSTLY_FIXTURES = {
+    "tests/test_bridge.py": {"llm", "pair", "transfer"},
     "tests/test_decoder_sharding.py": {"sharded_runs"},
     "tests/test_faults.py": {"uninterrupted"},
     "tests/test_gguf.py": {"smollm2"},
@@ -30,6 +31,7 @@ COSTLY_FIXTURES = {
     "tests/test_peft.py": {"trainer_runs"},
     "tests/test_pifi.py": {"launched_run"},
     "tests/test_predict.py": {"run_without_validation"},
+    "tests/test_transfer.py": {"pair"},
 }
 
 

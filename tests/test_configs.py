@@ -154,7 +154,11 @@ def _extra_tiny_overrides(name: str, tmp_path_factory) -> list[str]:
 
 
 # Generative configs train a tiny decoder / encoder-decoder on tiny text pairs instead.
-_GENERATIVE = {"causal_lm.py": "write_tiny_decoder", "seq2seq.py": "write_tiny_seq2seq"}
+_GENERATIVE = {
+    "causal_lm.py": "write_tiny_decoder",
+    "seq2seq.py": "write_tiny_seq2seq",
+    "transfer.py": "write_tiny_decoder",  # stage 1, the SLM's LoRA run
+}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=CONFIG_IDS)

@@ -62,6 +62,7 @@ SLOW_CASES = {
     "lora-gpt2",
     "adapter-bert",
     "lora-bert",
+    "lora-llama",
     "lora-dropout-llama",
 }  # (test_ist runs IST on an encoder)
 

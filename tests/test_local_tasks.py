@@ -106,6 +106,7 @@ def test_default_run_directory_tells_data_sets_apart(tmp_path):
     assert first == again != other and first.startswith("runs/local_m_")
 
 
+@pytest.mark.slow
 def test_five_string_classes_train_and_their_names_reach_the_exported_config(
     tiny_bert_dir, tmp_path
 ):

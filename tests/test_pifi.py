@@ -371,6 +371,7 @@ def test_pifi_config_runs_a_step_with_every_other_slm_family(
     )
 
 
+@pytest.mark.slow
 def test_pifi_composes_with_lora_on_the_slm(llm_dirs, tiny_bert_dir, tiny_task_files, tmp_path):
     """--config.peft.method=lora with configs/pifi.py: LoRA leaves in the SLM, W_in, W_out and the
     head train; the SLM's base weights and the LLM layer do not; the start equals plain PiFi."""
@@ -516,6 +517,7 @@ def test_resume_against_a_different_layer_is_refused(
     assert (launched_run / "config.json").read_text() == config_before  # the old run's config
 
 
+@pytest.mark.slow
 def test_experiments_launcher_compares_base_and_pifi_on_the_config_task(
     llm_dirs, tiny_bert_dir, tiny_task_files, tmp_path
 ):

@@ -165,6 +165,7 @@ def test_training_steps_move_everything_but_the_frozen_layer(tiny_bert_dir, llam
         assert not np.array_equal(np.asarray(after[path]), before[path]), f"{path} did not train"
 
 
+@pytest.mark.slow  # configs/qa.py's one-step run stays in the default set
 def test_pifi_config_runs_extractive_qa_and_predicts(tiny_bert_dir, llama_dir, tmp_path):
     files = _write_qa_files(tmp_path)
     config = _pifi_qa_config(tiny_bert_dir, llama_dir, files, ["--config.train.num_steps=2"])

@@ -156,7 +156,8 @@ def test_seq2seq_refusals(slm_dirs, llama_dir, tiny_llama_dir):
         pifi.build(slm_dirs["bart"], llama_dir, task="causal_lm", log=print)
 
 
-@pytest.mark.parametrize("family", ["bart", pytest.param("t5", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bart", "t5"])
 def test_pifi_seq2seq_run(slm_dirs, llama_dir, tiny_pair_files, tmp_path, family):
     overrides = [
         f"--config.model.path={slm_dirs[family]}",

@@ -119,6 +119,7 @@ def test_refusals(pair, tiny_pair_files, tmp_path):
         procedure.run(config, tmp_path / "run", stages=("fisher",))
 
 
+@pytest.mark.slow
 def test_a_stage_killed_while_writing_is_redone(pair, tiny_pair_files, tmp_path, monkeypatch):
     from pifi_jax.bridge import fisher, procedure
 
