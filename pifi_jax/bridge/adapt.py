@@ -25,12 +25,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-from flax.traverse_util import unflatten_dict
 
 from pifi_jax.bridge.mapping import depth_map
 from pifi_jax.bridge.plug import _lora_path, check_targets
 from pifi_jax.bridge.prune import Selection, _head_columns
+from pifi_jax.hub.pretrained import _flatten, _unflatten
 from pifi_jax.train.metrics import mean_next_token_loss
 
 
@@ -98,7 +97,7 @@ def with_leaves(frozen_flat: dict, leaves: dict) -> dict:
         raise ValueError(f"LoRA leaves {missing[:4]} are not in the model (targets differ?)")
     merged = dict(frozen_flat)
     merged.update(leaves)
-    return unflatten_dict({tuple(k.split("/")): v for k, v in merged.items()})
+    return _unflatten(merged)
 
 
 def adapt_loss(trainable, frozen_flat, batch, *, module, selection, llm_config):
@@ -116,7 +115,7 @@ def plugged_llm(llm, lora_config, trainable: dict, *, seed: int = 0):
     from pifi_jax import peft
 
     module, params = peft.wrap(*llm, lora_config, seed=seed)
-    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    flat = _flatten(params)
     return module, with_leaves(flat, llm_leaves(trainable, module.config.num_layers))
 
 

@@ -22,12 +22,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from pifi_jax import peft
 from pifi_jax.bridge import adapt
 from pifi_jax.bridge.prune import Selection
 from pifi_jax.hub import from_pretrained
+from pifi_jax.hub.pretrained import _flatten, _unflatten
 from pifi_jax.models import registry
 from pifi_jax.train.builders import BuiltModel, dtype_of, peft_method, register_builder
 
@@ -38,7 +38,7 @@ def save_tree(tree: dict, path: str | Path) -> Path:
     """A nested dict of arrays as one .npz (flat keys joined by '/'), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(tree, sep="/")
+    flat = _flatten(tree)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
     tmp.replace(path)
@@ -51,7 +51,7 @@ def load_tree(path: str | Path) -> dict:
             flat = {k: jnp.asarray(z[k]) for k in z.files}
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a transfer file ({e})") from None
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return _unflatten(flat)
 
 
 class TransferModel(nn.Module):
@@ -76,7 +76,7 @@ class TransferModel(nn.Module):
         if "bridge" not in variables or "transfer" not in variables:
             _given(None)
         frozen, trainable = variables["bridge"], variables["transfer"]
-        flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(frozen).items()}
+        flat = _flatten(frozen)
         leaves = adapt.bridge_leaves(trainable, self.selection.value, self.peft_bridge.config)
         params = adapt.with_leaves(flat, leaves)
         rngs = {} if deterministic else {"dropout": self.make_rng("dropout")}
@@ -139,7 +139,7 @@ class BridgeBuilder:
                 save_adapter=save,
             )
         trained = load_tree(bc.trained)
-        flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+        flat = _flatten(params)
         plugged = adapt.with_leaves(flat, adapt.llm_leaves(trained, module.config.num_layers))
         return BuiltModel(
             module,
