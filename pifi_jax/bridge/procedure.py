@@ -1,13 +1,14 @@
 """The whole transfer, stage by stage, in one run directory (launch.transfer drives it).
 
-    <workdir>/slm/               stage 1: the SLM's LoRA run (the trainer; resumable)
+    <workdir>/slm/               stage 1: the SLM's PEFT run (the trainer; resumable)
     <workdir>/depth_map.json     stage 2: which SLM layer serves each LLM layer
     <workdir>/fisher.npz         stage 3: the LLM's Fisher importance on task data
     <workdir>/bridge/            stage 3: the bridge checkpoint (+ bridge.json, the kept indices)
     <workdir>/transfer_init.npz  stage 4: the SLM's modules, fitted W_plug, W_down = selection
     <workdir>/adapt/             stage 4: their training through the bridge (the trainer)
     <workdir>/evaluate/          stage 5: the LLM with the modules plugged in, evaluated; its
-                                 adapter/ is a Hugging Face PEFT adapter of the LLM
+                                 adapter/ is a Hugging Face PEFT adapter of the LLM (LoRA)
+                                 or pifi_jax's native adapter file (bottleneck adapters)
     <workdir>/transfer.json      the stages' results side by side
 
 Every file is written whole or not at all (temporary name, then rename), so a stage that was
@@ -38,23 +39,42 @@ STAGES = ("slm", "fisher", "bridge", "adapt", "evaluate")
 STUDY = ("llm_peft", "direct", "bridge_only")
 
 
+# transfer.method -> the SLM's peft.method values that make its modules.
+PEFT_METHODS = {"lora": ("lora",), "adapter": ("adapter_houlsby", "adapter_pfeiffer")}
+# The sites of each adapter kind when peft.target_modules is empty (its defaults on the Llama
+# architecture: pifi_jax.peft.targets.ADAPTER_TARGETS).
+ADAPTER_SITES = {"adapter_houlsby": ("o_proj", "down_proj"), "adapter_pfeiffer": ("down_proj",)}
+
+
 def check_config(config) -> None:
     t = config.transfer
-    if t.method != "lora":
+    if t.method not in PEFT_METHODS:
         raise ValueError(
-            f"transfer.method={t.method!r}: only lora is implemented so far (adapter and prefix "
-            "transfer are not)"
+            f"transfer.method={t.method!r}: choose one of {sorted(PEFT_METHODS)} (prefix "
+            "transfer is not implemented yet)"
         )
-    if config.peft.method != "lora":
+    allowed = PEFT_METHODS[t.method]
+    if config.peft.method not in allowed:
         raise ValueError(
-            f"transfer: peft.method must be lora (the SLM's modules), got {config.peft.method!r}"
+            f"transfer.method={t.method!r} carries the SLM's {t.method} modules: peft.method must "
+            f"be one of {list(allowed)}, got {config.peft.method!r} "
+            f"(configs/transfer.py:method={t.method} sets both)"
         )
-    plug.check_targets(targets_of(config))
+    if t.method == "adapter" and peft.config.from_flat_config(config.peft).train_layernorms:
+        raise ValueError(
+            "transfer.method='adapter': set peft.train_layernorms=false (the SLM's norm weights "
+            "have no counterpart in the LLM, so what they learnt would not carry over)"
+        )
+    plug.check_sites(t.method, sites_of(config))
 
 
-def targets_of(config) -> tuple[str, ...]:
-    """The LoRA targets of the config's peft section (comma-separated names)."""
-    return tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
+def sites_of(config) -> tuple[str, ...]:
+    """Where the SLM's modules sit: the LoRA targets of the config's peft section
+    (comma-separated names), or the projections its adapters follow."""
+    names = tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
+    if config.transfer.method == "adapter" and not names:
+        return ADAPTER_SITES[config.peft.method]
+    return names
 
 
 def _llm_config(path: str):
@@ -154,8 +174,9 @@ def run_bridge(config, workdir: Path, log=print) -> Path:
     return out
 
 
-def _slm_lora(config, workdir: Path):
-    """The SLM's trained LoRA leaves (flat), read from stage 1's adapter directory."""
+def _slm_modules(config, workdir: Path):
+    """The SLM's trained modules, stacked per site (plug.slm_modules), from stage 1's adapter
+    directory."""
     adapter = workdir / "slm" / "adapter"
     if not adapter.is_dir():
         raise FileNotFoundError(f"{adapter}: run the slm stage first")
@@ -165,7 +186,9 @@ def _slm_lora(config, workdir: Path):
         peft=peft.config.from_flat_config(config.peft),
         log=lambda s: None,
     )
-    return module, _flatten(peft.load_adapter(module, params, adapter))
+    flat = _flatten(peft.load_adapter(module, params, adapter))
+    t = config.transfer
+    return plug.slm_modules(flat, t.method, sites_of(config), module.config.num_layers)
 
 
 def _make_init(config, workdir: Path, log) -> Path:
@@ -174,14 +197,12 @@ def _make_init(config, workdir: Path, log) -> Path:
     if init.is_file():
         return init
     t = config.transfer
-    slm_module, slm_flat = _slm_lora(config, workdir)
-    targets = targets_of(config)
-    modules = plug.slm_modules(slm_flat, targets, slm_module.config.num_layers)
+    modules = _slm_modules(config, workdir)
     quiet = dict(task="causal_lm", log=lambda s: None)
     slm = from_pretrained(str(config.model.path), **quiet)
     llm = from_pretrained(str(t.llm), **quiet)
     batches = task_batches(config, check_tokenizers(config), t.plug_examples, t.fisher_batch_size)
-    fitted = plug.fit_plug(slm, llm, batches, targets, ridge=t.ridge)
+    fitted = plug.fit_plug(slm, llm, batches, modules, method=t.method, ridge=t.ridge)
     del llm
     bridge_json = json.loads((workdir / "bridge" / "bridge.json").read_text(encoding="utf-8"))
     selection = Selection.from_json(bridge_json["selection"])
@@ -192,7 +213,8 @@ def _make_init(config, workdir: Path, log) -> Path:
 
 def _fresh_modules(config, workdir: Path) -> Path:
     """The ablation "bridge alone": transfer_init.npz with the SLM's modules replaced by
-    untrained LoRA factors (A as LoRA initialises it, B = 0; the same shapes and seed)."""
+    untrained ones, as the method initialises them (LoRA: A random, B = 0; adapters: down
+    random, up = 0), of the same shapes and seed."""
     out = workdir / "bridge_only" / "transfer_init.npz"
     if out.is_file():
         return out
@@ -204,12 +226,9 @@ def _fresh_modules(config, workdir: Path) -> Path:
         seed=config.seed,
         log=lambda s: None,
     )
-    fresh = plug.slm_modules(_flatten(params), targets_of(config), module.config.num_layers)
-    for t, rows in fresh.items():
-        tree["modules"][t] = {
-            "a": np.stack([np.asarray(a) for a, _ in rows]),
-            "b": np.stack([np.asarray(b) for _, b in rows]),
-        }
+    t = config.transfer
+    layers = module.config.num_layers
+    tree["modules"] = plug.slm_modules(_flatten(params), t.method, sites_of(config), layers)
     return save_tree(tree, out)
 
 
@@ -272,7 +291,7 @@ def run_bridge_only(config, workdir: Path, log=print) -> dict:
 
 
 def run_llm_peft(config, workdir: Path, log=print) -> dict:
-    """The upper reference: the same LoRA trained on the LLM directly (its gradients)."""
+    """The upper reference: the same PEFT method trained on the LLM directly (its gradients)."""
     stage = _stage_config(config, **{"model.path": str(config.transfer.llm)})
     return loop.train_unless_finished(stage, workdir / "llm_peft", "study llm_peft", log=log)
 
@@ -289,8 +308,8 @@ _RUNNERS = {
 }
 # What each study row is: the stage whose metrics it reports.
 STUDY_ROWS = (
-    ("LoRA on the SLM", "slm"),
-    ("LoRA on the LLM directly (its gradients)", "llm_peft"),
+    ("PEFT on the SLM", "slm"),
+    ("PEFT on the LLM directly (its gradients)", "llm_peft"),
     ("transferred, without the bridge", "direct"),
     ("transferred through the bridge", "evaluate"),
     ("the bridge alone (no SLM modules)", "bridge_only"),

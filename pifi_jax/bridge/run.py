@@ -2,15 +2,16 @@
 launch.transfer for stages 4 and 5; see pifi_jax.train.builders).
 
 `config.bridge.stage`:
-  adapt  model.path is the bridge checkpoint; the model is `TransferModel`: the bridge as a LoRA
-         PeftModel (frozen, its LoRA leaves unused) whose LoRA leaves are computed from the
+  adapt  model.path is the bridge checkpoint; the model is `TransferModel`: the bridge as a
+         PeftModel of the SLM's method (LoRA or bottleneck adapters; frozen, its own PEFT leaves
+         unused) whose PEFT leaves are computed from the
          trainable tree (adapt.py: the SLM's modules, W_plug, W_down), read at the start from
          `bridge.init` (transfer_init.npz). Only `transfer/...` trains. The run's adapter
          directory gets `transfer.npz`, the trained tree.
-  llm    model.path is the LLM; the model is its LoRA PeftModel with the modules of
+  llm    model.path is the LLM; the model is its PeftModel with the modules of
          `bridge.trained` (transfer.npz) plugged in (adapt.llm_leaves); nothing trains, the run
          evaluates (train.epochs 0), and its adapter directory is a Hugging Face PEFT adapter of
-         the LLM.
+         the LLM (LoRA; adapters in pifi_jax's native format).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pifi_jax import peft
-from pifi_jax.bridge import adapt
+from pifi_jax.bridge import adapt, plug
 from pifi_jax.bridge.prune import Selection
 from pifi_jax.hub import from_pretrained
 from pifi_jax.hub.pretrained import _flatten, _unflatten
@@ -55,7 +56,7 @@ def load_tree(path: str | Path) -> dict:
 
 
 class TransferModel(nn.Module):
-    """The bridge (a LoRA PeftModel, `bridge/...` frozen) with LoRA leaves computed from the
+    """The bridge (a PeftModel, `bridge/...` frozen) with PEFT leaves computed from the
     trainable `transfer/...` tree; called as the bridge's causal LM (cache and all)."""
 
     peft_bridge: Any  # the bridge's PeftModel (unbound)
@@ -109,8 +110,11 @@ class BridgeBuilder:
         if bc.stage not in STAGES:
             raise ValueError(f"bridge.stage must be one of {STAGES}, got {bc.stage!r}")
         method = peft_method(config)
-        if method is None or method.method != "lora":
-            raise ValueError("bridge transfer trains LoRA modules: set peft.method=lora")
+        if method is None or method.method not in plug.METHODS:
+            raise ValueError(
+                f"bridge transfer trains {plug.METHODS} modules: set peft.method to "
+                f"lora, adapter_houlsby or adapter_pfeiffer, got {config.peft.method!r}"
+            )
         module, params = from_pretrained(
             model_dir,
             task="causal_lm",
