@@ -10,6 +10,8 @@ Other pairs and tasks (a shared tokenizer and the Llama architecture: llama, mis
 Bottleneck adapters (Houlsby, norms frozen) instead of LoRA:
     python -m launch.transfer --config=configs/transfer.py:method=adapter
     (Pfeiffer's: add --config.peft.method=adapter_pfeiffer)
+Prefix tuning (10 virtual tokens, no projection MLP):
+    python -m launch.transfer --config=configs/transfer.py:method=prefix
 Stage 1 alone (PEFT on the SLM) is an ordinary run:
     python -m launch.train --config=configs/transfer.py
 One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
@@ -22,8 +24,8 @@ name.
 Sections: everything of configs/causal_lm.py (the SLM's PEFT run: `model.path` is the SLM, `peft`
 its LoRA or adapters, `train` / `optim` its schedule and the adaptation's), plus `transfer`
 (below) and `bridge` (set by the launcher per stage). The argument after the colon: `slm=`,
-`llm=`, `task=`, `method=` (lora | adapter: sets `transfer.method` and the `peft` section to
-match), and the flag `runlocal` (tiny settings for the tests).
+`llm=`, `task=`, `method=` (lora | adapter | prefix: sets `transfer.method` and the `peft`
+section to match), and the flag `runlocal` (tiny settings for the tests).
 """
 
 import ml_collections
@@ -40,8 +42,8 @@ DEFAULT_TASK = "boolq"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = _parse(arg, ("slm", "llm", "task", "method", "runlocal"))
     method = args.get("method", "lora")
-    if method not in ("lora", "adapter"):
-        raise ValueError(f"configs/transfer.py: method={method!r}; choose lora or adapter")
+    if method not in ("lora", "adapter", "prefix"):
+        raise ValueError(f"configs/transfer.py: method={method!r}; choose lora, adapter or prefix")
     config = causal_lm_config(f"task={args.get('task', DEFAULT_TASK)}")
     # The small model (stage 1 trains its LoRA): a checkpoint directory, hub id, GGUF or asset.
     config.model.path = args.get("slm", DEFAULT_SLM)
@@ -57,6 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.peft.target_modules = ""
         config.peft.bottleneck_size = 16
         config.peft.train_layernorms = "false"
+    if method == "prefix":
+        # A prefix table without the projection MLP (its table is what carries over).
+        config.peft.method = "prefix"
+        config.peft.target_modules = ""
+        config.peft.num_virtual_tokens = 10
+        config.peft.prefix_projection = False
     # Prompt tokens at most, and generated tokens (the answers are short).
     config.data.max_length = 256
     config.generation.max_new_tokens = 8
@@ -64,8 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transfer = ml_collections.ConfigDict()
     # The large model (never differentiated): a checkpoint directory, hub id, GGUF or asset.
     config.transfer.llm = args.get("llm", DEFAULT_LLM)
-    # PEFT method carried over: lora | adapter (prefix is not implemented yet); `peft.method`
-    # must make that kind of module (configs/transfer.py:method=adapter sets both).
+    # PEFT method carried over: lora | adapter | prefix; `peft.method` must make that kind of
+    # module (configs/transfer.py:method=adapter or method=prefix sets both).
     config.transfer.method = method
     # The bridge has about 1/reduction of the LLM's parameters (each dimension / sqrt(r)).
     config.transfer.reduction = 16.0

@@ -423,7 +423,7 @@ def pair(tmp_path_factory):
 
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
-SITES = {"lora": TARGETS, "adapter": ("o_proj", "down_proj")}
+SITES = {"lora": TARGETS, "adapter": ("o_proj", "down_proj"), "prefix": ("k_proj", "v_proj")}
 
 
 def test_plug_fitted_between_a_model_and_itself_is_the_identity(pair):
@@ -434,8 +434,9 @@ def test_plug_fitted_between_a_model_and_itself_is_the_identity(pair):
         )
         assert set(plug) == set(sites)
         for t in sites:
-            np.testing.assert_allclose(plug[t]["in"], np.eye(plug[t]["in"].shape[0]), atol=1e-4)
-            np.testing.assert_allclose(plug[t]["out"], np.eye(plug[t]["out"].shape[0]), atol=1e-4)
+            assert set(plug[t]) == ({"out"} if method == "prefix" else {"in", "out"})
+            for m in plug[t].values():
+                np.testing.assert_allclose(m, np.eye(m.shape[0]), atol=1e-4)
 
 
 def _lstsq_maps(pair, batches, x_name, y_name):
@@ -479,8 +480,11 @@ def _slm_peft(pair, method):
     """(PEFT config, the SLM's PEFT params) with every module leaf away from zero."""
     import jax
 
-    from pifi_jax.peft import AdapterConfig, LoraConfig
+    from pifi_jax.peft import AdapterConfig, LoraConfig, PrefixTuningConfig
 
+    if method == "prefix":  # the table starts N(0, 1)
+        cfg = PrefixTuningConfig(num_virtual_tokens=3)
+        return cfg, pifi_jax.peft.wrap(*pair["slm"], cfg, seed=3)[1]
     if method == "lora":
         cfg = LoraConfig(r=2, lora_alpha=4.0, target_modules=TARGETS, init_lora_weights=False)
         return cfg, pifi_jax.peft.wrap(*pair["slm"], cfg, seed=3)[1]
@@ -523,7 +527,19 @@ def _adapter_hooks(model, slm_flat, plug, llm_layers, slm_layers):
     return handles
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
+def _hf_prefix_logits(llm_dir, table: np.ndarray, batch) -> np.ndarray:
+    """transformers' LLM under Hugging Face PEFT's prefix tuning, its table set to `table`."""
+    import peft as hf_peft
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(llm_dir)
+    config = hf_peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=table.shape[0])
+    model = hf_peft.get_peft_model(base, config).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(torch.tensor(table))
+    return _torch_logits(model, batch)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
 def test_plugged_modules_on_the_llm_equal_the_modules_applied_by_hand(pair, method):
     slm, llm = pair["slm"], pair["llm"]
     cfg, slm_params = _slm_peft(pair, method)
@@ -533,7 +549,7 @@ def test_plugged_modules_on_the_llm_equal_the_modules_applied_by_hand(pair, meth
     leaves = bridge.plug_modules(modules, plug, 3)
     llm_peft, llm_params = pifi_jax.peft.wrap(*llm, cfg, seed=0)
     flat = _flatten(llm_params)
-    assert set(leaves) == {p for p in flat if "/lora_" in p or "/adapter_" in p}
+    assert set(leaves) == {p for p in flat if "lora_" in p or "adapter_" in p or "prefix_" in p}
     flat.update(leaves)
     plugged = _unflatten(flat)
     batch = make_batches(6)[0]
@@ -550,6 +566,18 @@ def test_plugged_modules_on_the_llm_equal_the_modules_applied_by_hand(pair, meth
                 delta = plug[t]["in"] @ a @ b @ plug[t]["out"]
                 dense[f"model/layers_{j}/{block}/{t}/kernel"] += 2.0 * delta
         want = _logits(llm[0], _unflatten({k: jnp.asarray(v) for k, v in dense.items()}), batch)
+    elif method == "prefix":
+        # by hand: layer j's keys K_i P_out(k_proj), values V_i P_out(v_proj), i = depth_map(j),
+        # in Hugging Face PEFT's table layout, on transformers' LLM
+        table = np.asarray(slm_flat["prefix_encoder/embedding"])  # [P, 2 layers * 2 * W_s]
+        blocks = table.reshape(3, 2, 2, -1)  # [P, layer, key / value, W_s]
+        columns = []
+        for i in bridge.depth_map(2, 3):
+            columns += [
+                blocks[:, i, 0] @ plug["k_proj"]["out"],
+                blocks[:, i, 1] @ plug["v_proj"]["out"],
+            ]
+        want = _hf_prefix_logits(pair["llm_dir"], np.concatenate(columns, axis=1), batch)
     else:
         # by hand: transformers' LLM with the carried adapters added by forward hooks
         model = transformers.AutoModelForCausalLM.from_pretrained(pair["llm_dir"]).eval()
@@ -567,10 +595,18 @@ def test_unsupported_targets_and_methods_are_refused():
         bridge.plug.check_targets(["o_proj"])
     with pytest.raises(ValueError, match=r"adapters supports the sites .* got \['q_proj'\]"):
         bridge.plug.check_sites("adapter", ["q_proj"])
-    with pytest.raises(ValueError, match=r"carries \('lora', 'adapter'\) modules, got .*'ia3'"):
+    with pytest.raises(
+        ValueError, match=r"carries \('lora', 'adapter', 'prefix'\) modules, got .*'ia3'"
+    ):
         bridge.plug.check_sites("ia3", ["q_proj"])
     with pytest.raises(ValueError, match=r"lack model/layers_0/self_attn/adapter_down/kernel"):
         bridge.slm_modules({}, "adapter", ["o_proj"], 2)
+    with pytest.raises(ValueError, match=r"a prefix has the sites .* got \['k_proj'\]"):
+        bridge.plug.check_sites("prefix", ["k_proj"])
+    with pytest.raises(ValueError, match="a prefix_projection MLP does not carry over"):
+        bridge.slm_modules(
+            {"prefix_encoder/transform_0/kernel": 0}, "prefix", ["k_proj", "v_proj"], 2
+        )
 
 
 # --- stage 4: adapting through the bridge ----------------------------------------------------
@@ -583,7 +619,7 @@ def fisher_batches(pair):
     return {"scores": scores, "batches": batches}
 
 
-@pytest.fixture(scope="module", params=["lora", "adapter"])
+@pytest.fixture(scope="module", params=["lora", "adapter", "prefix"])
 def transfer(pair, fisher_batches, request):
     method = request.param
     slm, llm = pair["slm"], pair["llm"]
@@ -623,7 +659,10 @@ def _restricted(leaves: dict, selection, config) -> dict:
 def test_bridge_starts_as_the_zeroed_llm_with_the_plugged_modules(pair, transfer, r):
     llm_module, llm_params = pair["llm"]
     selection, peft_bridge, frozen, trainable = _bridge_run(pair, transfer, r)
-    assert trainable["down"].shape == (len(selection.hidden), 32)
+    if transfer["method"] == "prefix":  # no residual-stream side, no W_down
+        assert "down" not in trainable
+    else:
+        assert trainable["down"].shape == (len(selection.hidden), 32)
     bridge_params = bridge.adapt.with_leaves(
         frozen, bridge.bridge_leaves(trainable, selection, llm_module.config)
     )
@@ -675,9 +714,10 @@ def test_adaptation_trains_modules_plug_and_down_without_the_llm(pair, transfer)
     state = opt.init(trainable)
     first = float(loss(trainable))
     step = jax.jit(lambda t, s: _step(loss, opt, t, s))
-    for _ in range(80):
+    steps, bound = (40, 0.95) if transfer["method"] == "lora" else (80, 0.97)
+    for _ in range(steps):
         trainable, state = step(trainable, state)
-    assert float(loss(trainable)) < 0.97 * first  # random targets: it fits them slowly
+    assert float(loss(trainable)) < bound * first  # random targets: it fits them slowly
 
 
 def _step(loss, opt, t, s):
@@ -696,7 +736,7 @@ def test_plugged_modules_export_as_an_adapter_of_the_llm(pair, transfer, tmp_pat
     batch = transfer["batches"][1]
     real = batch["attention_mask"] > 0
     ours = _logits(module, params, batch)
-    if transfer["method"] == "lora":  # Hugging Face PEFT loads it onto transformers' LLM
+    if transfer["method"] in ("lora", "prefix"):  # Hugging Face PEFT loads it onto transformers'
         import peft as hf_peft
 
         base = transformers.AutoModelForCausalLM.from_pretrained(pair["llm_dir"])

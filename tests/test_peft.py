@@ -115,16 +115,17 @@ def _logits(module, params, batch):
     return np.asarray(module.apply({"params": params}, **batch))
 
 
-# The methods added after the first six run on BERT by default and on RoBERTa / ELECTRA with
-# -m slow: the three families differ only in embeddings and head, which adapters do not touch
-# and which prefix / prompt tuning meet in tests/test_peft_prefix_prompt.py (against HF PEFT).
-BERT_ONLY_BY_DEFAULT = {"adapter_houlsby", "adapter_pfeiffer", "prefix_mlp", "prompt"}
+# Every method runs on BERT by default, and on RoBERTa / ELECTRA LoRA only (every method with
+# -m slow): the three families differ only in embeddings and head, which the PEFT methods do
+# not touch and which prefix / prompt tuning meet in tests/test_peft_prefix_prompt.py (against
+# HF PEFT).
+ON_EVERY_FAMILY_BY_DEFAULT = {"lora"}
 
 
 def _matrix_cases():
     for method in sorted(METHODS):
         for model_type in ARCHS:
-            slow = method in BERT_ONLY_BY_DEFAULT and model_type != "bert"
+            slow = method not in ON_EVERY_FAMILY_BY_DEFAULT and model_type != "bert"
             marks = [pytest.mark.slow] if slow else []
             yield pytest.param(model_type, method, marks=marks, id=f"{method}-{model_type}")
 

@@ -30,12 +30,13 @@ def pair(tmp_path_factory):
     return write_tiny_decoder(root / "slm", "qwen2"), write_tiny_llm(root / "llm")
 
 
-def _config(pair, files, extra=()):
+def _config(pair, files, extra=(), method="lora"):
     slm, llm = pair
     overrides = ["--config.data.source=local"]
     overrides += [f"--config.data.data_files.{k}={v}" for k, v in files.items()]
     return load_config(
-        f"configs/transfer.py:slm={slm},llm={llm},task=pairs,runlocal", [*overrides, *extra]
+        f"configs/transfer.py:slm={slm},llm={llm},task=pairs,method={method},runlocal",
+        [*overrides, *extra],
     )
 
 
@@ -113,16 +114,11 @@ def test_adapters_transfer_through_every_stage(pair, tiny_pair_files, tmp_path):
     from pifi_jax.bridge.run import load_tree
     from pifi_jax.hub.pretrained import _flatten
 
-    slm, llm = pair
-    overrides = ["--config.data.source=local"]
-    overrides += [f"--config.data.data_files.{k}={v}" for k, v in tiny_pair_files.items()]
-    config = load_config(
-        f"configs/transfer.py:slm={slm},llm={llm},task=pairs,method=adapter,runlocal", overrides
-    )
+    llm = pair[1]
+    config = _config(pair, tiny_pair_files, method="adapter")
     assert procedure.sites_of(config) == ("o_proj", "down_proj")
-    stages = (*procedure.STAGES, "direct", "bridge_only")
-    results = procedure.run(config, tmp_path, stages, log=lambda *a: None)
-    assert "test/rougeL" in results["evaluate"] and "test/rougeL" in results["bridge_only"]
+    results = procedure.run(config, tmp_path, procedure.STAGES, log=lambda *a: None)
+    assert "test/rougeL" in results["evaluate"]
     start = load_tree(tmp_path / "transfer_init.npz")
     assert set(start["modules"]) == {"o_proj", "down_proj"}
     assert set(start["modules"]["o_proj"]) == {"down", "down_bias", "up", "up_bias"}
@@ -134,7 +130,8 @@ def test_adapters_transfer_through_every_stage(pair, tiny_pair_files, tmp_path):
             )
             assert np.abs(moved).max() > 0, (site, leaf)
         assert np.asarray(start["modules"][site]["up"]).any()  # the SLM's adapters trained
-    fresh = load_tree(tmp_path / "bridge_only" / "transfer_init.npz")["modules"]
+    # the bridge-alone ablation's starting point (its runs are the LoRA test's)
+    fresh = load_tree(procedure._fresh_modules(config, tmp_path))["modules"]
     assert not np.asarray(fresh["o_proj"]["up"]).any()  # untrained adapters: up = 0
     # the evaluated LLM's adapter file: native, and it holds the plugged adapters
     saved = tmp_path / "evaluate" / "adapter"
@@ -152,13 +149,43 @@ def test_adapters_transfer_through_every_stage(pair, tiny_pair_files, tmp_path):
         )
 
 
+def test_a_prefix_transfers_and_exports_as_a_peft_prefix_of_the_llm(
+    pair, tiny_pair_files, tmp_path
+):
+    """transfer.method=prefix: the SLM's prefix keys / values carried into the LLM through the
+    bridge; the evaluated LLM's prefix is a Hugging Face PEFT adapter holding the plugged table."""
+    import peft as hf_peft
+
+    from pifi_jax.bridge import adapt, procedure
+    from pifi_jax.bridge.run import load_tree
+
+    config = _config(pair, tiny_pair_files, method="prefix")
+    results = procedure.run(config, tmp_path, procedure.STAGES, log=lambda *a: None)
+    assert "test/rougeL" in results["evaluate"]
+    start = load_tree(tmp_path / "transfer_init.npz")
+    end = load_tree(tmp_path / "adapt" / "adapter" / "transfer.npz")
+    assert "down" not in start and set(start["modules"]) == {"k_proj", "v_proj"}
+    for site in ("k_proj", "v_proj"):
+        before, after = start["modules"][site]["prefix"], end["modules"][site]["prefix"]
+        assert np.abs(np.asarray(after) - np.asarray(before)).max() > 0, site
+    base = transformers.AutoModelForCausalLM.from_pretrained(pair[1])
+    model = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "evaluate" / "adapter"))
+    table = model.prompt_encoder["default"].embedding.weight.detach().numpy()
+    want = np.asarray(adapt.llm_leaves(end, 3)["prefix_encoder/embedding"])
+    np.testing.assert_allclose(table, want, atol=1e-6)
+
+
 def test_refusals(pair, tiny_pair_files, tmp_path):
     from pifi_jax.bridge import procedure
 
-    with pytest.raises(
-        ValueError, match=r"transfer.method='prefix': choose one of \['adapter', 'lora'\]"
-    ):
+    choose = r"transfer.method='ia3': choose one of \['adapter', 'lora', 'prefix'\]"
+    with pytest.raises(ValueError, match=choose):
+        procedure.run(_config(pair, tiny_pair_files, ["--config.transfer.method=ia3"]), tmp_path)
+    with pytest.raises(ValueError, match=r"peft.method must be one of \['prefix'\], got 'lora'"):
         procedure.run(_config(pair, tiny_pair_files, ["--config.transfer.method=prefix"]), tmp_path)
+    projected = ["--config.peft.prefix_projection=True"]
+    with pytest.raises(ValueError, match="set peft.prefix_projection=false"):
+        procedure.run(_config(pair, tiny_pair_files, projected, method="prefix"), tmp_path)
     with pytest.raises(ValueError, match=r"peft.method must be one of \['adapter_houlsby'"):
         procedure.run(
             _config(pair, tiny_pair_files, ["--config.transfer.method=adapter"]), tmp_path
@@ -175,7 +202,7 @@ def test_refusals(pair, tiny_pair_files, tmp_path):
         procedure.run(_config(pair, tiny_pair_files, sites), tmp_path)
     from configs.transfer import get_config
 
-    with pytest.raises(ValueError, match="method='ia3'; choose lora or adapter"):
+    with pytest.raises(ValueError, match="method='ia3'; choose lora, adapter or prefix"):
         get_config("method=ia3")
     with pytest.raises(ValueError, match=r"supports the targets .* got \['o_proj'\]"):
         procedure.run(

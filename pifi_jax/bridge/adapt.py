@@ -4,9 +4,12 @@ touched.
 Trainable tree (`init_transfer`), per site (plug.py: a LoRA target, or the projection an adapter
 follows):
     modules/<site>/<leaf> [L_slm, ...]                           the SLM's modules (LoRA: a, b;
-                                                                 adapter: down, down_bias, up, up_bias)
-    plug/<site>/in [d_in_l, d_in_s], out [d_out_s, d_out_l]      W_plug (plug.py)
+                                                                 adapter: down, down_bias, up, up_bias;
+                                                                 prefix: prefix [L_slm, P, W_s])
+    plug/<site>/in [d_in_l, d_in_s], out [d_out_s, d_out_l]      W_plug (plug.py; no "in" for
+                                                                 a prefix)
     down [d_b, d_l]                                              W_down, residual-stream side
+                                                                 (LoRA, adapters)
 
 The modules in the LLM (stage 5, `llm_leaves`): plug.plug_modules, e.g. A_l = P_in A,
 B_l = B P_out per LLM layer (depth_map). In bridge layer j (the bridge keeps the LLM's depth),
@@ -16,6 +19,9 @@ bridge's columns:
     D_b = W_down D_l            so are an adapter's (a sub-layer's output projection)
     B_b = B_l[:, kept_j]        the columns of the heads / MLP units layer j of the bridge kept;
     U_b = U_l[:, hidden], u_b = u_l[hidden]    for an adapter, the kept residual dimensions
+    K_b = K_l[:, kept_j]        a prefix's keys and values: the bridge's kept key/value groups
+                                (a prefix enters attention in head space, after the projections,
+                                where the bridge keeps whole heads: it has no W_down)
 
 How W_down enters (the paper is silent), and why: the bridge's normalised inputs equal the LLM's
 at the kept dimensions (prune.py's norm scaling), so with W_down the selection matrix
@@ -49,20 +55,20 @@ def init_transfer(modules: dict, plug: dict, selection: Selection, llm_config) -
     missing = [t for t in modules if t not in plug]
     if missing:
         raise ValueError(f"W_plug has no maps for the sites {missing}")
-    down = np.zeros((len(selection.hidden), llm_config.hidden_size), np.float32)
-    down[np.arange(len(selection.hidden)), selection.hidden] = 1.0
-    return {
+    tree = {
         "modules": {
             t: {leaf: jnp.asarray(v, jnp.float32) for leaf, v in m.items()}
             for t, m in modules.items()
         },
         "plug": {
-            t: {"in": jnp.asarray(p["in"]), "out": jnp.asarray(p["out"])}
-            for t, p in plug.items()
-            if t in modules
+            t: {k: jnp.asarray(v) for k, v in p.items()} for t, p in plug.items() if t in modules
         },
-        "down": jnp.asarray(down),
     }
+    if "in" in plug_lib.LEAF_SIDES[method].values():  # a prefix has nothing on the residual stream
+        down = np.zeros((len(selection.hidden), llm_config.hidden_size), np.float32)
+        down[np.arange(len(selection.hidden)), selection.hidden] = 1.0
+        tree["down"] = jnp.asarray(down)
+    return tree
 
 
 def method_of(trainable: dict) -> str:
@@ -88,19 +94,16 @@ def llm_leaves(trainable: dict, llm_layers: int) -> dict[str, jax.Array]:
 def bridge_leaves(trainable: dict, selection: Selection, llm_config) -> dict[str, jax.Array]:
     """The bridge's PEFT leaves: input sides W_down @ (LLM leaf), output sides the kept columns."""
     method = method_of(trainable)
-    llm = llm_leaves(trainable, llm_config.num_layers)
+    sides = plug_lib.LEAF_SIDES[method]
+    values = plug_lib.carried(trainable["modules"], trainable["plug"], llm_config.num_layers)
     out = {}
-    for t in trainable["modules"]:
-        for j in range(llm_config.num_layers):
-            paths = plug_lib.leaf_paths(method, j, t)
-            for leaf, side in plug_lib.LEAF_SIDES[method].items():
-                value = llm[paths[leaf]]
-                if side == "in":
-                    value = trainable["down"] @ value
-                elif side == "out":
-                    value = value[..., kept_columns(selection, llm_config, t, j)]
-                out[paths[leaf]] = value
-    return out
+    for (t, j, leaf), value in values.items():
+        if sides[leaf] == "in":
+            value = trainable["down"] @ value
+        elif sides[leaf] == "out":
+            value = value[..., kept_columns(selection, llm_config, t, j)]
+        out[(t, j, leaf)] = value
+    return plug_lib.assemble(method, out)
 
 
 def with_leaves(frozen_flat: dict, leaves: dict) -> dict:

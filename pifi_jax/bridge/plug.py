@@ -10,6 +10,11 @@ adapter  a bottleneck adapter after a sub-layer's output projection (Houlsby: o_
          h_s + act(h_s D + d) U + u (D [d_s, m], d [m], U [m, d_s], u [d_s]). Sites: the
          projections it follows, so its input and output are the same space (a sub-layer's
          contribution to the residual stream).
+prefix   prefix tuning's keys and values, P per layer (the table prefix_encoder/embedding
+         [P, layers * 2 * W], W = kv_heads * head_dim; without prefix_projection). Sites: k_proj
+         (the keys) and v_proj (the values); a prefix has an output side only, and its keys are
+         mapped like k_proj's outputs (before the rotary embedding: prefix keys have no position,
+         and a linear map fitted across positions is the simplest that holds for all of them).
 
 To act in LLM layer j (served by i = depth_map(j)), a module needs an LLM input mapped into the
 SLM's input space and its output mapped into the LLM's output space:
@@ -19,7 +24,7 @@ SLM's input space and its output mapped into the LLM's output space:
 
 so every leaf whose first axis is the input space is multiplied by P_in on the left (LoRA's A,
 the adapter's D), every leaf whose last axis is the output space by P_out on the right (B; U and
-u), and the rest is copied (d): x_l (P_in A) (B P_out) ~ (x_s A B) carried to the LLM, and
+u; a prefix block), and the rest is copied (d): x_l (P_in A) (B P_out) ~ (x_s A B) carried to the LLM, and
 likewise act(h_l P_in D + d) (U P_out) + u P_out for the adapter (`carry`, `LEAF_SIDES`).
 
 Where the paper is silent (how W_plug is initialised), the choice here: P_in and P_out are fitted
@@ -46,7 +51,9 @@ from flax import traverse_util
 
 from pifi_jax.bridge.mapping import depth_map
 
-METHODS = ("lora", "adapter")
+METHODS = ("lora", "adapter", "prefix")
+PREFIX_SITES = ("k_proj", "v_proj")  # a layer's prefix keys, then its values
+PREFIX_TABLE = "prefix_encoder/embedding"
 TARGET_INPUTS = {
     "q_proj": "input_layernorm",
     "k_proj": "input_layernorm",
@@ -63,6 +70,7 @@ _BLOCK.update({"gate_proj": "mlp", "up_proj": "mlp"})
 LEAF_SIDES = {
     "lora": {"a": "in", "b": "out"},
     "adapter": {"down": "in", "down_bias": None, "up": "out", "up_bias": "out"},
+    "prefix": {"prefix": "out"},
 }
 
 
@@ -75,14 +83,17 @@ def check_sites(method: str, sites: Iterable[str]) -> tuple[str, ...]:
     """The sites of `method`'s modules, refused where W_plug cannot be fitted."""
     _check_method(method)
     sites = tuple(sites)
-    allowed = TARGET_INPUTS if method == "lora" else ADAPTER_HOSTS
+    allowed = {"lora": TARGET_INPUTS, "adapter": ADAPTER_HOSTS, "prefix": PREFIX_SITES}[method]
     bad = [t for t in sites if t not in allowed]
+    if method == "prefix" and sorted(sites) != sorted(PREFIX_SITES):
+        bad = bad or list(sites)
     if bad or not sites:
-        what = (
-            "LoRA supports the targets {} (their input is a norm's output, which W_plug is fitted on)"
-            if method == "lora"
-            else "adapters supports the sites {} (the sub-layers' output projections)"
-        )
+        what = {
+            "lora": "LoRA supports the targets {} (their input is a norm's output, which W_plug "
+            "is fitted on)",
+            "adapter": "adapters supports the sites {} (the sub-layers' output projections)",
+            "prefix": "a prefix has the sites {} (its keys and values), both",
+        }[method]
         raise ValueError(f"bridge transfer of {what.format(sorted(allowed))}; got {list(sites)}")
     return sites
 
@@ -95,7 +106,7 @@ def site_io(method: str, site: str) -> tuple[str, str]:
     """(module whose output is the site's input, module whose output is the site's output)."""
     if method == "lora":
         return TARGET_INPUTS[site], site
-    return site, site  # an adapter maps a projection's output into the same space
+    return site, site  # adapter, prefix: a projection's output, into the same space
 
 
 def activations(module, params, batch, names: Iterable[str]) -> dict:
@@ -137,7 +148,8 @@ def fit_plug(
     method: str = "lora",
     ridge: float = 1e-3,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """{site: {"in": P_in [d_in_l, d_in_s], "out": P_out [d_out_s, d_out_l]}} (float32).
+    """{site: {"in": P_in [d_in_l, d_in_s], "out": P_out [d_out_s, d_out_l]}} (float32; no
+    "in" for a prefix).
 
     slm, llm: (module, params) of the two plain causal LMs; batches: dicts of input_ids and
     attention_mask (the same tokens go to both models); sites: LoRA targets, or the projections
@@ -160,13 +172,13 @@ def fit_plug(
                 pairs[t]["yl"].append(a_l[(j, y)])
     if not pairs[sites[0]]["xs"]:
         raise ValueError("fit_plug: no batches")
+    sides = set(LEAF_SIDES[method].values())
     plug = {}
     for t, p in pairs.items():
         xs, xl, ys, yl = (np.concatenate(p[k]) for k in ("xs", "xl", "ys", "yl"))
-        plug[t] = {
-            "in": _ridge(xl, xs, ridge).astype(np.float32),
-            "out": _ridge(ys, yl, ridge).astype(np.float32),
-        }
+        plug[t] = {"out": _ridge(ys, yl, ridge).astype(np.float32)}
+        if "in" in sides:  # a prefix has no input side
+            plug[t]["in"] = _ridge(xl, xs, ridge).astype(np.float32)
     return plug
 
 
@@ -187,6 +199,8 @@ def leaf_paths(method: str, layer: int, site: str) -> dict[str, str]:
 def slm_modules(flat: dict, method: str, sites: Iterable[str], layers: int) -> dict[str, dict]:
     """{site: {leaf: [layers, ...]}}: a PEFT model's per-layer modules (flat params), stacked
     over depth (LEAF_SIDES names the leaves)."""
+    if method == "prefix":
+        return _prefix_modules(flat, check_sites(method, sites), layers)
     out = {}
     for t in check_sites(method, sites):
         stacked = {leaf: [] for leaf in LEAF_SIDES[method]}
@@ -200,6 +214,27 @@ def slm_modules(flat: dict, method: str, sites: Iterable[str], layers: int) -> d
                 stacked[leaf].append(np.asarray(flat[path], np.float32))
         out[t] = {leaf: np.stack(rows) for leaf, rows in stacked.items()}
     return out
+
+
+def _prefix_modules(flat: dict, sites: tuple[str, ...], layers: int) -> dict[str, dict]:
+    if PREFIX_TABLE not in flat:
+        raise ValueError(
+            f"the SLM's prefix lacks {PREFIX_TABLE} (a prefix_projection MLP does not carry over: "
+            "train the SLM's prefix with peft.prefix_projection=False)"
+        )
+    table = np.asarray(flat[PREFIX_TABLE], np.float32)  # [P, layers * 2 * W]
+    if table.shape[1] % (2 * layers):
+        raise ValueError(f"{PREFIX_TABLE} {table.shape} is not {layers} layers of keys + values")
+    blocks = table.reshape(table.shape[0], layers, 2, -1).transpose(1, 2, 0, 3)  # [L, 2, P, W]
+    return {site: {"prefix": blocks[:, k]} for k, site in enumerate(PREFIX_SITES)}
+
+
+def prefix_table(blocks: dict[str, list]) -> jax.Array:
+    """The prefix table [P, layers * 2 * W] from per-layer keys and values {site: [[P, W]]}."""
+    rows = []
+    for key, value in zip(blocks["k_proj"], blocks["v_proj"], strict=True):
+        rows += [key, value]
+    return jnp.concatenate(rows, axis=1)
 
 
 def method_of(modules: dict) -> str:
@@ -220,16 +255,30 @@ def carry(value, side, p_in, p_out):
     return value
 
 
+def carried(modules: dict, plug: dict, llm_layers: int) -> dict[tuple[str, int, str], jax.Array]:
+    """{(site, LLM layer, leaf): value}: each LLM layer's module, its SLM layer's (depth_map)
+    carried through W_plug. Works on traced arrays too (stage 4 differentiates it)."""
+    method = method_of(modules)
+    out = {}
+    for t, stacked in modules.items():
+        p_in, p_out = jnp.asarray(plug[t].get("in", 0.0)), jnp.asarray(plug[t]["out"])
+        slm_layers = next(iter(stacked.values())).shape[0]
+        for j, i in enumerate(depth_map(slm_layers, llm_layers)):
+            for leaf, side in LEAF_SIDES[method].items():
+                out[(t, j, leaf)] = carry(jnp.asarray(stacked[leaf][i]), side, p_in, p_out)
+    return out
+
+
+def assemble(method: str, values: dict[tuple[str, int, str], jax.Array]) -> dict[str, jax.Array]:
+    """Flat PEFT leaves of a model from per-layer module values (`carried`'s keys)."""
+    if method == "prefix":
+        layers = 1 + max(j for _, j, _ in values)
+        blocks = {t: [values[(t, j, "prefix")] for j in range(layers)] for t in PREFIX_SITES}
+        return {PREFIX_TABLE: prefix_table(blocks)}
+    return {leaf_paths(method, j, t)[leaf]: v for (t, j, leaf), v in values.items()}
+
+
 def plug_modules(modules: dict, plug: dict, llm_layers: int) -> dict[str, jax.Array]:
     """The LLM's PEFT leaves (flat paths), each LLM layer taking its SLM layer's module
     (depth_map) carried through W_plug. Works on traced arrays too (stage 4 differentiates it)."""
-    method = method_of(modules)
-    leaves = {}
-    for t, stacked in modules.items():
-        p_in, p_out = jnp.asarray(plug[t]["in"]), jnp.asarray(plug[t]["out"])
-        slm_layers = next(iter(stacked.values())).shape[0]
-        for j, i in enumerate(depth_map(slm_layers, llm_layers)):
-            paths = leaf_paths(method, j, t)
-            for leaf, side in LEAF_SIDES[method].items():
-                leaves[paths[leaf]] = carry(jnp.asarray(stacked[leaf][i]), side, p_in, p_out)
-    return leaves
+    return assemble(method_of(modules), carried(modules, plug, llm_layers))

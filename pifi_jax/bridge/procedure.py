@@ -7,7 +7,7 @@
     <workdir>/transfer_init.npz  stage 4: the SLM's modules, fitted W_plug, W_down = selection
     <workdir>/adapt/             stage 4: their training through the bridge (the trainer)
     <workdir>/evaluate/          stage 5: the LLM with the modules plugged in, evaluated; its
-                                 adapter/ is a Hugging Face PEFT adapter of the LLM (LoRA)
+                                 adapter/ is a Hugging Face PEFT adapter of the LLM (LoRA, prefix)
                                  or pifi_jax's native adapter file (bottleneck adapters)
     <workdir>/transfer.json      the stages' results side by side
 
@@ -40,7 +40,11 @@ STUDY = ("llm_peft", "direct", "bridge_only")
 
 
 # transfer.method -> the SLM's peft.method values that make its modules.
-PEFT_METHODS = {"lora": ("lora",), "adapter": ("adapter_houlsby", "adapter_pfeiffer")}
+PEFT_METHODS = {
+    "lora": ("lora",),
+    "adapter": ("adapter_houlsby", "adapter_pfeiffer"),
+    "prefix": ("prefix",),
+}
 # The sites of each adapter kind when peft.target_modules is empty (its defaults on the Llama
 # architecture: pifi_jax.peft.targets.ADAPTER_TARGETS).
 ADAPTER_SITES = {"adapter_houlsby": ("o_proj", "down_proj"), "adapter_pfeiffer": ("down_proj",)}
@@ -49,10 +53,7 @@ ADAPTER_SITES = {"adapter_houlsby": ("o_proj", "down_proj"), "adapter_pfeiffer":
 def check_config(config) -> None:
     t = config.transfer
     if t.method not in PEFT_METHODS:
-        raise ValueError(
-            f"transfer.method={t.method!r}: choose one of {sorted(PEFT_METHODS)} (prefix "
-            "transfer is not implemented yet)"
-        )
+        raise ValueError(f"transfer.method={t.method!r}: choose one of {sorted(PEFT_METHODS)}")
     allowed = PEFT_METHODS[t.method]
     if config.peft.method not in allowed:
         raise ValueError(
@@ -65,12 +66,19 @@ def check_config(config) -> None:
             "transfer.method='adapter': set peft.train_layernorms=false (the SLM's norm weights "
             "have no counterpart in the LLM, so what they learnt would not carry over)"
         )
+    if t.method == "prefix" and config.peft.prefix_projection:
+        raise ValueError(
+            "transfer.method='prefix': set peft.prefix_projection=false (the SLM's prefix MLP "
+            "has no counterpart in the LLM; its table is what carries over)"
+        )
     plug.check_sites(t.method, sites_of(config))
 
 
 def sites_of(config) -> tuple[str, ...]:
     """Where the SLM's modules sit: the LoRA targets of the config's peft section
     (comma-separated names), or the projections its adapters follow."""
+    if config.transfer.method == "prefix":
+        return plug.PREFIX_SITES
     names = tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
     if config.transfer.method == "adapter" and not names:
         return ADAPTER_SITES[config.peft.method]
@@ -214,7 +222,7 @@ def _make_init(config, workdir: Path, log) -> Path:
 def _fresh_modules(config, workdir: Path) -> Path:
     """The ablation "bridge alone": transfer_init.npz with the SLM's modules replaced by
     untrained ones, as the method initialises them (LoRA: A random, B = 0; adapters: down
-    random, up = 0), of the same shapes and seed."""
+    random, up = 0; a prefix N(0, 1)), of the same shapes and seed."""
     out = workdir / "bridge_only" / "transfer_init.npz"
     if out.is_file():
         return out

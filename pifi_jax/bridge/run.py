@@ -3,7 +3,7 @@ launch.transfer for stages 4 and 5; see pifi_jax.train.builders).
 
 `config.bridge.stage`:
   adapt  model.path is the bridge checkpoint; the model is `TransferModel`: the bridge as a
-         PeftModel of the SLM's method (LoRA or bottleneck adapters; frozen, its own PEFT leaves
+         PeftModel of the SLM's method (LoRA, bottleneck adapters or a prefix; frozen, its own PEFT leaves
          unused) whose PEFT leaves are computed from the
          trainable tree (adapt.py: the SLM's modules, W_plug, W_down), read at the start from
          `bridge.init` (transfer_init.npz). Only `transfer/...` trains. The run's adapter
@@ -11,7 +11,7 @@ launch.transfer for stages 4 and 5; see pifi_jax.train.builders).
   llm    model.path is the LLM; the model is its PeftModel with the modules of
          `bridge.trained` (transfer.npz) plugged in (adapt.llm_leaves); nothing trains, the run
          evaluates (train.epochs 0), and its adapter directory is a Hugging Face PEFT adapter of
-         the LLM (LoRA; adapters in pifi_jax's native format).
+         the LLM (LoRA, prefix; adapters in pifi_jax's native format).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class BridgeBuilder:
         if method is None or method.method not in plug.METHODS:
             raise ValueError(
                 f"bridge transfer trains {plug.METHODS} modules: set peft.method to "
-                f"lora, adapter_houlsby or adapter_pfeiffer, got {config.peft.method!r}"
+                f"lora, adapter_houlsby, adapter_pfeiffer or prefix, got {config.peft.method!r}"
             )
         module, params = from_pretrained(
             model_dir,
