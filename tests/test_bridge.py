@@ -592,7 +592,7 @@ def test_plugged_modules_on_the_llm_equal_the_modules_applied_by_hand(pair, meth
 
 def test_unsupported_targets_and_methods_are_refused():
     with pytest.raises(ValueError, match=r"supports the targets .* got \['o_proj'\]"):
-        bridge.plug.check_targets(["o_proj"])
+        bridge.plug.check_sites("lora", ["o_proj"])
     with pytest.raises(ValueError, match=r"adapters supports the sites .* got \['q_proj'\]"):
         bridge.plug.check_sites("adapter", ["q_proj"])
     with pytest.raises(

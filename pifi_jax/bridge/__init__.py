@@ -4,8 +4,8 @@
 mapping.py: which SLM layer serves each LLM layer, and the shared-tokenizer check;
 fisher.py: the LLM's empirical Fisher importance on task data, one layer at a time;
 prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
-plug.py: W_plug fitted between the two models' activations, LoRA / adapter / prefix modules carried into
-the LLM;
+plug.py: W_plug fitted between the two models' activations, LoRA / adapter / prefix modules
+carried into the LLM;
 adapt.py: the modules, W_plug and W_down trained through the bridge (the LLM untouched);
 run.py: the trainer's model builder "bridge"; procedure.py: the stages in one run directory.
 """

@@ -24,8 +24,9 @@ SLM's input space and its output mapped into the LLM's output space:
 
 so every leaf whose first axis is the input space is multiplied by P_in on the left (LoRA's A,
 the adapter's D), every leaf whose last axis is the output space by P_out on the right (B; U and
-u; a prefix block), and the rest is copied (d): x_l (P_in A) (B P_out) ~ (x_s A B) carried to the LLM, and
-likewise act(h_l P_in D + d) (U P_out) + u P_out for the adapter (`carry`, `LEAF_SIDES`).
+u; a prefix block), and the rest is copied (d): x_l (P_in A) (B P_out) ~ (x_s A B) carried to
+the LLM, and likewise act(h_l P_in D + d) (U P_out) + u P_out for the adapter (`carry`,
+`LEAF_SIDES`).
 
 Where the paper is silent (how W_plug is initialised), the choice here: P_in and P_out are fitted
 without any gradient by ridge regression between the two models' activations on the same task
@@ -74,14 +75,10 @@ LEAF_SIDES = {
 }
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"bridge transfer carries {METHODS} modules, got method {method!r}")
-
-
 def check_sites(method: str, sites: Iterable[str]) -> tuple[str, ...]:
     """The sites of `method`'s modules, refused where W_plug cannot be fitted."""
-    _check_method(method)
+    if method not in METHODS:
+        raise ValueError(f"bridge transfer carries {METHODS} modules, got method {method!r}")
     sites = tuple(sites)
     allowed = {"lora": TARGET_INPUTS, "adapter": ADAPTER_HOSTS, "prefix": PREFIX_SITES}[method]
     bad = [t for t in sites if t not in allowed]
@@ -96,10 +93,6 @@ def check_sites(method: str, sites: Iterable[str]) -> tuple[str, ...]:
         }[method]
         raise ValueError(f"bridge transfer of {what.format(sorted(allowed))}; got {list(sites)}")
     return sites
-
-
-def check_targets(targets: Iterable[str]) -> tuple[str, ...]:
-    return check_sites("lora", targets)
 
 
 def site_io(method: str, site: str) -> tuple[str, str]:
@@ -160,25 +153,25 @@ def fit_plug(
     names = {n for pair in io.values() for n in pair}
     (slm_module, slm_params), (llm_module, llm_params) = slm, llm
     mapping = depth_map(slm_module.config.num_layers, llm_module.config.num_layers)
-    pairs = {t: {"xs": [], "xl": [], "ys": [], "yl": []} for t in sites}
+    # Each module's outputs pooled once, in the same (batch, LLM layer) order for both models,
+    # however many sites read them (q, k, v share a norm; an adapter's input is its output).
+    pooled = {(side, n): [] for side in ("s", "l") for n in names}
     for batch in batches:
         a_s = activations(slm_module, slm_params, batch, names)
         a_l = activations(llm_module, llm_params, batch, names)
         for j, i in enumerate(mapping):
-            for t, (x, y) in io.items():
-                pairs[t]["xs"].append(a_s[(i, x)])
-                pairs[t]["xl"].append(a_l[(j, x)])
-                pairs[t]["ys"].append(a_s[(i, y)])
-                pairs[t]["yl"].append(a_l[(j, y)])
-    if not pairs[sites[0]]["xs"]:
+            for n in names:
+                pooled[("s", n)].append(a_s[(i, n)])
+                pooled[("l", n)].append(a_l[(j, n)])
+    if not pooled[("s", next(iter(names)))]:
         raise ValueError("fit_plug: no batches")
-    sides = set(LEAF_SIDES[method].values())
+    pooled = {k: np.concatenate(v) for k, v in pooled.items()}
+    has_in = "in" in LEAF_SIDES[method].values()  # a prefix has no input side
     plug = {}
-    for t, p in pairs.items():
-        xs, xl, ys, yl = (np.concatenate(p[k]) for k in ("xs", "xl", "ys", "yl"))
-        plug[t] = {"out": _ridge(ys, yl, ridge).astype(np.float32)}
-        if "in" in sides:  # a prefix has no input side
-            plug[t]["in"] = _ridge(xl, xs, ridge).astype(np.float32)
+    for t, (x, y) in io.items():
+        plug[t] = {"out": _ridge(pooled[("s", y)], pooled[("l", y)], ridge).astype(np.float32)}
+        if has_in:
+            plug[t]["in"] = _ridge(pooled[("l", x)], pooled[("s", x)], ridge).astype(np.float32)
     return plug
 
 
@@ -261,7 +254,8 @@ def carried(modules: dict, plug: dict, llm_layers: int) -> dict[tuple[str, int, 
     method = method_of(modules)
     out = {}
     for t, stacked in modules.items():
-        p_in, p_out = jnp.asarray(plug[t].get("in", 0.0)), jnp.asarray(plug[t]["out"])
+        p_in = jnp.asarray(plug[t]["in"]) if "in" in plug[t] else None  # none for a prefix
+        p_out = jnp.asarray(plug[t]["out"])
         slm_layers = next(iter(stacked.values())).shape[0]
         for j, i in enumerate(depth_map(slm_layers, llm_layers)):
             for leaf, side in LEAF_SIDES[method].items():
