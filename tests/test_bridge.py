@@ -379,9 +379,9 @@ def test_tokenizer_pairs_refused_with_the_difference(tmp_path):
 def test_other_families_and_bad_reductions_refused(tmp_path, llm):
     from tests.conftest import write_tiny_decoder
 
-    gpt2 = write_tiny_decoder(tmp_path / "gpt2", "gpt2")
-    with pytest.raises(ValueError, match="supports the Llama architecture .* 'gpt2'"):
-        bridge.fisher_scores(str(gpt2), llm["batches"], log=lambda s: None)
+    falcon = write_tiny_decoder(tmp_path / "falcon", "falcon")
+    with pytest.raises(ValueError, match="supports the model types .*gpt2.*'falcon'"):
+        bridge.fisher_scores(str(falcon), llm["batches"], log=lambda s: None)
     config = pifi_jax.from_pretrained(str(llm["dir"]), task="causal_lm", log=lambda s: None)[
         0
     ].config

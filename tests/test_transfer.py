@@ -209,10 +209,15 @@ def test_refusals(pair, tiny_pair_files, tmp_path):
             _config(pair, tiny_pair_files, ["--config.peft.target_modules=o_proj"]), tmp_path
         )
     other = tmp_path / "other_llm"
-    write_tiny_decoder(other, "gpt2")
+    write_tiny_decoder(other, "llama")
+    tiny_word_tokenizer(other, bos=False)  # the same words, no <s> in front
     config = _config((pair[0], other), tiny_pair_files)
     with pytest.raises(ValueError, match="encode a probe text differently|differ"):
         procedure.run(config, tmp_path / "run", stages=("fisher",))
+    # a GPT-2 LLM prunes into a bridge (tests/test_bridge_gpt2.py), but its modules do not carry
+    gpt2 = write_tiny_decoder(tmp_path / "gpt2_llm", "gpt2")
+    with pytest.raises(ValueError, match=r"the LLM .*gpt2_llm is 'gpt2'.*fused c_attn"):
+        procedure.run(_config((pair[0], gpt2), tiny_pair_files), tmp_path / "run2")
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 (Jin, Zhang, Zong, EMNLP 2023; shared/spec/bridge.md).
 
 mapping.py: which SLM layer serves each LLM layer, and the shared-tokenizer check;
+arch.py: which axis of each tensor of a family (Llama, GPT-2) is the stream, a head or a unit;
 fisher.py: the LLM's empirical Fisher importance on task data, one layer at a time;
 prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
 plug.py: W_plug fitted between the two models' activations, LoRA / adapter / prefix modules

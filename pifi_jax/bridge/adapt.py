@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pifi_jax.bridge import arch as arch_lib
 from pifi_jax.bridge import plug as plug_lib
-from pifi_jax.bridge.prune import Selection, _head_columns
+from pifi_jax.bridge.prune import Selection
 from pifi_jax.hub.pretrained import _flatten, _unflatten
 from pifi_jax.train.metrics import mean_next_token_loss
 
@@ -77,10 +78,11 @@ def method_of(trainable: dict) -> str:
 
 def kept_columns(selection: Selection, llm_config, site: str, layer: int) -> np.ndarray:
     """The output columns of `site` that bridge layer `layer` keeps."""
+    dims = arch_lib.arch_for(llm_config).dims(llm_config)
     if site == "q_proj":
-        return _head_columns(selection.q_heads[layer], llm_config.head_dim)
+        return arch_lib.kept_indices(selection, dims, arch_lib.Q, layer)
     if site in ("k_proj", "v_proj"):
-        return _head_columns(selection.kv_groups[layer], llm_config.head_dim)
+        return arch_lib.kept_indices(selection, dims, arch_lib.KV, layer)
     if site in plug_lib.ADAPTER_HOSTS:  # a sub-layer's output: the residual stream
         return np.asarray(selection.hidden)
     return selection.ffn[layer]

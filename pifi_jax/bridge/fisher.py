@@ -22,15 +22,18 @@ example's gradient of them and their squared-gradient accumulator (the backward)
 read twice (forward, backward).
 
 What pruning needs is reduced from H at once (`reduce_layer`), so nothing of H's size stays:
-  hidden [d]      per residual-stream dimension: the embedding's columns, every norm's weights,
-                  the input rows of q, k, v, gate and up, the output columns (and biases) of o
-                  and down, the LM head's input rows;
+  hidden [d]      per residual-stream dimension: the embedding's columns (and the learned
+                  positions', GPT-2), every norm's weights (and LayerNorm biases), the input
+                  rows of q, k, v, gate and up, the output columns (and biases) of o and down,
+                  the LM head's input rows;
   q_heads [L, n_q]    per query head: its block of q's columns (and bias) and of o's rows;
   kv_groups [L, n_kv] per key/value head: its blocks of k's and v's columns (and biases);
   ffn [L, f]      per MLP unit: its gate and up columns (and biases) and its down row.
+Which axis of which tensor is which comes from arch.py (GPT-2's fused c_attn is q | k | v).
 Tied embeddings count once with the sum of their two uses in each example's gradient.
 
-Families: the Llama architecture (llama, mistral, qwen2); others are refused by name.
+Families: the Llama architecture (llama, mistral, qwen2) and GPT-2 (arch.py); others are
+refused by name.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pifi_jax.bridge import arch as arch_lib
+from pifi_jax.bridge.arch import FFN, HIDDEN, KV, Q
 from pifi_jax.hub import convert
 from pifi_jax.hub.layer import LayerView
 from pifi_jax.hub.pretrained import (
@@ -57,9 +62,9 @@ from pifi_jax.hub.pretrained import (
     open_checkpoint,
 )
 from pifi_jax.layers import RMSNorm, positions_from_mask
-from pifi_jax.models import llama, registry
+from pifi_jax.models import registry
 
-SUPPORTED = llama.MODEL_TYPES
+SUPPORTED = arch_lib.SUPPORTED
 
 
 @dataclasses.dataclass
@@ -106,12 +111,9 @@ class FisherScores:
             raise ValueError(f"{path}: not a Fisher score file ({e})") from None
 
 
-def check_family(config) -> None:
-    if config.model_type not in SUPPORTED:
-        raise ValueError(
-            f"bridge pruning supports the Llama architecture {SUPPORTED}; the checkpoint is "
-            f"{config.model_type!r}"
-        )
+def check_family(config) -> arch_lib.Arch:
+    """The family's tensor layout (arch.py), or a refusal naming the model type."""
+    return arch_lib.arch_for(config)
 
 
 def _blocks(h: np.ndarray, width: int, axis: int) -> np.ndarray:
@@ -120,57 +122,34 @@ def _blocks(h: np.ndarray, width: int, axis: int) -> np.ndarray:
     return h.reshape(h.shape[0] // width, -1).sum(axis=1)
 
 
-def _along(h: np.ndarray, axis: int) -> np.ndarray:
-    """Sums of h over every axis but `axis`."""
-    return _blocks(h, 1, axis)
-
-
 def reduce_layer(fisher: dict[str, np.ndarray], config) -> tuple[np.ndarray, ...]:
     """(hidden [d], q_heads [n_q], kv_groups [n_kv], ffn [f]) of one decoder layer's H, given as
     flax paths inside the layer (`self_attn/q_proj/kernel`, ...) in the [in, out] layout."""
-    d, hd = config.hidden_size, config.head_dim
-    hidden = np.zeros(d, np.float64)
-    q = np.zeros(config.num_attention_heads, np.float64)
-    kv = np.zeros(config.num_key_value_heads, np.float64)
-    ffn = np.zeros(config.intermediate_size, np.float64)
+    arch = check_family(config)
+    dims = arch.dims(config)
+    scores = {k: np.zeros(dims.units(k), np.float64) for k in (HIDDEN, Q, KV, FFN)}
     for path, h in fisher.items():
         h = np.asarray(h, np.float64)
-        module, leaf = path.rsplit("/", 1)
-        name = module.rsplit("/", 1)[-1]
-        if leaf == "scale":  # input_layernorm, post_attention_layernorm
-            hidden += h
-        elif name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            out_axis = 1 if leaf == "kernel" else 0
-            if leaf == "kernel":
-                hidden += _along(h, 0)
-            if name == "q_proj":
-                q += _blocks(h, hd, out_axis)
-            elif name in ("k_proj", "v_proj"):
-                kv += _blocks(h, hd, out_axis)
-            else:
-                ffn += _along(h, out_axis)
-        elif name in ("o_proj", "down_proj"):
-            if leaf == "kernel":
-                hidden += _along(h, 1)
-                if name == "o_proj":
-                    q += _blocks(h, hd, 0)
-                else:
-                    ffn += _along(h, 0)
-            else:
-                hidden += h
-        else:
-            raise ValueError(f"reduce_layer: no rule for the layer tensor {path!r}")
-    return hidden, q, kv, ffn
-
-
-def _is_layer_path(path: str) -> bool:
-    return re.match(rf"model/{llama.LAYER_STACK}_\d+/", path) is not None
+        rule = arch.rule(path)
+        if rule is None:  # a norm's weight
+            scores[HIDDEN] += h
+            continue
+        rows, columns = rule
+        kernel = path.endswith("/kernel")
+        if kernel:
+            scores[rows] += _blocks(h, dims.block(rows), 0)
+        axis = 1 if kernel else 0
+        for kind, start, stop in arch.segments(dims, columns):
+            part = h[:, start:stop] if kernel else h[start:stop]
+            scores[kind] += _blocks(part, dims.block(kind), axis)
+    return scores[HIDDEN], scores[Q], scores[KV], scores[FFN]
 
 
 def non_layer_abstract(family, config) -> dict:
     """The causal LM's non-layer leaves (embedding, final norm, LM head): path -> shape."""
+    arch = check_family(config)
     model = family.build(config, "causal_lm", 0, jnp.float32, jnp.float32)
-    return {p: s for p, s in abstract_params(model).items() if not _is_layer_path(p)}
+    return {p: s for p, s in abstract_params(model).items() if not arch.is_layer_path(p)}
 
 
 def read_non_layer(reader, family, config, abstract: dict, only: str | None = None, log=print):
@@ -237,10 +216,14 @@ class _LayerFns:
         return self._fns[window]
 
 
-def _example_head(scale, w, h, ids, loss_mask, eps: float, full: bool, tied: bool):
+def _final_norm(arch: arch_lib.Arch, eps: float) -> nn.Module:
+    return RMSNorm(eps) if arch.rms_norm else nn.LayerNorm(eps)
+
+
+def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, tied: bool):
     """One example through the final norm and the output matrix w [d, vocab] (the LM head, or
     the tied embedding [vocab, d]): the squared gradient of -log p(targets) with respect to the
-    norm's scale [d] and to w, and the cotangent of h [length, d].
+    norm's weights ({leaf: [d]}) and to w, and the cotangent of h [length, d].
 
     The gradient of w is normed' delta (delta = dloss/dlogits [length, vocab]); what pruning needs
     is its squared sum over the vocabulary, sum_v (normed' delta)[k, v]^2 = normed[:, k]'
@@ -249,9 +232,7 @@ def _example_head(scale, w, h, ids, loss_mask, eps: float, full: bool, tied: boo
     own tokens index are returned too (delta[:, ids]' normed), for the cross term with its input
     use.
     """
-    normed, norm_vjp = jax.vjp(
-        lambda s, x: RMSNorm(eps).apply({"params": {"scale": s}}, x), scale, h
-    )
+    normed, norm_vjp = jax.vjp(lambda p, x: norm.apply({"params": p}, x), norm_params, h)
 
     def nll(logits):
         logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
@@ -261,14 +242,29 @@ def _example_head(scale, w, h, ids, loss_mask, eps: float, full: bool, tied: boo
     # tied: w is the embedding [vocab, d]; else the LM head's kernel [d, vocab]
     logits = normed @ w.T if tied else normed @ w
     delta = jax.grad(nll)(logits)  # [length, vocab]
-    g_scale, g_h = norm_vjp(delta @ w if tied else delta @ w.T)
+    g_norm, g_h = norm_vjp(delta @ w if tied else delta @ w.T)
     gram = delta @ delta.T  # [length, length]
     w_rows = jnp.einsum("tk,ts,sk->k", normed, gram, normed)  # [d]
     token_rows = delta[:, ids].T @ normed  # [length, d]: the tied embedding's rows at ids
     w_full = jnp.zeros((0,), jnp.float32)
     if full:  # [d, vocab] (untied) or [vocab, d] (tied), as w
         w_full = jnp.square(delta.T @ normed if tied else normed.T @ delta)
-    return g_scale * g_scale, w_rows, w_full, g_h, token_rows
+    return jax.tree.map(jnp.square, g_norm), w_rows, w_full, g_h, token_rows
+
+
+def _scatter_square(indices: np.ndarray, cot: np.ndarray, width: int, extra=None):
+    """(unique indices, squared per-row gradient [len(unique), width]) of a lookup table whose
+    rows `indices` [length] received the cotangents `cot` [length, width]; `extra` (rows of
+    another use of the same table at `indices`, [length, width]) enters the square as a cross
+    term: (g_extra + g)^2 - g_extra^2."""
+    uniq, inverse = np.unique(indices, return_inverse=True)
+    g = np.zeros((len(uniq), width), np.float64)
+    np.add.at(g, inverse, cot)
+    if extra is None:
+        return uniq, g * g
+    g_extra = np.zeros_like(g)
+    g_extra[inverse] = extra
+    return uniq, 2 * g_extra * g + g * g
 
 
 def fisher_scores(
@@ -286,7 +282,8 @@ def fisher_scores(
     """
     reader, hf_config = open_checkpoint(checkpoint)
     config = registry.config_from_hf(hf_config)
-    check_family(config)
+    arch = check_family(config)
+    dims = arch.dims(config)
     family = registry.family_for(config.model_type)
     tied = bool(config.tie_word_embeddings)
     head_abstract = non_layer_abstract(family, config)
@@ -297,10 +294,13 @@ def fisher_scores(
         )
 
     flat = load_head([p for p in head_abstract if p != "lm_head/kernel"])
-    head = {
-        "embed": flat.pop("model/embed_tokens/embedding"),
-        "norm": {"scale": flat.pop("model/norm/scale")},
-    }
+    embed = flat.pop(arch.embed)
+    pos_embed = flat.pop(arch.position_embed) if arch.position_embed else None
+    norm_prefix = arch.final_norm + "/"
+    norm_params = {p[len(norm_prefix) :]: v for p, v in flat.items() if p.startswith(norm_prefix)}
+    rest = [p for p in flat if not p.startswith(norm_prefix)]
+    if rest or not norm_params:
+        raise ValueError(f"fisher_scores: unexpected non-layer tensors {rest} of {checkpoint}")
     del flat
 
     data = [
@@ -315,12 +315,20 @@ def fisher_scores(
     n_layers = config.num_layers
 
     # 1. forward, keeping every layer boundary on the host
-    embed = jax.jit(lambda e, ids: e[ids])
-    states = [[np.asarray(embed(head["embed"], b["input_ids"])) for b in data]]
+    if pos_embed is None:
+        states = [[np.asarray(jax.jit(lambda e, ids: e[ids])(embed, b["input_ids"])) for b in data]]
+    else:  # learned positions, added once at the embeddings (GPT-2)
+        add = jax.jit(lambda e, p, ids, pos: e[ids] + p[pos])
+        states = [
+            [
+                np.asarray(add(embed, pos_embed, b["input_ids"], positions[k]))
+                for k, b in enumerate(data)
+            ]
+        ]
     fns = _LayerFns()
     for i in range(n_layers):
         module, flat = read_layer(reader, family, config, i)
-        forward, _ = fns.get(module, config.layer_window(i))
+        forward, _ = fns.get(module, arch_lib.layer_window(config, i))
         params = _unflatten(flat)
         states.append(
             [
@@ -333,31 +341,28 @@ def fisher_scores(
 
     # 2. the head: squared per-example gradients of its weights, cotangents of its input
     if not tied:
-        del head["embed"]  # untied: the embedding's Fisher comes from the input cotangents alone
-    w = (
-        head["embed"]
-        if tied
-        else load_head(["lm_head/kernel"], r"lm_head\.weight")["lm_head/kernel"]
-    )
+        del embed  # untied: the embedding's Fisher comes from the input cotangents alone
+    w = embed if tied else load_head(["lm_head/kernel"], r"lm_head\.weight")["lm_head/kernel"]
+    norm = _final_norm(arch, dims.eps)
 
-    def head_backward(scale, w, acc, h, ids, loss_mask):
+    def head_backward(norm_params, w, acc, h, ids, loss_mask):
         def one(acc, inputs):
-            sq_scale, w_rows, w_full, g_h, rows = _example_head(
-                scale, w, *inputs, config.rms_norm_eps, keep_full, tied
+            sq_norm, w_rows, w_full, g_h, rows = _example_head(
+                norm, norm_params, w, *inputs, keep_full, tied
             )
-            acc = (acc[0] + sq_scale, acc[1] + w_rows, acc[2] + w_full)
+            acc = (jax.tree.map(jnp.add, acc[0], sq_norm), acc[1] + w_rows, acc[2] + w_full)
             return acc, (g_h, rows)
 
         return jax.lax.scan(one, acc, (h, ids, loss_mask))
 
     head_backward = jax.jit(head_backward, donate_argnums=2)
-    d = config.hidden_size
+    d = dims.hidden
     full_shape = w.shape if keep_full else (0,)
-    head_acc = (jnp.zeros(d), jnp.zeros(d), jnp.zeros(full_shape))
+    head_acc = (jax.tree.map(jnp.zeros_like, norm_params), jnp.zeros(d), jnp.zeros(full_shape))
     cots, head_rows = [], []
     for k, b in enumerate(data):
         head_acc, (g_h, rows) = head_backward(
-            head["norm"]["scale"],
+            norm_params,
             w,
             head_acc,
             states[-1][k],
@@ -366,20 +371,21 @@ def fisher_scores(
         )
         cots.append(np.asarray(g_h))
         head_rows.append(np.asarray(rows))
-    del w, head
+    del w, norm_params
     states.pop()
-    scale_sq, w_rows, w_full = (np.asarray(a, np.float64) for a in head_acc)
+    norm_sq = {leaf: np.asarray(v, np.float64) for leaf, v in head_acc[0].items()}
+    w_rows, w_full = (np.asarray(a, np.float64) for a in head_acc[1:])
     del head_acc
 
     # 3. backward through the layers, last first
-    q_heads = np.zeros((n_layers, config.num_attention_heads))
-    kv_groups = np.zeros((n_layers, config.num_key_value_heads))
-    ffn = np.zeros((n_layers, config.intermediate_size))
-    hidden = np.zeros(config.hidden_size)
+    q_heads = np.zeros((n_layers, dims.heads))
+    kv_groups = np.zeros((n_layers, dims.kv_heads))
+    ffn = np.zeros((n_layers, dims.ffn))
+    hidden = np.zeros(d)
     full: dict[str, np.ndarray] = {}
     for i in reversed(range(n_layers)):
         module, flat = read_layer(reader, family, config, i)
-        _, backward = fns.get(module, config.layer_window(i))
+        _, backward = fns.get(module, arch_lib.layer_window(config, i))
         params = _unflatten(flat)
         acc = jax.tree.map(jnp.zeros_like, params)
         inputs = states.pop()
@@ -390,44 +396,47 @@ def fisher_scores(
         h_d, q_heads[i], kv_groups[i], ffn[i] = reduce_layer(layer_h, config)
         hidden += h_d
         if keep_full:
-            full.update({f"model/{llama.LAYER_STACK}_{i}/{p}": v for p, v in layer_h.items()})
+            full.update({f"{arch.layer_path(i)}/{p}": v for p, v in layer_h.items()})
         del params, flat, acc, inputs
         log(f"fisher: backward through layer {i + 1}/{n_layers}")
 
-    # 4. the embedding: each example's gradient is the scatter of its input cotangents over its
-    # token ids (plus, when tied, the head's use of the same rows)
-    column_sq = np.zeros(config.hidden_size, np.float64)
-    embed_full = None
+    # 4. the embeddings: each example's gradient is the scatter of its input cotangents over its
+    # token ids (plus, when tied, the head's use of the same rows), and over its positions
+    column_sq = np.zeros(d, np.float64)
+    embed_full = pos_full = None
     if tied:  # the head's part, every row
         column_sq += w_rows
         if keep_full:
             embed_full = w_full.copy()
     elif keep_full:
-        embed_full = np.zeros((config.vocab_size, config.hidden_size), np.float64)
+        embed_full = np.zeros((config.vocab_size, d), np.float64)
+    if keep_full and pos_embed is not None:
+        pos_full = np.zeros(pos_embed.shape, np.float64)
     for k, b in enumerate(data):
         for e in range(b["input_ids"].shape[0]):
-            uniq, inverse = np.unique(b["input_ids"][e], return_inverse=True)
-            g_in = np.zeros((len(uniq), config.hidden_size), np.float64)
-            np.add.at(g_in, inverse, cots[k][e])
-            if tied:  # (g_head + g_in)^2 - g_head^2 on the rows this example touched
-                g_head = np.zeros_like(g_in)
-                g_head[inverse] = head_rows[k][e]
-                delta = 2 * g_head * g_in + g_in * g_in
-            else:
-                delta = g_in * g_in
-            column_sq += delta.sum(axis=0)
+            extra = head_rows[k][e] if tied else None
+            uniq, sq = _scatter_square(b["input_ids"][e], cots[k][e], d, extra)
+            column_sq += sq.sum(axis=0)
             if keep_full:
-                embed_full[uniq] += delta
+                embed_full[uniq] += sq
+            if pos_embed is not None:
+                uniq, sq = _scatter_square(positions[k][e], cots[k][e], d)
+                column_sq += sq.sum(axis=0)
+                if keep_full:
+                    pos_full[uniq] += sq
     if keep_full:
-        full["model/embed_tokens/embedding"] = embed_full / examples
+        full[arch.embed] = embed_full / examples
+        if pos_full is not None:
+            full[arch.position_embed] = pos_full / examples
     hidden += column_sq / examples
-    hidden += scale_sq / examples
+    for leaf, sq in norm_sq.items():
+        hidden += sq / examples
+        if keep_full:
+            full[f"{arch.final_norm}/{leaf}"] = sq / examples
     if not tied:
         hidden += w_rows / examples
         if keep_full:
             full["lm_head/kernel"] = w_full / examples
-    if keep_full:
-        full["model/norm/scale"] = scale_sq / examples
     return FisherScores(
         model_type=config.model_type,
         hidden=hidden,

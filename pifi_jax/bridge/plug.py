@@ -50,8 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from pifi_jax.bridge import arch
 from pifi_jax.bridge.mapping import depth_map
 
+# The families whose module names the sites below are.
+FAMILIES = arch.LLAMA.model_types
 METHODS = ("lora", "adapter", "prefix")
 PREFIX_SITES = ("k_proj", "v_proj")  # a layer's prefix keys, then its values
 PREFIX_TABLE = "prefix_encoder/embedding"

@@ -74,6 +74,20 @@ def check_config(config) -> None:
     plug.check_sites(t.method, sites_of(config))
 
 
+def check_families(config) -> None:
+    """Both models of the Llama architecture, whose module names W_plug's sites are."""
+    for role, path in (("SLM", config.model.path), ("LLM", config.transfer.llm)):
+        _, hf = open_checkpoint(str(path))
+        model_type = registry.config_from_hf(hf).model_type
+        if model_type not in plug.FAMILIES:
+            raise ValueError(
+                f"bridge transfer carries modules between models of the Llama architecture "
+                f"{plug.FAMILIES}; the {role} {path} is {model_type!r}. (A GPT-2 LLM can be "
+                "Fisher-pruned into a bridge, pifi_jax.bridge.fisher_scores / prune, but W_plug "
+                "for its fused c_attn and Conv1D sites is not implemented.)"
+            )
+
+
 def sites_of(config) -> tuple[str, ...]:
     """Where the SLM's modules sit: the LoRA targets of the config's peft section
     (comma-separated names), or the projections its adapters follow."""
@@ -328,6 +342,7 @@ def run(config, workdir: str | Path, stages=STAGES, log=print) -> dict:
     """Runs `stages` in order (STAGES, and the study's direct / bridge_only / llm_peft);
     returns what each trainer stage reported, also gathered in <workdir>/transfer.json."""
     check_config(config)
+    check_families(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in stages if s not in _RUNNERS]

@@ -17,7 +17,13 @@ Choices where the paper (Jin et al., EMNLP 2023) is silent, and why:
   that RMSNorm's mean runs over d_b dimensions instead of d. Scaling every RMSNorm weight by
   sqrt(d / d_b) and its epsilon by d / d_b makes the two equal exactly, so the bridge computes
   the LLM with the dropped dimensions, heads and units zeroed (tested): it starts as a faithful
-  sub-network of the LLM rather than a rescaled one.
+  sub-network of the LLM rather than a rescaled one. No such identity exists for LayerNorm
+  (GPT-2): its mean is subtracted before the variance, and both run over the kept dimensions
+  only, which no weight scaling undoes. Its weights and biases are sliced unchanged, so a GPT-2
+  bridge is the LLM's sub-network exactly in its heads and MLP units (tested, the residual
+  stream kept whole) and an approximation in the stream's width, re-normalised over what it
+  keeps. GPT-2's head_dim is n_embd / n_head, so its bridge is (kept heads x head_dim) wide.
+- Which tensor axis is the stream, a head or a unit: arch.py's table per family.
 
 The pruning reads the LLM one layer at a time (hub readers), so its memory is one layer plus the
 bridge being built. `save_bridge` writes config.json + model.safetensors (+ the LLM's tokenizer
@@ -36,6 +42,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from pifi_jax.bridge import arch as arch_lib
 from pifi_jax.bridge.fisher import (
     FisherScores,
     check_family,
@@ -50,7 +57,7 @@ from pifi_jax.hub.pretrained import (
     open_checkpoint,
     save_pretrained,
 )
-from pifi_jax.models import llama, registry
+from pifi_jax.models import registry
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,18 +83,24 @@ class BridgeSizes:
 
 
 def bridge_sizes(config, reduction: float) -> BridgeSizes:
-    """Each dimension of the LLM divided by sqrt(reduction), at least one of everything."""
+    """Each dimension of the LLM divided by sqrt(reduction), at least one of everything (a
+    family whose head_dim is width / heads: the width follows the kept heads)."""
     if not reduction >= 1:
         raise ValueError(f"bridge reduction must be >= 1 (1 = the LLM itself), got {reduction}")
+    arch = check_family(config)
+    dims = arch.dims(config)
     f = math.sqrt(reduction)
-    group = config.num_attention_heads // config.num_key_value_heads
-    kv = max(1, round(config.num_key_value_heads / f))
-    per_group = max(1, round(config.num_attention_heads / f / kv))
+    group = dims.heads // dims.kv_heads
+    kv = max(1, round(dims.kv_heads / f))
+    per_group = min(group, max(1, round(dims.heads / f / kv)))
+    hidden = max(1, round(dims.hidden / f))
+    if arch.tied_head_dim:
+        hidden = kv * per_group * dims.head_dim
     return BridgeSizes(
-        hidden=max(1, round(config.hidden_size / f)),
-        intermediate=max(1, round(config.intermediate_size / f)),
+        hidden=hidden,
+        intermediate=max(1, round(dims.ffn / f)),
         kv_groups=kv,
-        heads_per_group=min(group, per_group),
+        heads_per_group=per_group,
     )
 
 
@@ -128,7 +141,8 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 def select(scores: FisherScores, config, reduction: float) -> Selection:
     """The kept indices for a bridge of `reduction` (see the module docstring)."""
     sizes = bridge_sizes(config, reduction)
-    group = config.num_attention_heads // config.num_key_value_heads
+    dims = check_family(config).dims(config)
+    group = dims.heads // dims.kv_heads
     kv_kept, q_kept, ffn_kept = [], [], []
     for i in range(config.num_layers):
         q = scores.q_heads[i]
@@ -144,46 +158,39 @@ def select(scores: FisherScores, config, reduction: float) -> Selection:
 
 
 def bridge_config(config, selection: Selection):
-    d, d_b = config.hidden_size, len(selection.hidden)
-    return dataclasses.replace(
+    return check_family(config).shrunk(
         config,
-        hidden_size=d_b,
-        intermediate_size=len(selection.ffn[0]),
-        num_attention_heads=len(selection.q_heads[0]),
-        num_key_value_heads=len(selection.kv_groups[0]),
-        head_dim=config.head_dim,
-        rms_norm_eps=config.rms_norm_eps * d / d_b,
+        len(selection.hidden),
+        len(selection.q_heads[0]),
+        len(selection.kv_groups[0]),
+        len(selection.ffn[0]),
     )
 
 
-def _head_columns(heads: np.ndarray, head_dim: int) -> np.ndarray:
-    return (heads[:, None] * head_dim + np.arange(head_dim)[None]).reshape(-1)
+def _norm_factor(arch, config, selection: Selection) -> float:
+    """What RMSNorm weights are multiplied by (see the module docstring); 1 for LayerNorm."""
+    return math.sqrt(arch.dims(config).hidden / len(selection.hidden)) if arch.rms_norm else 1.0
 
 
 def prune_layer(flat: dict[str, np.ndarray], config, selection: Selection, i: int) -> dict:
     """One layer's tensors (flax paths inside the layer, [in, out]) sliced for the bridge."""
+    arch = check_family(config)
+    dims = arch.dims(config)
     hid = selection.hidden
-    q_cols = _head_columns(selection.q_heads[i], config.head_dim)
-    kv_cols = _head_columns(selection.kv_groups[i], config.head_dim)
-    units = selection.ffn[i]
-    norm = math.sqrt(config.hidden_size / len(hid))
-    out_cols = {"q_proj": q_cols, "k_proj": kv_cols, "v_proj": kv_cols, "gate_proj": units}
-    out_cols["up_proj"] = units
-    in_rows = {"o_proj": q_cols, "down_proj": units}
+    norm = _norm_factor(arch, config, selection)
     pruned = {}
     for path, value in flat.items():
         value = np.asarray(value)
-        module, leaf = path.rsplit("/", 1)
-        name = module.rsplit("/", 1)[-1]
-        if leaf == "scale":
-            pruned[path] = value[hid] * norm
-        elif name in out_cols:
-            cols = out_cols[name]
-            pruned[path] = value[np.ix_(hid, cols)] if leaf == "kernel" else value[cols]
-        elif name in in_rows:
-            pruned[path] = value[np.ix_(in_rows[name], hid)] if leaf == "kernel" else value[hid]
+        rule = arch.rule(path)
+        if rule is None:  # a norm's weight (RMSNorm: rescaled) or a LayerNorm's bias
+            pruned[path] = value[hid] * (norm if path.endswith("/scale") else 1.0)
+            continue
+        rows, columns = rule
+        cols = arch_lib.kept_columns(arch, selection, dims, columns, i)
+        if path.endswith("/kernel"):
+            pruned[path] = value[np.ix_(arch_lib.kept_indices(selection, dims, rows, i), cols)]
         else:
-            raise ValueError(f"prune_layer: no rule for the layer tensor {path!r}")
+            pruned[path] = value[cols]
     return pruned
 
 
@@ -192,24 +199,28 @@ def prune(checkpoint: str, selection: Selection, *, log=print):
     layer at a time."""
     reader, hf_config = open_checkpoint(checkpoint)
     config = registry.config_from_hf(hf_config)
-    check_family(config)
+    arch = check_family(config)
     family = registry.family_for(config.model_type)
     new_config = bridge_config(config, selection)
-    stack = f"model/{llama.LAYER_STACK}_"
     head = read_non_layer(reader, family, config, non_layer_abstract(family, config), log=log)
     hid = selection.hidden
-    norm = math.sqrt(config.hidden_size / len(hid))
-    flat = {
-        "model/embed_tokens/embedding": np.asarray(head["model/embed_tokens/embedding"])[:, hid],
-        "model/norm/scale": np.asarray(head["model/norm/scale"])[hid] * norm,
-    }
-    if "lm_head/kernel" in head:
-        flat["lm_head/kernel"] = np.asarray(head["lm_head/kernel"])[hid]
+    norm = _norm_factor(arch, config, selection)
+    flat = {}
+    for path, value in head.items():
+        value = np.asarray(value)
+        if path in (arch.embed, arch.position_embed):  # [rows, d]
+            flat[path] = value[:, hid]
+        elif path == "lm_head/kernel":  # [d, vocab]
+            flat[path] = value[hid]
+        elif path.startswith(arch.final_norm + "/"):
+            flat[path] = value[hid] * (norm if path.endswith("/scale") else 1.0)
+        else:
+            raise ValueError(f"prune: no rule for the tensor {path!r}")
     del head
     for i in range(config.num_layers):
         _, layer = read_layer(reader, family, config, i)
         for path, value in prune_layer(layer, config, selection, i).items():
-            flat[f"{stack}{i}/{path}"] = value
+            flat[f"{arch.layer_path(i)}/{path}"] = value
         log(f"bridge: pruned layer {i + 1}/{config.num_layers}")
     bridge = family.build(new_config, "causal_lm", 0, jnp.float32, jnp.float32)
     want = abstract_params(bridge)
