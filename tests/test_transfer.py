@@ -94,6 +94,46 @@ def test_every_stage_runs_and_a_second_run_skips_them(
     assert again["evaluate"] == results["evaluate"]
 
 
+def write_tiny_gpt2_llm(directory):
+    """A 48-wide, 3-layer GPT-2 with the GPT-2 SLM's tiny tokenizer."""
+    fast = tiny_word_tokenizer(directory)
+    torch.manual_seed(6)
+    config = transformers.GPT2Config(
+        vocab_size=len(fast), n_embd=48, n_head=6, n_layer=3, n_positions=128,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_a_gpt2_pair_transfers_lora_on_c_attn_through_every_stage(tiny_pair_files, tmp_path):
+    from pifi_jax.bridge import procedure
+
+    slm = write_tiny_decoder(tmp_path / "slm", "gpt2")
+    llm = write_tiny_gpt2_llm(tmp_path / "llm")
+    config = _config((slm, llm), tiny_pair_files)
+    assert procedure.sites_of(config) == ("c_attn",)  # GPT-2's PEFT default
+    results = procedure.run(config, tmp_path / "run", log=lambda *a: None)
+    assert "test/rougeL" in results["evaluate"]
+    bridge_config = json.loads((tmp_path / "run" / "bridge" / "config.json").read_text())
+    assert bridge_config["model_type"] == "gpt2" and bridge_config["n_embd"] < 48
+    # the exported LoRA is a Hugging Face PEFT adapter of transformers' GPT-2 (fan_in_fan_out
+    # Conv1D targets) that changes its logits
+    import peft as hf_peft
+
+    ids = torch.tensor([[4, 5, 6, 7]])
+    base = transformers.GPT2LMHeadModel.from_pretrained(llm).eval()
+    plain = base(input_ids=ids).logits
+    model = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "evaluate" / "adapter"))
+    assert model.peft_config["default"].fan_in_fan_out
+    assert (model(input_ids=ids).logits - plain).abs().max() > 1e-4
+    # Pfeiffer adapters on GPT-2 sit after its MLP output projection
+    adapter = _config(
+        (slm, llm), tiny_pair_files, ["--config.peft.method=adapter_pfeiffer"], method="adapter"
+    )
+    assert procedure.sites_of(adapter) == ("mlp.c_proj",)
+
+
 def test_one_stage_alone_needs_its_inputs(pair, tiny_pair_files, tmp_path):
     from pifi_jax.bridge import procedure
 
@@ -214,9 +254,8 @@ def test_refusals(pair, tiny_pair_files, tmp_path):
     config = _config((pair[0], other), tiny_pair_files)
     with pytest.raises(ValueError, match="encode a probe text differently|differ"):
         procedure.run(config, tmp_path / "run", stages=("fisher",))
-    # a GPT-2 LLM prunes into a bridge (tests/test_bridge_gpt2.py), but its modules do not carry
     gpt2 = write_tiny_decoder(tmp_path / "gpt2_llm", "gpt2")
-    with pytest.raises(ValueError, match=r"the LLM .*gpt2_llm is 'gpt2'.*fused c_attn"):
+    with pytest.raises(ValueError, match=r"one architecture: the SLM .* llama's, the LLM .*gpt2"):
         procedure.run(_config((pair[0], gpt2), tiny_pair_files), tmp_path / "run2")
 
 

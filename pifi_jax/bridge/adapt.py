@@ -78,14 +78,14 @@ def method_of(trainable: dict) -> str:
 
 def kept_columns(selection: Selection, llm_config, site: str, layer: int) -> np.ndarray:
     """The output columns of `site` that bridge layer `layer` keeps."""
-    dims = arch_lib.arch_for(llm_config).dims(llm_config)
-    if site == "q_proj":
-        return arch_lib.kept_indices(selection, dims, arch_lib.Q, layer)
-    if site in ("k_proj", "v_proj"):
-        return arch_lib.kept_indices(selection, dims, arch_lib.KV, layer)
-    if site in plug_lib.ADAPTER_HOSTS:  # a sub-layer's output: the residual stream
+    arch = arch_lib.arch_for(llm_config)
+    dims = arch.dims(llm_config)
+    if site in arch.sites.lora:  # a projection's columns: its heads or units (fused: each part)
+        kinds = arch.linears[arch.sites.lora[site][0]][1]
+        return arch_lib.kept_columns(arch, selection, dims, kinds, layer)
+    if site in arch.sites.adapter:  # a sub-layer's output: the residual stream
         return np.asarray(selection.hidden)
-    return selection.ffn[layer]
+    return arch_lib.kept_indices(selection, dims, arch_lib.KV, layer)  # a prefix's keys, values
 
 
 def llm_leaves(trainable: dict, llm_layers: int) -> dict[str, jax.Array]:

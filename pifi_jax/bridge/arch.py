@@ -59,6 +59,21 @@ class Dims:
 
 
 @dataclasses.dataclass(frozen=True)
+class Sites:
+    """Where a family's PEFT modules sit, for W_plug (plug.py); module paths inside a layer.
+
+    lora: target -> (its projection, the norm whose output is the projection's input);
+    adapter: site -> (the projection the adapter follows, the module holding its leaves);
+    prefix: (site, projection, column segment) of a layer's prefix keys, then of its values;
+    adapter_defaults: adapter kind (houlsby, pfeiffer) -> its sites."""
+
+    lora: Mapping[str, tuple[str, str]]
+    adapter: Mapping[str, tuple[str, str]]
+    prefix: tuple[tuple[str, str, int], tuple[str, str, int]]
+    adapter_defaults: Mapping[str, tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Arch:
     name: str
     model_types: tuple[str, ...]
@@ -70,6 +85,7 @@ class Arch:
     linears: Mapping[str, tuple[str, tuple[str, ...]]]  # module in a layer -> (rows, columns)
     dims: Callable[[Any], Dims]
     shrunk: Callable[..., Any]  # (config, hidden, heads, kv_heads, ffn) -> the bridge's config
+    sites: Sites
     tied_head_dim: bool = False
 
     def layer_path(self, i: int) -> str:
@@ -155,6 +171,21 @@ LLAMA = Arch(
     },
     dims=_llama_dims,
     shrunk=_llama_shrunk,
+    sites=Sites(
+        lora={
+            "q_proj": ("self_attn/q_proj", "input_layernorm"),
+            "k_proj": ("self_attn/k_proj", "input_layernorm"),
+            "v_proj": ("self_attn/v_proj", "input_layernorm"),
+            "gate_proj": ("mlp/gate_proj", "post_attention_layernorm"),
+            "up_proj": ("mlp/up_proj", "post_attention_layernorm"),
+        },
+        adapter={
+            "o_proj": ("self_attn/o_proj", "self_attn"),
+            "down_proj": ("mlp/down_proj", "mlp"),
+        },
+        prefix=(("k_proj", "self_attn/k_proj", 0), ("v_proj", "self_attn/v_proj", 0)),
+        adapter_defaults={"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)},
+    ),
 )
 
 GPT2 = Arch(
@@ -173,6 +204,13 @@ GPT2 = Arch(
     },
     dims=_gpt2_dims,
     shrunk=_gpt2_shrunk,
+    # c_attn's keys and values are its second and third column segments
+    sites=Sites(
+        lora={"c_attn": ("attn/c_attn", "ln_1"), "c_fc": ("mlp/c_fc", "ln_2")},
+        adapter={"attn.c_proj": ("attn/c_proj", "attn"), "mlp.c_proj": ("mlp/c_proj", "mlp")},
+        prefix=(("c_attn.key", "attn/c_attn", 1), ("c_attn.value", "attn/c_attn", 2)),
+        adapter_defaults={"houlsby": ("attn.c_proj", "mlp.c_proj"), "pfeiffer": ("mlp.c_proj",)},
+    ),
     tied_head_dim=True,
 )
 
@@ -188,6 +226,13 @@ def arch_for(config) -> Arch:
         f"bridge pruning supports the model types {SUPPORTED} (the Llama architecture and "
         f"GPT-2); the checkpoint is {config.model_type!r}"
     )
+
+
+def layer_of(arch: Arch, name: str) -> int | None:
+    """The layer index of a flax module name of the stack (`layers_3`, `h_3`), else None."""
+    prefix = arch.stack.rsplit("/", 1)[-1]
+    tail = name[len(prefix) :]
+    return int(tail) if name.startswith(prefix) and tail.isdigit() else None
 
 
 def layer_window(config, i: int):

@@ -21,11 +21,13 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from pifi_jax import data, peft
 from pifi_jax.bridge import adapt, fisher, mapping, plug
+from pifi_jax.bridge import arch as arch_lib
 from pifi_jax.bridge.prune import Selection, save_bridge, select
 from pifi_jax.bridge.prune import prune as prune_llm
 from pifi_jax.bridge.run import load_tree, save_tree
@@ -45,9 +47,6 @@ PEFT_METHODS = {
     "adapter": ("adapter_houlsby", "adapter_pfeiffer"),
     "prefix": ("prefix",),
 }
-# The sites of each adapter kind when peft.target_modules is empty (its defaults on the Llama
-# architecture: pifi_jax.peft.targets.ADAPTER_TARGETS).
-ADAPTER_SITES = {"adapter_houlsby": ("o_proj", "down_proj"), "adapter_pfeiffer": ("down_proj",)}
 
 
 def check_config(config) -> None:
@@ -74,29 +73,39 @@ def check_config(config) -> None:
     plug.check_sites(t.method, sites_of(config))
 
 
-def check_families(config) -> None:
-    """Both models of the Llama architecture, whose module names W_plug's sites are."""
-    for role, path in (("SLM", config.model.path), ("LLM", config.transfer.llm)):
-        _, hf = open_checkpoint(str(path))
-        model_type = registry.config_from_hf(hf).model_type
-        if model_type not in plug.FAMILIES:
-            raise ValueError(
-                f"bridge transfer carries modules between models of the Llama architecture "
-                f"{plug.FAMILIES}; the {role} {path} is {model_type!r}. (A GPT-2 LLM can be "
-                "Fisher-pruned into a bridge, pifi_jax.bridge.fisher_scores / prune, but W_plug "
-                "for its fused c_attn and Conv1D sites is not implemented.)"
-            )
+def _model_type(path) -> str:
+    _, hf = open_checkpoint(str(path))
+    return registry.config_from_hf(hf).model_type
+
+
+def _family(path) -> arch_lib.Arch:
+    return arch_lib.arch_for(SimpleNamespace(model_type=_model_type(path)))
+
+
+def check_families(config) -> arch_lib.Arch:
+    """The pair's family (arch.py): both models of one, whose module names the sites are."""
+    slm, llm = _family(config.model.path), _family(config.transfer.llm)
+    if slm is not llm:
+        raise ValueError(
+            f"bridge transfer needs an SLM and an LLM of one architecture: the SLM "
+            f"{config.model.path} is {slm.name}'s, the LLM {config.transfer.llm} {llm.name}'s"
+        )
+    return slm
 
 
 def sites_of(config) -> tuple[str, ...]:
     """Where the SLM's modules sit: the LoRA targets of the config's peft section
-    (comma-separated names), or the projections its adapters follow."""
+    (comma-separated names), the projections its adapters follow, or its family's prefix sites;
+    with peft.target_modules empty, the family's defaults (LoRA: PEFT's, adapters: arch.py)."""
+    arch = _family(config.model.path)
     if config.transfer.method == "prefix":
-        return plug.PREFIX_SITES
+        return plug.prefix_sites(arch)
     names = tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
-    if config.transfer.method == "adapter" and not names:
-        return ADAPTER_SITES[config.peft.method]
-    return names
+    if names:
+        return names
+    if config.transfer.method == "adapter":
+        return arch.sites.adapter_defaults[config.peft.method.removeprefix("adapter_")]
+    return tuple(peft.targets.LORA_TARGETS[_model_type(config.model.path)])
 
 
 def _llm_config(path: str):
@@ -341,8 +350,8 @@ STUDY_ROWS = (
 def run(config, workdir: str | Path, stages=STAGES, log=print) -> dict:
     """Runs `stages` in order (STAGES, and the study's direct / bridge_only / llm_peft);
     returns what each trainer stage reported, also gathered in <workdir>/transfer.json."""
-    check_config(config)
     check_families(config)
+    check_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in stages if s not in _RUNNERS]
