@@ -25,30 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def task_batches(llm: str, task_name: str, examples: int, max_length: int, batch: int, seed: int):
+    """The first `examples` training examples of the task's seeded split, as launch.transfer's
+    Fisher stage makes them (procedure.task_batches), every batch padded to `max_length`."""
+    from configs.transfer import get_config
     from pifi_jax import assets, data
+    from pifi_jax.bridge import procedure
 
-    task = data.get_task(task_name)
-    train = data.load_examples(task, "train", seed=seed)
+    config = get_config(f"slm={llm},llm={llm},task={task_name}")
+    config.seed = seed
+    config.data.max_length = max_length
+    config.data.max_target_length = 8
+    config.data.buckets = (max_length,)
     path = assets.locate(llm) if llm.startswith(assets.PREFIX) else llm
     tokenizer = data.load_tokenizer(str(path))
-    encoded = data.encode_generation(
-        tokenizer,
-        train,
-        layout="causal_lm",
-        prompt=task.causal_prompt,
-        max_length=max_length,
-        max_target_length=8,
-    )
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.choice(len(encoded), size=min(examples, len(encoded)), replace=False))
-    encoded.input_ids = [encoded.input_ids[i] for i in keep]
-    encoded.prompt_lengths = encoded.prompt_lengths[keep]
-    if encoded.references is not None:
-        encoded.references = [encoded.references[i] for i in keep]
-    batcher = data.Batcher(
-        encoded, batch, (max_length,), shuffle=False, seed=seed, drop_remainder=False
-    )
-    return list(batcher.batches(0)), tokenizer
+    return procedure.task_batches(config, tokenizer, examples, batch), tokenizer
 
 
 def _rss_anon() -> int:
@@ -158,7 +148,7 @@ def main(argv=None):
     print("\n".join(common.environment_lines(common.environment())))
     print(f"- command: `{cmd.strip()}`")
     print(
-        f"- {n} training examples of `{args.task}` (seed {args.seed}), padded to "
+        f"- the first {n} training examples of `{args.task}` (split seed {args.seed}), padded to "
         f"{args.max_length} tokens, batches of {args.batch}; float32\n"
     )
     print("| quantity | value |\n|---|---:|")

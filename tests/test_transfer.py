@@ -2,6 +2,7 @@
 and the exported adapter loading in Hugging Face PEFT."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -286,3 +287,18 @@ def test_a_stage_killed_while_writing_is_redone(pair, tiny_pair_files, tmp_path,
     )
     procedure.run(config, tmp_path, stages=("fisher", "bridge"), log=lambda *a: None)
     assert calls == [1] and (tmp_path / "bridge" / "bridge.json").is_file()
+
+
+def test_the_fisher_benchmark_runs_on_launch_transfers_batches(pair, tmp_path, capsys):
+    """benchmarks/bridge_fisher.py takes the Fisher stage's batches (procedure.task_batches)
+    and reports the pass, the bound and the bridge it prunes."""
+    from benchmarks import bridge_fisher
+
+    llm = str(pair[1])
+    batches, _ = bridge_fisher.task_batches(llm, "boolq", 3, 32, 2, 0)
+    assert [b["input_ids"].shape for b in batches] == [(2, 32), (2, 32)]  # padded to the batch
+    assert sum(int(b["loss_mask"].any(axis=1).sum()) for b in batches) == 3
+    bridge_fisher.main(["--llm", llm, "--examples", "3", "--max-length", "32", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert "| bridge logits finite | True |" in out
+    assert re.search(r"\| bridge at r = 16: hidden / heads / kv / MLP \| 12 / 1 / 1 / 16 \|", out)
