@@ -57,7 +57,7 @@ def test_sentence_split_matches_the_hand_split():
 
 
 def test_rouge_bleu_chrf_equal_the_packages_own_scores():
-    names = [m for m in KNOWN_METRICS if m != "exact_match"]  # exact_match: its own test
+    names = [m for m in KNOWN_METRICS if m not in ("exact_match", "answer_accuracy")]  # own tests
     got = generation_metrics(PREDICTIONS, REFERENCES, names=names)
     assert list(got) == names
     for rouge_type in ("rouge1", "rouge2", "rougeL"):
@@ -118,3 +118,24 @@ def test_exact_match_ignores_case_and_spacing_only():
         ["exact_match"],
     )
     assert got == {"exact_match": 50.0}
+
+
+def test_answer_accuracy_takes_the_first_answer_word_of_each_prediction():
+    """LLM-Adapters' scoring: right when the first answer word found is the reference, however
+    the generation goes on; exact match on the same texts for contrast."""
+    predictions = [
+        "true/false\nTo determine if",  # answers, then talks: right
+        "False, not true",  # the first word counts: right
+        "it is untrue",  # no whole answer word: wrong
+        "option10 or option1",  # whole words: option10 is skipped, option1 found: right
+        "TRUE",
+    ]
+    references = ["true", "false", "true", "option1", "false"]
+    answers = ("true", "false", "option1")
+    scores = generation_metrics(
+        predictions, references, ("exact_match", "answer_accuracy"), answers
+    )
+    assert scores["answer_accuracy"] == pytest.approx(100 * 3 / 5)
+    assert scores["exact_match"] == 0.0
+    with pytest.raises(ValueError, match="answer_accuracy needs the task's answer words"):
+        generation_metrics(predictions, references, ("answer_accuracy",))

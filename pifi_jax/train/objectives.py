@@ -214,6 +214,7 @@ class Generation:
     method: str = "greedy"
     num_beams: int = 4
     length_penalty: float = 1.0
+    answers: tuple[str, ...] = ()  # the task's answer words (metric answer_accuracy)
 
     def __post_init__(self):
         if self.method not in GENERATION_METHODS:
@@ -271,7 +272,7 @@ class Generation:
         from pifi_jax.train.text_metrics import generation_metrics  # noqa: PLC0415
 
         _, predictions, references = self._texts(outputs, split)
-        return generation_metrics(predictions, references, self.metrics)
+        return generation_metrics(predictions, references, self.metrics, self.answers)
 
     def records(self, outputs: dict, split) -> list[dict]:
         """One {"index", "prediction", "reference"} per example, for predictions files."""
@@ -487,6 +488,7 @@ def make_objective(config, task, module, tokenizer=None, model_config: dict | No
             method=gc.method,
             num_beams=gc.num_beams,
             length_penalty=gc.length_penalty,
+            answers=tuple(getattr(task, "answers", ())),
         )
     if cls is ExtractiveQA:
         if task.kind != "extractive_qa":

@@ -32,7 +32,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-KNOWN_METRICS = (*ROUGE_METRICS, "bleu", "chrf", "exact_match")
+KNOWN_METRICS = (*ROUGE_METRICS, "bleu", "chrf", "exact_match", "answer_accuracy")
 DEFAULT_METRICS = (*ROUGE_METRICS, "bleu")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
@@ -47,17 +47,27 @@ def generation_metrics(
     predictions: Sequence[str],
     references: Sequence[str],
     names: Sequence[str] = DEFAULT_METRICS,
+    answers: Sequence[str] = (),
 ) -> dict[str, float]:
     """Corpus-level scores (0..100) of `predictions` against one reference each, keyed by name.
 
     names: any of "rouge1", "rouge2", "rougeL", "rougeLsum" (each the mean over examples of the
       stemmed ROUGE F-measure), "bleu" (sacrebleu corpus BLEU), "chrf" (sacrebleu corpus chrF)
-      and "exact_match" (the share of predictions equal to their reference after lower-casing
-      and collapsing whitespace: short answers such as "true" or "solution2").
+      "exact_match" (the share of predictions equal to their reference after lower-casing
+      and collapsing whitespace: short answers such as "true" or "solution2") and
+      "answer_accuracy" (the share whose first answer word, the first of `answers` found in
+      the prediction as a whole word, is the reference: a model that answers and then goes on
+      talking is right where exact match says it is wrong).
+    answers: the task's answer words ("true", "false"), which answer_accuracy needs.
     """
     unknown = [name for name in names if name not in KNOWN_METRICS]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; known metrics: {list(KNOWN_METRICS)}")
+    if "answer_accuracy" in names and not answers:
+        raise ValueError(
+            "answer_accuracy needs the task's answer words (answers=...); tasks with a fixed set "
+            "of answers (the commonsense and SuperGLUE sets) give them"
+        )
     predictions, references = list(predictions), list(references)
     if len(predictions) != len(references):
         raise ValueError(
@@ -90,6 +100,12 @@ def generation_metrics(
     if "exact_match" in names:
         same = [_normal(p) == _normal(r) for p, r in zip(predictions, references, strict=True)]
         results["exact_match"] = 100.0 * float(np.mean(same))
+    if "answer_accuracy" in names:
+        from pifi_jax.data.olmo_eval import first_answer  # noqa: PLC0415
+
+        pairs = zip(predictions, references, strict=True)
+        right = [first_answer(p, answers) == _normal(r) for p, r in pairs]
+        results["answer_accuracy"] = 100.0 * float(np.mean(right))
     return {name: results[name] for name in names}
 
 
