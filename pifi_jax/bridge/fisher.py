@@ -220,7 +220,7 @@ def _final_norm(arch: arch_lib.Arch, eps: float) -> nn.Module:
     return RMSNorm(eps) if arch.rms_norm else nn.LayerNorm(eps)
 
 
-def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, tied: bool):
+def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, tied: bool, rows_ids=None):
     """One example through the final norm and the output matrix w [d, vocab] (the LM head, or
     the tied embedding [vocab, d]): the squared gradient of -log p(targets) with respect to the
     norm's weights ({leaf: [d]}) and to w, and the cotangent of h [length, d].
@@ -229,8 +229,8 @@ def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, tied: boo
     is its squared sum over the vocabulary, sum_v (normed' delta)[k, v]^2 = normed[:, k]'
     (delta delta') normed[:, k], computed without the [d, vocab] matrix (`full`: also that
     matrix squared, for tests). The rows of the tied embedding's gradient that the example's
-    own tokens index are returned too (delta[:, ids]' normed), for the cross term with its input
-    use.
+    own tokens index are returned too (delta[:, ids]' normed; at `rows_ids` when given: an
+    encoder-decoder's lookups are not its targets), for the cross term with its input use.
     """
     normed, norm_vjp = jax.vjp(lambda p, x: norm.apply({"params": p}, x), norm_params, h)
 
@@ -245,7 +245,8 @@ def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, tied: boo
     g_norm, g_h = norm_vjp(delta @ w if tied else delta @ w.T)
     gram = delta @ delta.T  # [length, length]
     w_rows = jnp.einsum("tk,ts,sk->k", normed, gram, normed)  # [d]
-    token_rows = delta[:, ids].T @ normed  # [length, d]: the tied embedding's rows at ids
+    looked_up = ids if rows_ids is None else rows_ids
+    token_rows = delta[:, looked_up].T @ normed  # [lookups, d]: the tied embedding's rows
     w_full = jnp.zeros((0,), jnp.float32)
     if full:  # [d, vocab] (untied) or [vocab, d] (tied), as w
         w_full = jnp.square(delta.T @ normed if tied else normed.T @ delta)
