@@ -19,8 +19,9 @@ Stage 1 alone (PEFT on the SLM) is an ordinary run:
 One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
 is skipped, each trainer stage resumes from its checkpoints).
 
-The paper's T5 pairs (t5-base -> t5-3b, t5-large -> t5-11b) are encoder-decoders, which the
-Fisher pruning does not support yet: they are refused by name.
+The paper's T5 pairs (t5-base -> t5-3b, t5-large -> t5-11b) are encoder-decoders: a T5 LLM can
+be Fisher-pruned into a bridge (pifi_jax.bridge.prune_seq2seq), but carrying modules into it is
+not written yet, so launch.transfer refuses T5 models by name.
 
 Sections: everything of configs/causal_lm.py (the SLM's PEFT run: `model.path` is the SLM, `peft`
 its LoRA or adapters, `train` / `optim` its schedule and the adaptation's), plus `transfer`

@@ -206,3 +206,155 @@ def test_t5_fisher_reads_one_block_at_a_time(t5_llm, monkeypatch):
 
     enc, dec = [("e", i) for i in range(2)], [("d", i) for i in range(3)]
     assert runs(order) == runs(enc + dec + dec[::-1] + enc[::-1])
+
+
+# --- the T5 bridge ----------------------------------------------------------------------------
+
+
+def numpy_t5_selection(s: dict, cfg, r: float) -> dict:
+    def top(x, k):
+        return sorted(sorted(range(len(x)), key=lambda j: (-x[j], j))[:k])
+
+    f = np.sqrt(r)
+    n, units = max(1, round(cfg.num_heads / f)), max(1, round(cfg.d_ff / f))
+    return {
+        "hidden": top(s["hidden"], max(1, round(cfg.d_model / f))),
+        "encoder_heads": top(s["encoder_heads"].sum(0), n),  # one set per stack: shared bias
+        "decoder_heads": top(s["decoder_heads"].sum(0), n),
+        "cross_heads": [top(row, n) for row in s["cross_heads"]],
+        "encoder_ffn": [top(row, units) for row in s["encoder_ffn"]],
+        "decoder_ffn": [top(row, units) for row in s["decoder_ffn"]],
+    }
+
+
+def _llm(t5_llm):
+    import pifi_jax
+
+    return pifi_jax.from_pretrained(str(t5_llm["dir"]), task="seq2seq", log=lambda s: None)
+
+
+def _logits(module, params, batch):
+    start = np.zeros((batch["target_ids"].shape[0], 1), np.int32)
+    decoder_ids = np.concatenate([start, batch["target_ids"][:, :-1]], axis=1)
+    return np.asarray(
+        module.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            decoder_ids,
+            batch["target_mask"],
+        )
+    )
+
+
+def test_t5_selection_keeps_the_brute_force_top_indices(t5_llm):
+    from pifi_jax.bridge import seq2seq_bridge
+
+    config = _llm(t5_llm)[0].config
+    for r in (4, 16):
+        want = numpy_t5_selection(t5_llm["scores"].scores, t5_llm["model"].config, r)
+        got = seq2seq_bridge.select_seq2seq(t5_llm["scores"], config, r)
+        for name, value in want.items():
+            ours = getattr(got, name)
+            ours = ours.tolist() if isinstance(ours, np.ndarray) else [v.tolist() for v in ours]
+            assert ours == value, (r, name)
+        back = seq2seq_bridge.Seq2SeqSelection.from_json(got.to_json())
+        assert back.to_json() == got.to_json()
+
+
+def test_t5_reduction_one_is_the_llm(t5_llm):
+    from pifi_jax.bridge import seq2seq_bridge
+
+    module, params = _llm(t5_llm)
+    selection = seq2seq_bridge.select_seq2seq(t5_llm["scores"], module.config, 1)
+    small, small_params = seq2seq_bridge.prune_seq2seq(
+        str(t5_llm["dir"]), selection, log=lambda s: None
+    )
+    assert small.config == module.config
+    batch = t5_llm["batches"][0]
+    np.testing.assert_allclose(
+        _logits(small, small_params, batch), _logits(module, params, batch), atol=1e-5
+    )
+
+
+def _zeroed_t5(params, config, sel):
+    """The dense LLM with every dropped dimension, head and unit zeroed."""
+    import jax.numpy as jnp
+
+    from pifi_jax.hub.pretrained import _flatten, _unflatten
+
+    flat = {p: np.array(v) for p, v in _flatten(params).items()}
+    drop_h = np.setdiff1d(np.arange(config.d_model), sel.hidden)
+    cols = lambda heads: (np.asarray(heads)[:, None] * config.d_kv + np.arange(config.d_kv)).ravel()  # noqa: E731
+    inner = np.arange(config.num_heads * config.d_kv)
+    flat["shared/embedding"][:, drop_h] = 0
+    if "lm_head/kernel" in flat:
+        flat["lm_head/kernel"][drop_h] = 0
+    for path, value in flat.items():
+        parts = path.split("/")
+        if len(parts) < 4 or not parts[1].startswith("block_"):
+            continue
+        stack, i = parts[0], int(parts[1].split("_")[1])
+        if parts[3] in ("SelfAttention", "EncDecAttention"):
+            if parts[4] == "relative_attention_bias":
+                continue  # the dropped heads' q, k, v and o are zero: their bias acts on nothing
+            heads = (
+                sel.cross_heads[i]
+                if parts[3] == "EncDecAttention"
+                else (sel.encoder_heads if stack == "encoder" else sel.decoder_heads)
+            )
+            drop = np.setdiff1d(inner, cols(heads))
+            if parts[4] == "o":
+                value[drop] = 0
+                value[:, drop_h] = 0
+            else:
+                value[:, drop] = 0
+        elif parts[3] == "DenseReluDense":
+            units = (sel.encoder_ffn if stack == "encoder" else sel.decoder_ffn)[i]
+            drop = np.setdiff1d(np.arange(config.d_ff), units)
+            if parts[4] == "wo":
+                value[drop] = 0
+                value[:, drop_h] = 0
+            else:
+                value[:, drop] = 0
+    return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+@pytest.mark.parametrize("r", [4, 16])
+def test_t5_bridge_is_the_dense_llm_with_the_dropped_parts_zeroed(t5_llm, r, tmp_path):
+    from pifi_jax.bridge import seq2seq_bridge
+    from pifi_jax.bridge.prune import save_bridge
+
+    module, params = _llm(t5_llm)
+    selection = seq2seq_bridge.select_seq2seq(t5_llm["scores"], module.config, r)
+    small, small_params = seq2seq_bridge.prune_seq2seq(
+        str(t5_llm["dir"]), selection, log=lambda s: None
+    )
+    assert small.config.d_model == len(selection.hidden) < module.config.d_model
+    assert small.config.num_heads == len(selection.encoder_heads) < module.config.num_heads
+    dense = _zeroed_t5(params, module.config, selection)
+    for batch in t5_llm["batches"]:
+        real = batch["target_mask"] > 0
+        want = _logits(module, dense, batch)[real]
+        got = _logits(small, small_params, batch)[real]
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    batch = t5_llm["batches"][1]
+    real = batch["target_mask"] > 0
+    full = _logits(module, params, batch)
+    assert np.abs(full - _logits(small, small_params, batch))[real].max() > 1e-2
+    # saved as a T5 checkpoint that transformers loads, with the same logits
+    out = save_bridge(
+        small, small_params, tmp_path / "b", llm=str(t5_llm["dir"]), selection=selection,
+        reduction=r, scores=t5_llm["scores"],
+    )  # fmt: skip
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        start = torch.zeros((batch["target_ids"].shape[0], 1), dtype=torch.long)
+        tgt = torch.tensor(batch["target_ids"], dtype=torch.long)
+        logits = theirs(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+            decoder_input_ids=torch.cat([start, tgt[:, :-1]], dim=1),
+            decoder_attention_mask=torch.tensor(batch["target_mask"]),
+        ).logits.numpy()
+    np.testing.assert_allclose(logits[real], _logits(small, small_params, batch)[real], atol=3e-5)

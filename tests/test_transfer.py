@@ -255,6 +255,11 @@ def test_refusals(pair, tiny_pair_files, tmp_path):
     config = _config((pair[0], other), tiny_pair_files)
     with pytest.raises(ValueError, match="encode a probe text differently|differ"):
         procedure.run(config, tmp_path / "run", stages=("fisher",))
+    from tests.conftest import write_tiny_seq2seq
+
+    t5_llm = write_tiny_seq2seq(tmp_path / "t5_llm", "t5")
+    with pytest.raises(ValueError, match=r"t5_llm is an encoder-decoder \(t5\).*prune_seq2seq"):
+        procedure.run(_config((pair[0], t5_llm), tiny_pair_files), tmp_path / "run3")
     gpt2 = write_tiny_decoder(tmp_path / "gpt2_llm", "gpt2")
     with pytest.raises(ValueError, match=r"one architecture: the SLM .* llama's, the LLM .*gpt2"):
         procedure.run(_config((pair[0], gpt2), tiny_pair_files), tmp_path / "run2")

@@ -4,6 +4,7 @@
 mapping.py: which SLM layer serves each LLM layer, and the shared-tokenizer check;
 arch.py: which axis of each tensor of a family (Llama, GPT-2) is the stream, a head or a unit;
 fisher.py: the LLM's empirical Fisher importance on task data, one layer at a time;
+fisher_seq2seq.py, seq2seq_bridge.py: the same and the bridge for an encoder-decoder (T5) LLM;
 prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
 plug.py: W_plug fitted between the two models' activations, LoRA / adapter / prefix modules
 carried into the LLM;
@@ -21,6 +22,7 @@ from pifi_jax.bridge.adapt import (
     plugged_llm,
 )
 from pifi_jax.bridge.fisher import FisherScores, fisher_scores, reduce_layer
+from pifi_jax.bridge.fisher_seq2seq import Seq2SeqFisherScores, seq2seq_fisher_scores
 from pifi_jax.bridge.mapping import (
     check_same_tokenizer,
     depth_map,
@@ -37,6 +39,7 @@ from pifi_jax.bridge.prune import (
     save_bridge,
     select,
 )
+from pifi_jax.bridge.seq2seq_bridge import Seq2SeqSelection, prune_seq2seq, select_seq2seq
 
 __all__ = [
     "adapt",
@@ -64,4 +67,9 @@ __all__ = [
     "served_layers",
     "slm_modules",
     "write_depth_map",
+    "Seq2SeqFisherScores",
+    "Seq2SeqSelection",
+    "seq2seq_fisher_scores",
+    "select_seq2seq",
+    "prune_seq2seq",
 ]

@@ -21,7 +21,7 @@ What differs from a decoder, and how the pass keeps to one block at a time:
     gradient and the head's dense gradient enters its square as in fisher.py, without forming
     the [vocab, d] gradient.
 
-Reduced at once (`reduce_block`), as the bridge needs it (what prune_seq2seq.py keeps):
+Reduced at once (`reduce_block`), as the bridge needs it (what seq2seq_bridge.py keeps):
   hidden [d]                the residual stream of both stacks (one index set for the model):
                             the embedding's columns, every norm's weights, the input rows of q,
                             k, v and wi, the output columns of o and wo, the LM head's rows;

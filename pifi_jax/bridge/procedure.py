@@ -33,7 +33,7 @@ from pifi_jax.bridge.prune import prune as prune_llm
 from pifi_jax.bridge.run import load_tree, save_tree
 from pifi_jax.hub import from_pretrained
 from pifi_jax.hub.pretrained import _flatten, open_checkpoint
-from pifi_jax.models import registry
+from pifi_jax.models import registry, t5
 from pifi_jax.train import loop
 
 STAGES = ("slm", "fisher", "bridge", "adapt", "evaluate")
@@ -79,7 +79,14 @@ def _model_type(path) -> str:
 
 
 def _family(path) -> arch_lib.Arch:
-    return arch_lib.arch_for(SimpleNamespace(model_type=_model_type(path)))
+    model_type = _model_type(path)
+    if model_type in t5.MODEL_TYPES:
+        raise ValueError(
+            f"{path} is an encoder-decoder ({model_type}): launch.transfer carries modules "
+            "between decoders only so far; a T5 LLM can be Fisher-pruned into a bridge "
+            "(pifi_jax.bridge.seq2seq_fisher_scores, select_seq2seq, prune_seq2seq)"
+        )
+    return arch_lib.arch_for(SimpleNamespace(model_type=model_type))
 
 
 def check_families(config) -> arch_lib.Arch:
