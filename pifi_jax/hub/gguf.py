@@ -30,6 +30,9 @@ import numpy as np
 
 from pifi_jax import assets
 
+# Quantized bytes dequantized at once (GGUFFile.get): bounds its transient float copies.
+_DEQUANTIZE_BYTES = 16 * 2**20
+
 # llama.cpp tensor name -> Hugging Face name ({} = layer index).
 _NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -170,8 +173,15 @@ class GGUFCheckpoint:
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the innermost first
         rows = int(np.prod(shape[:-1], dtype=np.int64))
         raw = np.frombuffer(self._read(tensor), np.uint8).reshape(rows, -1)  # [rows, row bytes]
-        array = self._gguf.quants.dequantize(raw, tensor.tensor_type)
-        array = np.asarray(array, np.float32).reshape(shape)
+        # Dequantized a block of rows at a time into the result: gguf's dequantization holds
+        # several float copies of what it is given, which for a vocabulary matrix (151,936 x
+        # 1,536) would be about twice the result's size on top of it.
+        array = np.empty((rows, shape[-1]), np.float32)
+        step = max(1, _DEQUANTIZE_BYTES // max(1, raw.shape[1]))
+        for start in range(0, rows, step):
+            part = self._gguf.quants.dequantize(raw[start : start + step], tensor.tensor_type)
+            array[start : start + step] = np.asarray(part, np.float32).reshape(-1, shape[-1])
+        array = array.reshape(shape)
         if self._spec["permuted_qk"]:
             if key.endswith("self_attn.q_proj.weight"):
                 array = unpermute_rows(array, self.hf_config["num_attention_heads"])
