@@ -80,35 +80,34 @@ class FisherScores:
     full: dict[str, np.ndarray] | None = None  # flax path -> H (keep_full=True; tiny models)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
-            model_type=np.array(self.model_type),
-            hidden=self.hidden,
-            q_heads=self.q_heads,
-            kv_groups=self.kv_groups,
-            ffn=self.ffn,
-            examples=np.array(self.examples),
-        )
-        tmp.replace(path)
-        return path
+        arrays = {k: getattr(self, k) for k in ("hidden", "q_heads", "kv_groups", "ffn")}
+        return save_scores(path, self.model_type, self.examples, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> FisherScores:
-        try:
-            with np.load(path) as z:
-                return cls(
-                    model_type=str(z["model_type"]),
-                    hidden=z["hidden"],
-                    q_heads=z["q_heads"],
-                    kv_groups=z["kv_groups"],
-                    ffn=z["ffn"],
-                    examples=int(z["examples"]),
-                )
-        except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"{path}: not a Fisher score file ({e})") from None
+        model_type, examples, arrays = load_scores(
+            path, ("hidden", "q_heads", "kv_groups", "ffn"), "a Fisher score file"
+        )
+        return cls(model_type=model_type, examples=examples, **arrays)
+
+
+def save_scores(path, model_type: str, examples: int, arrays: dict[str, np.ndarray]) -> Path:
+    """Writes score arrays to an .npz under a temporary name, then renames it (no half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, model_type=np.array(model_type), examples=np.array(examples), **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_scores(path, names, what: str) -> tuple[str, int, dict[str, np.ndarray]]:
+    """(model_type, examples, {name: array}) of a `save_scores` file; anything else refused."""
+    try:
+        with np.load(path) as z:
+            return str(z["model_type"]), int(z["examples"]), {k: z[k] for k in names}
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not {what} ({e})") from None
 
 
 def check_family(config) -> arch_lib.Arch:

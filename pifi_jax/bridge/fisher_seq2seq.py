@@ -43,7 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pifi_jax.bridge.fisher import _blocks, _example_head, _scatter_square
+from pifi_jax.bridge.fisher import (
+    _blocks,
+    _example_head,
+    _scatter_square,
+    load_scores,
+    save_scores,
+)
 from pifi_jax.hub import convert
 from pifi_jax.hub.layer import LayerView
 from pifi_jax.hub.pretrained import _flatten, _unflatten, open_checkpoint
@@ -74,26 +80,14 @@ class Seq2SeqFisherScores:
         raise AttributeError(name)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(
-            tmp,
-            model_type=np.array(self.model_type),
-            examples=np.array(self.examples),
-            **self.scores,
-        )
-        tmp.replace(path)
-        return path
+        return save_scores(path, self.model_type, self.examples, self.scores)
 
     @classmethod
     def load(cls, path: str | Path) -> Seq2SeqFisherScores:
-        try:
-            with np.load(path) as z:
-                scores = {k: z[k] for k in SCORES}
-                return cls(str(z["model_type"]), scores, int(z["examples"]))
-        except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"{path}: not an encoder-decoder Fisher score file ({e})") from None
+        model_type, examples, scores = load_scores(
+            path, SCORES, "an encoder-decoder Fisher score file"
+        )
+        return cls(model_type, scores, examples)
 
 
 def check_family(config) -> None:
