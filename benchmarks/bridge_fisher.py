@@ -56,12 +56,23 @@ class PeakSampler:
         import threading
 
         self.peak = _rss_anon()
+        self.phase_peak = self.peak  # since the last `mark`
+        self.phases: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, _rss_anon())
+            now = _rss_anon()
+            self.peak = max(self.peak, now)
+            self.phase_peak = max(self.phase_peak, now)
+
+    def mark(self, phase: str):
+        """Closes a stretch of the pass: its peak counts towards `phase`."""
+        now = _rss_anon()
+        peak = max(self.phase_peak, now)
+        self.phases[phase] = max(self.phases.get(phase, 0), peak)
+        self.phase_peak = now
 
     def __enter__(self):
         self._thread.start()
@@ -106,8 +117,20 @@ def main(argv=None):
     config = registry.config_from_hf(hf)
     baseline = _rss_anon()
     t0 = time.time()
+
+    def phase_of(message: str) -> str:
+        """The stretch of fisher.py's pass that ends with this log line (one per layer)."""
+        if "forward through layer 1/" in message:
+            return "loading"
+        if "forward" in message:
+            return "forward"
+        if "backward" in message:  # what precedes the first backward line is the head
+            return "backward" if "head" in sampler.phases else "head"
+        return "loading"
+
     with PeakSampler() as sampler:
-        scores = bridge.fisher_scores(args.llm, batches, log=lambda s: None)
+        scores = bridge.fisher_scores(args.llm, batches, log=lambda m: sampler.mark(phase_of(m)))
+        sampler.mark("embedding")
     fisher_s = time.time() - t0
     peak = sampler.peak - baseline
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -162,6 +185,19 @@ def main(argv=None):
             f"{peak / gib:.2f}",
         ),
         ("anonymous memory before it (runtime, tokenizer, data), GiB", f"{baseline / gib:.2f}"),
+        *(
+            (
+                f"  peak above the start {name}, GiB",
+                f"{(sampler.phases.get(key, 0) - baseline) / gib:.2f}",
+            )
+            for key, name in (
+                ("loading", "reading the embedding, then layer 1's forward"),
+                ("forward", "in the forward (layers 2 .. L)"),
+                ("head", "reading the LM head, its gradients, layer L's backward"),
+                ("backward", "in the backward (layers L-1 .. 1)"),
+                ("embedding", "in the embedding's scatter"),
+            )
+        ),
         (
             "peak resident memory of the process, mapped file pages included, GiB",
             f"{max_rss / gib:.2f}",
