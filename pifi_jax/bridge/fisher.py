@@ -219,9 +219,16 @@ def _final_norm(arch: arch_lib.Arch, eps: float) -> nn.Module:
     return RMSNorm(eps) if arch.rms_norm else nn.LayerNorm(eps)
 
 
-def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, tied: bool, rows_ids=None):
-    """One example through the final norm and the output matrix w [d, vocab] (the LM head, or
-    the tied embedding [vocab, d]): the squared gradient of -log p(targets) with respect to the
+def output_rows(reader, key: str) -> jax.Array:
+    """An output matrix as checkpoints store it, [vocab, d] float32, placed without a second
+    copy when the reader's array allows it (convert.load_params's note): read transposed, as a
+    kernel, it would be held twice while it loads."""
+    return jax.device_put(np.asarray(reader.get(key), np.float32))
+
+
+def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, rows_ids=None):
+    """One example through the final norm and the output matrix w [vocab, d] (the tied
+    embedding, or the LM head in its checkpoint layout): the squared gradient of -log p(targets) with respect to the
     norm's weights ({leaf: [d]}) and to w, and the cotangent of h [length, d].
 
     The gradient of w is normed' delta (delta = dloss/dlogits [length, vocab]); what pruning needs
@@ -238,17 +245,17 @@ def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, tied: boo
         picked = jnp.take_along_axis(logp, ids[1:, None], axis=-1)[:, 0]
         return -jnp.sum(picked * loss_mask[1:])
 
-    # tied: w is the embedding [vocab, d]; else the LM head's kernel [d, vocab]
-    logits = normed @ w.T if tied else normed @ w
+    # w is [vocab, d] either way (the tied embedding, or the LM head as checkpoints store it)
+    logits = normed @ w.T
     delta = jax.grad(nll)(logits)  # [length, vocab]
-    g_norm, g_h = norm_vjp(delta @ w if tied else delta @ w.T)
+    g_norm, g_h = norm_vjp(delta @ w)
     gram = delta @ delta.T  # [length, length]
     w_rows = jnp.einsum("tk,ts,sk->k", normed, gram, normed)  # [d]
     looked_up = ids if rows_ids is None else rows_ids
     token_rows = delta[:, looked_up].T @ normed  # [lookups, d]: the tied embedding's rows
     w_full = jnp.zeros((0,), jnp.float32)
-    if full:  # [d, vocab] (untied) or [vocab, d] (tied), as w
-        w_full = jnp.square(delta.T @ normed if tied else normed.T @ delta)
+    if full:  # [vocab, d], as w
+        w_full = jnp.square(delta.T @ normed)
     return jax.tree.map(jnp.square, g_norm), w_rows, w_full, g_h, token_rows
 
 
@@ -342,13 +349,13 @@ def fisher_scores(
     # 2. the head: squared per-example gradients of its weights, cotangents of its input
     if not tied:
         del embed  # untied: the embedding's Fisher comes from the input cotangents alone
-    w = embed if tied else load_head(["lm_head/kernel"], r"lm_head\.weight")["lm_head/kernel"]
+    w = embed if tied else output_rows(reader, "lm_head.weight")
     norm = _final_norm(arch, dims.eps)
 
     def head_backward(norm_params, w, acc, h, ids, loss_mask):
         def one(acc, inputs):
             sq_norm, w_rows, w_full, g_h, rows = _example_head(
-                norm, norm_params, w, *inputs, keep_full, tied
+                norm, norm_params, w, *inputs, keep_full
             )
             acc = (jax.tree.map(jnp.add, acc[0], sq_norm), acc[1] + w_rows, acc[2] + w_full)
             return acc, (g_h, rows)
@@ -436,7 +443,7 @@ def fisher_scores(
     if not tied:
         hidden += w_rows / examples
         if keep_full:
-            full["lm_head/kernel"] = w_full / examples
+            full["lm_head/kernel"] = w_full.T / examples  # the kernel's [d, vocab]
     return FisherScores(
         model_type=config.model_type,
         hidden=hidden,

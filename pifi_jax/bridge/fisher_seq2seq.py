@@ -48,6 +48,7 @@ from pifi_jax.bridge.fisher import (
     _example_head,
     _scatter_square,
     load_scores,
+    output_rows,
     save_scores,
 )
 from pifi_jax.hub import convert
@@ -238,7 +239,7 @@ def seq2seq_fisher_scores(
     d = config.d_model
 
     def read(key):
-        return jnp.asarray(reader.get(key), jnp.float32)
+        return output_rows(reader, key)
 
     shared = read("shared.weight")  # [vocab, d]
     norm_e = {"scale": read("encoder.final_layer_norm.weight")}
@@ -297,7 +298,7 @@ def seq2seq_fisher_scores(
             memory_of = [np.asarray(final(norm_e, x)) for x in current]
 
     # 2. the head: decoder final norm (x d^-0.5 when tied) and the output matrix
-    w = shared if tied else read("lm_head.weight").T  # tied [vocab, d]; else [d, vocab]
+    w = shared if tied else read("lm_head.weight")  # [vocab, d] either way
     factor = d**-0.5 if config.scale_decoder_outputs else 1.0
     head_norm = RMSNorm(config.layer_norm_epsilon)
 
@@ -316,7 +317,7 @@ def seq2seq_fisher_scores(
             h_pad = jnp.concatenate([h_e, h_e[:1]])
             # rows: the tied head's gradient at the rows the example's two lookups touch
             sq, w_rows, w_full, g_h, rows = _example_head(
-                _ScaledNorm, norm_params, w, h_pad, padded_ids, padded_mask, keep_full, tied, rows_e
+                _ScaledNorm, norm_params, w, h_pad, padded_ids, padded_mask, keep_full, rows_e
             )
             acc = (jax.tree.map(jnp.add, acc[0], sq), acc[1] + w_rows, acc[2] + w_full)
             return acc, (g_h[:-1], rows)
@@ -443,5 +444,5 @@ def seq2seq_fisher_scores(
     if not tied:
         scores["hidden"] += w_rows / examples
         if keep_full:
-            full["lm_head/kernel"] = w_full / examples
+            full["lm_head/kernel"] = w_full.T / examples  # the kernel's [d, vocab]
     return Seq2SeqFisherScores(config.model_type, scores, examples, full or None)

@@ -138,7 +138,10 @@ def load_params(
                 "one checkpoint's)"
             )
         array = np.asarray(array, dtype=want.dtype)  # no copy when it has the dtype already
-        params[path] = jax.device_put(array, shardings[path]) if shardings else jnp.asarray(array)
+        # device_put, not jnp.asarray: on the CPU it takes an aligned, contiguous array without
+        # a copy (the GGUF reader's, a safetensors page), so a tensor is not held twice while
+        # it loads; nothing writes into the numpy array afterwards.
+        params[path] = jax.device_put(array, shardings[path] if shardings else None)
     if unused:
         raise ValueError(
             f"{len(unused)} checkpoint tensor(s) in {reader.directory} have no place in the model and "

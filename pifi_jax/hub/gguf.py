@@ -33,6 +33,16 @@ from pifi_jax import assets
 # Quantized bytes dequantized at once (GGUFFile.get): bounds its transient float copies.
 _DEQUANTIZE_BYTES = 16 * 2**20
 
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float32 array at a 64-byte boundary, which XLA's CPU client takes
+    without a copy (jax.device_put aliases it): a loaded tensor is then held once."""
+    size = int(np.prod(shape, dtype=np.int64)) * 4
+    buffer = np.empty(size + 64, np.uint8)
+    start = (-buffer.ctypes.data) % 64
+    return buffer[start : start + size].view(np.float32).reshape(shape)
+
+
 # llama.cpp tensor name -> Hugging Face name ({} = layer index).
 _NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -176,7 +186,7 @@ class GGUFCheckpoint:
         # Dequantized a block of rows at a time into the result: gguf's dequantization holds
         # several float copies of what it is given, which for a vocabulary matrix (151,936 x
         # 1,536) would be about twice the result's size on top of it.
-        array = np.empty((rows, shape[-1]), np.float32)
+        array = _aligned_empty((rows, shape[-1]))
         step = max(1, _DEQUANTIZE_BYTES // max(1, raw.shape[1]))
         for start in range(0, rows, step):
             part = self._gguf.quants.dequantize(raw[start : start + step], tensor.tensor_type)
