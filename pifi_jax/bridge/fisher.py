@@ -242,17 +242,14 @@ def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, rows_ids=
     """
     normed, norm_vjp = jax.vjp(lambda p, x: norm.apply({"params": p}, x), norm_params, h)
 
-    # w is [vocab, d] either way (the tied embedding, or the LM head as checkpoints store it).
-    # delta = d(-sum_t m_t log p(ids_t+1 | :t)) / dlogits = m_t (softmax(logits_t) - onehot),
-    # written out rather than differentiated: autodiff of the log-softmax kept some fifteen
-    # [length, vocab] buffers alive (1.2 GiB for Qwen2.5's 151,936 words at 128 tokens).
-    # Position t predicts token t + 1; the last position predicts nothing (its mask is 0).
-    length = ids.shape[0]
-    targets = jnp.concatenate([ids[1:], ids[:1]])
-    mask = jnp.concatenate([loss_mask[1:], jnp.zeros((1,), loss_mask.dtype)]).astype(jnp.float32)
-    logits = normed @ w.T  # [length, vocab]
-    delta = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * mask[:, None]
-    delta = delta.at[jnp.arange(length), targets].add(-mask)
+    def nll(logits):
+        logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, ids[1:, None], axis=-1)[:, 0]
+        return -jnp.sum(picked * loss_mask[1:])
+
+    # w is [vocab, d] either way (the tied embedding, or the LM head as checkpoints store it)
+    logits = normed @ w.T
+    delta = jax.grad(nll)(logits)  # [length, vocab]
     g_norm, g_h = norm_vjp(delta @ w)
     gram = delta @ delta.T  # [length, length]
     w_rows = jnp.einsum("tk,ts,sk->k", normed, gram, normed)  # [d]
