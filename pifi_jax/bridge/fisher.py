@@ -20,8 +20,8 @@ buffers (the head: the squared gradient of the output matrix is summed over the 
 normed' (delta delta') normed, never formed as a [d, vocab] matrix); one layer's weights, one
 example's gradient of them and their squared-gradient accumulator (the backward). Every layer is
 read twice (forward, backward). Measured on Qwen2.5-Coder-1.5B (docs/results.md): 2.44 GiB at
-the peak, 0.37x its weights, in the head, where XLA's working memory for the per-example scan
-over the 151,936-word vocabulary (about 15 logits-sized buffers) comes on top of that bound.
+the peak, 0.37x its weights, while the LM head is read and differentiated: above that bound
+(1.50 GiB there), by an amount not yet accounted for.
 
 What pruning needs is reduced from H at once (`reduce_layer`), so nothing of H's size stays:
   hidden [d]      per residual-stream dimension: the embedding's columns (and the learned
