@@ -201,7 +201,7 @@ def _zeroed_torch_gpt2(directory, sel) -> transformers.GPT2LMHeadModel:
     return model
 
 
-@pytest.mark.parametrize("r", [4, 16])
+@pytest.mark.parametrize("r", [pytest.param(4, marks=pytest.mark.slow), 16])
 def test_gpt2_bridge_is_the_zeroed_llm_normalised_over_the_kept_dimensions(gpt2, r, tmp_path):
     config = gpt2["llm"][0].config
     selection = bridge.select(gpt2["scores"], config, r)

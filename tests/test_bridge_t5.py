@@ -320,7 +320,7 @@ def _zeroed_t5(params, config, sel):
     return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
-@pytest.mark.parametrize("r", [4, 16])
+@pytest.mark.parametrize("r", [pytest.param(4, marks=pytest.mark.slow), 16])
 def test_t5_bridge_is_the_dense_llm_with_the_dropped_parts_zeroed(t5_llm, r, tmp_path):
     from pifi_jax.bridge import seq2seq_bridge
     from pifi_jax.bridge.prune import save_bridge

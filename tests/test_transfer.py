@@ -107,6 +107,7 @@ def write_tiny_gpt2_llm(directory):
     return directory
 
 
+@pytest.mark.slow  # GPT-2's sites are tested against transformers in tests/test_bridge_gpt2.py
 def test_a_gpt2_pair_transfers_lora_on_c_attn_through_every_stage(tiny_pair_files, tmp_path):
     from pifi_jax.bridge import procedure
 
@@ -294,6 +295,7 @@ def test_a_stage_killed_while_writing_is_redone(pair, tiny_pair_files, tmp_path,
     assert calls == [1] and (tmp_path / "bridge" / "bridge.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_fisher_benchmark_runs_on_launch_transfers_batches(pair, tmp_path, capsys):
     """benchmarks/bridge_fisher.py takes the Fisher stage's batches (procedure.task_batches)
     and reports the pass, the bound and the bridge it prunes."""
