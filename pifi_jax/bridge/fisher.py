@@ -153,20 +153,18 @@ def non_layer_abstract(family, config) -> dict:
     return {p: s for p, s in abstract_params(model).items() if not arch.is_layer_path(p)}
 
 
-def read_non_layer(reader, family, config, abstract: dict, only: str | None = None, log=print):
-    """Those non-layer tensors of a checkpoint (source keys matching the regex `only`, when
-    given), reading no layer: the LM head can be read after the forward pass."""
+def read_non_layer(reader, family, config, abstract: dict, log=print):
+    """Those non-layer tensors of a checkpoint, reading no layer (a checkpoint tensor the
+    abstract lacks, the LM head of an untied model, is not read: it is read after the forward
+    pass, fisher_scores)."""
     layer_keys = re.compile(family.LAYER_KEYS)
-    keep = re.compile(only) if only else None
     return convert.load_params(
         reader,
         abstract,
         prefix=base_model_prefix(family, config),
         ignored=family.IGNORED_SOURCE_KEYS,
         optional=family.OPTIONAL_SOURCE_KEYS,
-        key_filter=lambda k: (
-            layer_keys.fullmatch(k) is None and (keep is None or keep.fullmatch(k) is not None)
-        ),
+        key_filter=lambda k: layer_keys.fullmatch(k) is None,
         in_out_kernels=in_out_kernels(family),
         log=log,
     )
@@ -297,12 +295,8 @@ def fisher_scores(
     tied = bool(config.tie_word_embeddings)
     head_abstract = non_layer_abstract(family, config)
 
-    def load_head(paths, only=None):
-        return read_non_layer(
-            reader, family, config, {p: head_abstract[p] for p in paths}, only, log
-        )
-
-    flat = load_head([p for p in head_abstract if p != "lm_head/kernel"])
+    without_head = {p: v for p, v in head_abstract.items() if p != "lm_head/kernel"}
+    flat = read_non_layer(reader, family, config, without_head, log)
     embed = flat.pop(arch.embed)
     pos_embed = flat.pop(arch.position_embed) if arch.position_embed else None
     norm_prefix = arch.final_norm + "/"
