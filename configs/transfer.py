@@ -21,9 +21,10 @@ Stage 1 alone (PEFT on the SLM) is an ordinary run:
 One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
 is skipped, each trainer stage resumes from its checkpoints).
 
-The paper's T5 pairs (t5-base -> t5-3b, t5-large -> t5-11b) are encoder-decoders: a T5 LLM can
-be Fisher-pruned into a bridge (pifi_jax.bridge.prune_seq2seq), but carrying modules into it is
-not written yet, so launch.transfer refuses T5 models by name.
+The paper's T5 pairs (encoder-decoders, with the network; LoRA only, on q and v of every
+attention by default, each stack depth-mapped alone; the objective turns seq2seq by itself):
+    python -m launch.transfer --config=configs/transfer.py:slm=google-t5/t5-base,llm=google-t5/t5-3b,task=superglue_rte
+    python -m launch.transfer --config=configs/transfer.py:slm=google-t5/t5-large,llm=google-t5/t5-11b,task=boolq
 
 Sections: everything of configs/causal_lm.py (the SLM's PEFT run: `model.path` is the SLM, `peft`
 its LoRA or adapters, `train` / `optim` its schedule and the adaptation's), plus `transfer`
@@ -70,8 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.peft.target_modules = ""
         config.peft.num_virtual_tokens = 10
         config.peft.prefix_projection = False
+    # causal_lm for a decoder pair, seq2seq for a T5 pair (from the model's config).
+    config.objective = "auto"
     # Prompt tokens at most, and generated tokens (the answers are short).
     config.data.max_length = 256
+    # A T5 pair's target lengths (a decoder pair's targets ride in `buckets`).
+    config.data.target_buckets = (16, 64)
     config.generation.max_new_tokens = 8
 
     config.transfer = ml_collections.ConfigDict()

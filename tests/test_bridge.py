@@ -668,7 +668,7 @@ def test_bridge_starts_as_the_zeroed_llm_with_the_plugged_modules(pair, transfer
     )
     dense = _zeroed(llm_params, llm_module.config, selection) if r > 1 else llm_params
     peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, transfer["peft"], seed=0)
-    leaves = bridge.llm_leaves(trainable, 3)
+    leaves = bridge.llm_leaves(trainable, llm_module.config)
     if transfer["method"] == "adapter":
         leaves = _restricted(leaves, selection, llm_module.config)
     llm_params_plugged = bridge.adapt.with_leaves(_flatten(peft_llm_params), leaves)

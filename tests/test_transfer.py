@@ -107,6 +107,64 @@ def write_tiny_gpt2_llm(directory):
     return directory
 
 
+def write_tiny_t5_llm(directory):
+    """A 48-wide T5 with 3 encoder and 3 decoder blocks and the tiny tokenizer (eos behind)."""
+    fast = tiny_word_tokenizer(directory, eos=True)
+    torch.manual_seed(7)
+    config = transformers.T5Config(
+        vocab_size=len(fast), pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+        d_model=48, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=6,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+    )  # fmt: skip
+    transformers.T5ForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def test_a_t5_pair_transfers_lora_through_every_stage(tiny_pair_files, tmp_path, monkeypatch):
+    import peft as hf_peft
+
+    from pifi_jax.bridge import fisher_seq2seq, procedure
+    from pifi_jax.bridge.run import load_tree
+    from tests.conftest import write_tiny_seq2seq
+
+    slm = write_tiny_seq2seq(tmp_path / "slm", "t5")  # 32 wide, 2 + 2 blocks
+    llm = write_tiny_t5_llm(tmp_path / "llm")
+    config = _config((slm, llm), tiny_pair_files)
+    assert procedure.sites_of(config) == (
+        "encoder.q", "decoder.q", "cross.q", "encoder.v", "decoder.v", "cross.v",
+    )  # fmt: skip
+    run = tmp_path / "run"
+    results = procedure.run(config, run, procedure.STAGES + procedure.STUDY, log=lambda *a: None)
+    for stage in ("slm", "adapt", "evaluate", "llm_peft", "direct", "bridge_only"):
+        assert "test/rougeL" in results[stage], stage
+    depth = json.loads((run / "depth_map.json").read_text())
+    assert depth["encoder"]["llm_to_slm"] == depth["decoder"]["llm_to_slm"] == [0, 0, 1]
+    bridge_config = json.loads((run / "bridge" / "config.json").read_text())
+    assert bridge_config["model_type"] == "t5" and bridge_config["d_model"] == 12  # 48 / 4
+    start, end = load_tree(run / "transfer_init.npz"), load_tree(run / "adapt/adapter/transfer.npz")
+    assert np.abs(np.asarray(end["down"]) - np.asarray(start["down"])).max() > 0
+    assert np.abs(end["plug"]["cross.v"]["in"] - start["plug"]["cross.v"]["in"]).max() > 0
+    # the exported LoRA is a Hugging Face PEFT adapter of transformers' T5 that changes it
+    source, target = torch.tensor([[4, 5, 6, 3]]), torch.tensor([[0, 7, 8]])
+    base = transformers.T5ForConditionalGeneration.from_pretrained(llm).eval()
+    plain = base(input_ids=source, decoder_input_ids=target).logits
+    model = hf_peft.PeftModel.from_pretrained(base, str(run / "evaluate" / "adapter"))
+    assert sum("EncDecAttention.v.lora_B" in n for n, _ in model.named_parameters()) == 3
+    assert (model(input_ids=source, decoder_input_ids=target).logits - plain).abs().max() > 1e-4
+    # a second run redoes nothing
+    monkeypatch.setattr(
+        fisher_seq2seq, "seq2seq_fisher_scores", lambda *a, **k: pytest.fail("fisher redone")
+    )
+    again = procedure.run(config, run, procedure.STAGES, log=lambda *a: None)
+    assert again["evaluate"] == results["evaluate"]
+    # what a T5 pair cannot carry, refused by name
+    with pytest.raises(ValueError, match="a T5 pair carries LoRA only"):
+        procedure.run(_config((slm, llm), tiny_pair_files, method="adapter"), tmp_path / "r2")
+    with pytest.raises(ValueError, match=r"T5 LoRA supports the targets .* got 'o'"):
+        targets = ["--config.peft.target_modules=q,o"]
+        procedure.run(_config((slm, llm), tiny_pair_files, targets), tmp_path / "r3")
+
+
 @pytest.mark.slow  # GPT-2's sites are tested against transformers in tests/test_bridge_gpt2.py
 def test_a_gpt2_pair_transfers_lora_on_c_attn_through_every_stage(tiny_pair_files, tmp_path):
     from pifi_jax.bridge import procedure
@@ -183,7 +241,7 @@ def test_adapters_transfer_through_every_stage(pair, tiny_pair_files, tmp_path):
         str(llm), task="causal_lm", peft=cfg, log=lambda s: None
     )
     loaded = _flatten(pifi_jax.peft.load_adapter(module, params, saved))
-    want = adapt.llm_leaves(end, module.config.num_layers)
+    want = adapt.llm_leaves(end, module.config)
     assert set(want) == {p for p in loaded if "/adapter_" in p}
     for path, value in want.items():
         np.testing.assert_allclose(
@@ -213,7 +271,8 @@ def test_a_prefix_transfers_and_exports_as_a_peft_prefix_of_the_llm(
     base = transformers.AutoModelForCausalLM.from_pretrained(pair[1])
     model = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "evaluate" / "adapter"))
     table = model.prompt_encoder["default"].embedding.weight.detach().numpy()
-    want = np.asarray(adapt.llm_leaves(end, 3)["prefix_encoder/embedding"])
+    llm_config = procedure._llm_config(str(pair[1]))
+    want = np.asarray(adapt.llm_leaves(end, llm_config)["prefix_encoder/embedding"])
     np.testing.assert_allclose(table, want, atol=1e-6)
 
 
@@ -259,7 +318,7 @@ def test_refusals(pair, tiny_pair_files, tmp_path):
     from tests.conftest import write_tiny_seq2seq
 
     t5_llm = write_tiny_seq2seq(tmp_path / "t5_llm", "t5")
-    with pytest.raises(ValueError, match=r"t5_llm is an encoder-decoder \(t5\).*prune_seq2seq"):
+    with pytest.raises(ValueError, match=r"one architecture: the SLM .* llama's, the LLM .*t5's"):
         procedure.run(_config((pair[0], t5_llm), tiny_pair_files), tmp_path / "run3")
     gpt2 = write_tiny_decoder(tmp_path / "gpt2_llm", "gpt2")
     with pytest.raises(ValueError, match=r"one architecture: the SLM .* llama's, the LLM .*gpt2"):

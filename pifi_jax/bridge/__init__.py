@@ -7,12 +7,13 @@ fisher.py: the LLM's empirical Fisher importance on task data, one layer at a ti
 fisher_seq2seq.py, seq2seq_bridge.py: the same and the bridge for an encoder-decoder (T5) LLM;
 prune.py: the kept dimensions, heads and units, and the bridge checkpoint built from them;
 plug.py: W_plug fitted between the two models' activations, LoRA / adapter / prefix modules
-carried into the LLM;
+carried into the LLM; seq2seq_plug.py: the same for a T5 pair's LoRA (one site per attention
+kind, each stack depth-mapped alone);
 adapt.py: the modules, W_plug and W_down trained through the bridge (the LLM untouched);
 run.py: the trainer's model builder "bridge"; procedure.py: the stages in one run directory.
 """
 
-from pifi_jax.bridge import adapt, plug, run  # noqa: F401 (run registers the builder)
+from pifi_jax.bridge import adapt, plug, run, seq2seq_plug  # noqa: F401 (run registers the builder)
 from pifi_jax.bridge.adapt import (
     adapt_loss,
     bridge_leaves,

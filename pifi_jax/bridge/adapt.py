@@ -1,5 +1,6 @@
 """Stage 4: the SLM's modules, W_plug and W_down trained through the bridge; the LLM is never
-touched.
+touched. A decoder pair's modules are plug.py's; a T5 pair's LoRA modules are seq2seq_plug.py's
+(its sites, per-stack depth maps and kept columns), chosen from the LLM's config.
 
 Trainable tree (`init_transfer`), per site (plug.py: a LoRA target, or the projection an adapter
 follows):
@@ -43,16 +44,22 @@ import numpy as np
 
 from pifi_jax.bridge import arch as arch_lib
 from pifi_jax.bridge import plug as plug_lib
-from pifi_jax.bridge.prune import Selection
+from pifi_jax.bridge import seq2seq_plug as s2s
+from pifi_jax.bridge.fisher_seq2seq import decoder_inputs
 from pifi_jax.hub.pretrained import _flatten, _unflatten
-from pifi_jax.train.metrics import mean_next_token_loss
+from pifi_jax.train.metrics import mean_next_token_loss, token_cross_entropy
 
 
-def init_transfer(modules: dict, plug: dict, selection: Selection, llm_config) -> dict:
-    """The trainable tree from the SLM's modules (plug.slm_modules), a fitted W_plug and the
-    bridge's selection (W_down starts as the selection matrix)."""
+def init_transfer(modules: dict, plug: dict, selection, llm_config) -> dict:
+    """The trainable tree from the SLM's modules (plug.slm_modules, seq2seq_plug.slm_modules),
+    a fitted W_plug and the bridge's selection (W_down starts as the selection matrix)."""
     method = plug_lib.method_of(modules)
-    plug_lib.check_sites(method, modules)
+    if s2s.is_seq2seq(llm_config):
+        s2s.check_sites(method, modules)
+        width = llm_config.d_model
+    else:
+        plug_lib.check_sites(method, modules)
+        width = llm_config.hidden_size
     missing = [t for t in modules if t not in plug]
     if missing:
         raise ValueError(f"W_plug has no maps for the sites {missing}")
@@ -66,7 +73,7 @@ def init_transfer(modules: dict, plug: dict, selection: Selection, llm_config) -
         },
     }
     if "in" in plug_lib.LEAF_SIDES[method].values():  # a prefix has nothing on the residual stream
-        down = np.zeros((len(selection.hidden), llm_config.hidden_size), np.float32)
+        down = np.zeros((len(selection.hidden), width), np.float32)
         down[np.arange(len(selection.hidden)), selection.hidden] = 1.0
         tree["down"] = jnp.asarray(down)
     return tree
@@ -76,8 +83,10 @@ def method_of(trainable: dict) -> str:
     return plug_lib.method_of(trainable["modules"])
 
 
-def kept_columns(selection: Selection, llm_config, site: str, layer: int) -> np.ndarray:
+def kept_columns(selection, llm_config, site: str, layer: int) -> np.ndarray:
     """The output columns of `site` that bridge layer `layer` keeps."""
+    if s2s.is_seq2seq(llm_config):
+        return s2s.kept_columns(selection, llm_config, site, layer)
     arch = arch_lib.arch_for(llm_config)
     dims = arch.dims(llm_config)
     if site in arch.sites.lora:  # a projection's columns: its heads or units (fused: each part)
@@ -88,24 +97,36 @@ def kept_columns(selection: Selection, llm_config, site: str, layer: int) -> np.
     return arch_lib.kept_indices(selection, dims, arch_lib.KV, layer)  # a prefix's keys, values
 
 
-def llm_leaves(trainable: dict, llm_layers: int) -> dict[str, jax.Array]:
+def _carried(trainable: dict, llm_config) -> dict:
+    modules, plug = trainable["modules"], trainable["plug"]
+    if s2s.is_seq2seq(llm_config):
+        return s2s.carried(modules, plug, llm_config)
+    return plug_lib.carried(modules, plug, llm_config.num_layers)
+
+
+def _assemble(method: str, values: dict, llm_config) -> dict[str, jax.Array]:
+    if s2s.is_seq2seq(llm_config):
+        return s2s.assemble(values)
+    return plug_lib.assemble(method, values)
+
+
+def llm_leaves(trainable: dict, llm_config) -> dict[str, jax.Array]:
     """The LLM's PEFT leaves (flat paths of its PeftModel), e.g. A_l = P_in A, B_l = B P_out."""
-    return plug_lib.plug_modules(trainable["modules"], trainable["plug"], llm_layers)
+    return _assemble(method_of(trainable), _carried(trainable, llm_config), llm_config)
 
 
-def bridge_leaves(trainable: dict, selection: Selection, llm_config) -> dict[str, jax.Array]:
+def bridge_leaves(trainable: dict, selection, llm_config) -> dict[str, jax.Array]:
     """The bridge's PEFT leaves: input sides W_down @ (LLM leaf), output sides the kept columns."""
     method = method_of(trainable)
     sides = plug_lib.LEAF_SIDES[method]
-    values = plug_lib.carried(trainable["modules"], trainable["plug"], llm_config.num_layers)
     out = {}
-    for (t, j, leaf), value in values.items():
+    for (t, j, leaf), value in _carried(trainable, llm_config).items():
         if sides[leaf] == "in":
             value = trainable["down"] @ value
         elif sides[leaf] == "out":
             value = value[..., kept_columns(selection, llm_config, t, j)]
         out[(t, j, leaf)] = value
-    return plug_lib.assemble(method, out)
+    return _assemble(method, out, llm_config)
 
 
 def with_leaves(frozen_flat: dict, leaves: dict) -> dict:
@@ -121,10 +142,23 @@ def with_leaves(frozen_flat: dict, leaves: dict) -> dict:
 
 
 def adapt_loss(trainable, frozen_flat, batch, *, module, selection, llm_config):
-    """Mean next-token loss of the bridge (a PeftModel) with the leaves of `trainable`."""
+    """The bridge's training loss (a PeftModel) with the leaves of `trainable`: the mean
+    next-token loss of a decoder, or a T5's mean target-token loss (seq2seq batch: the target
+    shifted right behind decoder_start_token_id, as train/objectives.Seq2Seq computes it)."""
     params = with_leaves(frozen_flat, bridge_leaves(trainable, selection, llm_config))
-    logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-    return mean_next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+    if not s2s.is_seq2seq(llm_config):
+        logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        return mean_next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+    targets, mask = batch["target_ids"], batch["target_mask"]
+    logits = module.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["attention_mask"],
+        decoder_inputs(llm_config, targets),
+        mask,
+    )
+    total, count = token_cross_entropy(logits, targets, mask)
+    return total / jnp.maximum(count, 1.0)
 
 
 def plugged_llm(llm, peft_config, trainable: dict, *, seed: int = 0):
@@ -136,7 +170,7 @@ def plugged_llm(llm, peft_config, trainable: dict, *, seed: int = 0):
 
     module, params = peft.wrap(*llm, peft_config, seed=seed)
     flat = _flatten(params)
-    return module, with_leaves(flat, llm_leaves(trainable, module.config.num_layers))
+    return module, with_leaves(flat, llm_leaves(trainable, module.config))
 
 
 def export_llm_adapter(module, params, directory) -> str:

@@ -215,9 +215,12 @@ class _BlockFns:
         return self._fns[key]
 
 
-def _decoder_inputs(config, target_ids: np.ndarray) -> np.ndarray:
-    start = np.full((target_ids.shape[0], 1), config.decoder_start_token_id, target_ids.dtype)
-    return np.concatenate([start, target_ids[:, :-1]], axis=1)
+def decoder_inputs(config, target_ids):
+    """The decoder's inputs [batch, target]: the targets shifted right behind the start token
+    (NumPy in, NumPy out; a jax array, traced or not, gives a jax array)."""
+    xp = np if isinstance(target_ids, np.ndarray) else jnp
+    start = xp.full((target_ids.shape[0], 1), config.decoder_start_token_id, target_ids.dtype)
+    return xp.concatenate([start, target_ids[:, :-1]], axis=1)
 
 
 def seq2seq_fisher_scores(
@@ -249,7 +252,7 @@ def seq2seq_fisher_scores(
     for b in batches:
         item = {k: np.asarray(b[k]) for k in ("input_ids", "attention_mask", "target_ids")}
         item["target_mask"] = np.asarray(b["target_mask"])
-        item["decoder_ids"] = _decoder_inputs(config, item["target_ids"])
+        item["decoder_ids"] = decoder_inputs(config, item["target_ids"])
         data.append(item)
     if not data:
         raise ValueError("seq2seq_fisher_scores: no batches")

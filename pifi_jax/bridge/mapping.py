@@ -34,19 +34,32 @@ def served_layers(slm_layers: int, llm_layers: int) -> dict[int, list[int]]:
     return out
 
 
-def write_depth_map(path: str | os.PathLike, slm_layers: int, llm_layers: int) -> Path:
-    """Writes the mapping as JSON: {"slm_layers", "llm_layers", "llm_to_slm", "slm_to_llm"}."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _record(slm_layers: int, llm_layers: int) -> dict:
     served = served_layers(slm_layers, llm_layers)
-    record = {
+    return {
         "slm_layers": slm_layers,
         "llm_layers": llm_layers,
         "llm_to_slm": depth_map(slm_layers, llm_layers),
         "slm_to_llm": {str(i): layers for i, layers in served.items()},
     }
+
+
+def _write(path, record: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def write_depth_map(path: str | os.PathLike, slm_layers: int, llm_layers: int) -> Path:
+    """Writes the mapping as JSON: {"slm_layers", "llm_layers", "llm_to_slm", "slm_to_llm"}."""
+    return _write(path, _record(slm_layers, llm_layers))
+
+
+def write_stack_depth_maps(path: str | os.PathLike, stacks: dict[str, tuple[int, int]]) -> Path:
+    """An encoder-decoder's mapping, each stack alone: {stack: write_depth_map's record} from
+    {stack: (SLM blocks, LLM blocks)}."""
+    return _write(path, {name: _record(*layers) for name, layers in stacks.items()})
 
 
 _PROBE = (

@@ -147,7 +147,7 @@ def activations(module, params, batch, paths: Iterable[str]) -> dict:
     return out
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+def ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
     """argmin_W |x W - y|^2 + lam |W|^2, lam = ridge * trace(x'x) / width."""
     gram = x.T @ x
     lam = ridge * np.trace(gram) / gram.shape[0]
@@ -209,9 +209,9 @@ def fit_plug(
 
     plug = {}
     for t, (x, y) in io.items():
-        plug[t] = {"out": _ridge(space("s", y), space("l", y), ridge).astype(np.float32)}
+        plug[t] = {"out": ridge_fit(space("s", y), space("l", y), ridge).astype(np.float32)}
         if x is not None:  # a prefix has no input side
-            plug[t]["in"] = _ridge(space("l", x), space("s", x), ridge).astype(np.float32)
+            plug[t]["in"] = ridge_fit(space("l", x), space("s", x), ridge).astype(np.float32)
     return plug
 
 

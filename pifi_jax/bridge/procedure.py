@@ -26,10 +26,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from pifi_jax import data, peft
-from pifi_jax.bridge import adapt, fisher, mapping, plug
+from pifi_jax.bridge import adapt, fisher, fisher_seq2seq, mapping, plug, seq2seq_bridge
 from pifi_jax.bridge import arch as arch_lib
-from pifi_jax.bridge.prune import Selection, save_bridge, select
+from pifi_jax.bridge import seq2seq_plug as s2s
 from pifi_jax.bridge.prune import prune as prune_llm
+from pifi_jax.bridge.prune import save_bridge, select
 from pifi_jax.bridge.run import load_tree, save_tree
 from pifi_jax.hub import from_pretrained
 from pifi_jax.hub.pretrained import _flatten, open_checkpoint
@@ -70,32 +71,46 @@ def check_config(config) -> None:
             "transfer.method='prefix': set peft.prefix_projection=false (the SLM's prefix MLP "
             "has no counterpart in the LLM; its table is what carries over)"
         )
-    plug.check_sites(t.method, sites_of(config))
+    if is_seq2seq(config):
+        s2s.check_sites(t.method, sites_of(config))
+    else:
+        plug.check_sites(t.method, sites_of(config))
+
+
+def _model_config(path):
+    _, hf = open_checkpoint(str(path))
+    return registry.config_from_hf(hf)
 
 
 def _model_type(path) -> str:
-    _, hf = open_checkpoint(str(path))
-    return registry.config_from_hf(hf).model_type
+    return _model_config(path).model_type
 
 
-def _family(path) -> arch_lib.Arch:
+def _family(path) -> arch_lib.Arch | str:
+    """A decoder's family (arch.py), or seq2seq_plug.FAMILY for a T5 model."""
     model_type = _model_type(path)
     if model_type in t5.MODEL_TYPES:
-        raise ValueError(
-            f"{path} is an encoder-decoder ({model_type}): launch.transfer carries modules "
-            "between decoders only so far; a T5 LLM can be Fisher-pruned into a bridge "
-            "(pifi_jax.bridge.seq2seq_fisher_scores, select_seq2seq, prune_seq2seq)"
-        )
+        return s2s.FAMILY
     return arch_lib.arch_for(SimpleNamespace(model_type=model_type))
 
 
-def check_families(config) -> arch_lib.Arch:
-    """The pair's family (arch.py): both models of one, whose module names the sites are."""
+def _name(family) -> str:
+    return family if isinstance(family, str) else family.name
+
+
+def is_seq2seq(config) -> bool:
+    """Whether the config's SLM (and so, checked, its LLM) is an encoder-decoder (T5)."""
+    return _family(config.model.path) == s2s.FAMILY
+
+
+def check_families(config) -> arch_lib.Arch | str:
+    """The pair's family (arch.py's, or T5's): both models of one, whose module names the
+    sites are."""
     slm, llm = _family(config.model.path), _family(config.transfer.llm)
-    if slm is not llm:
+    if slm != llm:
         raise ValueError(
             f"bridge transfer needs an SLM and an LLM of one architecture: the SLM "
-            f"{config.model.path} is {slm.name}'s, the LLM {config.transfer.llm} {llm.name}'s"
+            f"{config.model.path} is {_name(slm)}'s, the LLM {config.transfer.llm} {_name(llm)}'s"
         )
     return slm
 
@@ -105,9 +120,13 @@ def sites_of(config) -> tuple[str, ...]:
     (comma-separated names), the projections its adapters follow, or its family's prefix sites;
     with peft.target_modules empty, the family's defaults (LoRA: PEFT's, adapters: arch.py)."""
     arch = _family(config.model.path)
+    names = tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
+    if arch == s2s.FAMILY:  # T5: LoRA targets, each at every site of its projection
+        s2s.check_sites(config.transfer.method, s2s.SITES)  # refuses adapters and a prefix
+        slm_config = _model_config(config.model.path)
+        return s2s.sites_for(names or peft.targets.LORA_TARGETS[slm_config.model_type], slm_config)
     if config.transfer.method == "prefix":
         return plug.prefix_sites(arch)
-    names = tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
     if names:
         return names
     if config.transfer.method == "adapter":
@@ -116,21 +135,36 @@ def sites_of(config) -> tuple[str, ...]:
 
 
 def _llm_config(path: str):
-    _, hf = open_checkpoint(path)
-    config = registry.config_from_hf(hf)
-    fisher.check_family(config)
+    config = _model_config(path)
+    if s2s.is_seq2seq(config):
+        fisher_seq2seq.check_family(config)
+    else:
+        fisher.check_family(config)
     return config
 
 
+# What a stage's batch holds, per layout.
+BATCH_KEYS = {
+    "causal_lm": ("input_ids", "attention_mask", "loss_mask"),
+    "seq2seq": ("input_ids", "attention_mask", "target_ids", "target_mask"),
+}
+
+
+def _model_task(config) -> str:
+    """from_pretrained's task (and the data layout) of the pair's models."""
+    return "seq2seq" if is_seq2seq(config) else "causal_lm"
+
+
 def task_batches(config, tokenizer, examples: int, batch_size: int) -> list[dict]:
-    """The first `examples` training examples of the config's task, as causal-LM batches."""
+    """The first `examples` training examples of the config's task, as batches of the pair's
+    layout (causal-LM, or seq2seq for T5)."""
     task = data.task_for_config(config)
-    encoded = loop.load_splits(config, tokenizer, task, layout="causal_lm")["train"]
+    layout = _model_task(config)
+    encoded = loop.load_splits(config, tokenizer, task, layout=layout)["train"]
     n = min(examples, len(encoded))
-    encoded.input_ids = encoded.input_ids[:n]
-    encoded.prompt_lengths = encoded.prompt_lengths[:n]
-    if encoded.references is not None:
-        encoded.references = encoded.references[:n]
+    for field in ("input_ids", "prompt_lengths", "target_ids", "references"):
+        if getattr(encoded, field) is not None:
+            setattr(encoded, field, getattr(encoded, field)[:n])
     batcher = data.Batcher(
         encoded,
         batch_size,
@@ -138,10 +172,9 @@ def task_batches(config, tokenizer, examples: int, batch_size: int) -> list[dict
         shuffle=False,
         seed=config.seed,
         drop_remainder=False,
+        target_buckets=tuple(config.data.get("target_buckets", ())),
     )
-    return [
-        {k: b[k] for k in ("input_ids", "attention_mask", "loss_mask")} for b in batcher.batches(0)
-    ]
+    return [{k: b[k] for k in BATCH_KEYS[layout]} for b in batcher.batches(0)]
 
 
 def check_tokenizers(config):
@@ -171,16 +204,23 @@ def run_fisher(config, workdir: Path, log=print) -> Path:
     out = workdir / "fisher.npz"
     llm_tok = check_tokenizers(config)
     llm_config = _llm_config(str(config.transfer.llm))
-    _, slm_hf = open_checkpoint(str(config.model.path))
-    slm_layers = registry.config_from_hf(slm_hf).num_layers
-    mapping.write_depth_map(workdir / "depth_map.json", slm_layers, llm_config.num_layers)
+    slm_config = _model_config(config.model.path)
+    seq2seq = is_seq2seq(config)
+    if seq2seq:
+        stacks = {s: (s2s.depth(slm_config, s), s2s.depth(llm_config, s)) for s in s2s.STACKS}
+        mapping.write_stack_depth_maps(workdir / "depth_map.json", stacks)
+    else:
+        mapping.write_depth_map(
+            workdir / "depth_map.json", slm_config.num_layers, llm_config.num_layers
+        )
     if out.is_file():
         log(f"stage fisher: done earlier ({out})")
         return out
     t = config.transfer
     batches = task_batches(config, llm_tok, t.fisher_examples, t.fisher_batch_size)
     log(f"stage fisher: {sum(len(b['input_ids']) for b in batches)} examples through {t.llm}")
-    fisher.fisher_scores(str(t.llm), batches, log=log).save(out)
+    scores = fisher_seq2seq.seq2seq_fisher_scores if seq2seq else fisher.fisher_scores
+    scores(str(t.llm), batches, log=log).save(out)
     return out
 
 
@@ -190,10 +230,15 @@ def run_bridge(config, workdir: Path, log=print) -> Path:
         log(f"stage bridge: done earlier ({out})")
         return out
     t = config.transfer
-    scores = fisher.FisherScores.load(workdir / "fisher.npz")
     llm_config = _llm_config(str(t.llm))
-    selection = select(scores, llm_config, t.reduction)
-    module, params = prune_llm(str(t.llm), selection, log=log)
+    if is_seq2seq(config):
+        scores = fisher_seq2seq.Seq2SeqFisherScores.load(workdir / "fisher.npz")
+        selection = seq2seq_bridge.select_seq2seq(scores, llm_config, t.reduction)
+        module, params = seq2seq_bridge.prune_seq2seq(str(t.llm), selection, log=log)
+    else:
+        scores = fisher.FisherScores.load(workdir / "fisher.npz")
+        selection = select(scores, llm_config, t.reduction)
+        module, params = prune_llm(str(t.llm), selection, log=log)
     tmp = workdir / "bridge.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_bridge(
@@ -206,9 +251,11 @@ def run_bridge(config, workdir: Path, log=print) -> Path:
         scores=scores,
     )
     tmp.rename(out)
-    log(
-        f"stage bridge: {out} (hidden {module.config.hidden_size}, {module.config.num_attention_heads} heads)"
+    c = module.config
+    width, heads = (
+        (c.d_model, c.num_heads) if is_seq2seq(config) else (c.hidden_size, c.num_attention_heads)
     )
+    log(f"stage bridge: {out} (hidden {width}, {heads} heads)")
     return out
 
 
@@ -220,13 +267,19 @@ def _slm_modules(config, workdir: Path):
         raise FileNotFoundError(f"{adapter}: run the slm stage first")
     module, params = from_pretrained(
         str(config.model.path),
-        task="causal_lm",
+        task=_model_task(config),
         peft=peft.config.from_flat_config(config.peft),
         log=lambda s: None,
     )
-    flat = _flatten(peft.load_adapter(module, params, adapter))
+    return _stacked(config, _flatten(peft.load_adapter(module, params, adapter)), module.config)
+
+
+def _stacked(config, flat: dict, model_config) -> dict:
+    """A PEFT model's per-layer modules (flat params) stacked per site."""
+    if is_seq2seq(config):
+        return s2s.slm_modules(flat, sites_of(config), model_config)
     t = config.transfer
-    return plug.slm_modules(flat, t.method, sites_of(config), module.config.num_layers)
+    return plug.slm_modules(flat, t.method, sites_of(config), model_config.num_layers)
 
 
 def _make_init(config, workdir: Path, log) -> Path:
@@ -236,14 +289,17 @@ def _make_init(config, workdir: Path, log) -> Path:
         return init
     t = config.transfer
     modules = _slm_modules(config, workdir)
-    quiet = dict(task="causal_lm", log=lambda s: None)
+    quiet = dict(task=_model_task(config), log=lambda s: None)
     slm = from_pretrained(str(config.model.path), **quiet)
     llm = from_pretrained(str(t.llm), **quiet)
     batches = task_batches(config, check_tokenizers(config), t.plug_examples, t.fisher_batch_size)
-    fitted = plug.fit_plug(slm, llm, batches, modules, method=t.method, ridge=t.ridge)
+    if is_seq2seq(config):
+        fitted = s2s.fit_plug(slm, llm, batches, modules, ridge=t.ridge)
+    else:
+        fitted = plug.fit_plug(slm, llm, batches, modules, method=t.method, ridge=t.ridge)
     del llm
     bridge_json = json.loads((workdir / "bridge" / "bridge.json").read_text(encoding="utf-8"))
-    selection = Selection.from_json(bridge_json["selection"])
+    selection = seq2seq_bridge.selection_from_json(bridge_json["selection"])
     save_tree(adapt.init_transfer(modules, fitted, selection, _llm_config(str(t.llm))), init)
     log(f"stage adapt: W_plug fitted on {sum(len(b['input_ids']) for b in batches)} examples")
     return init
@@ -259,14 +315,12 @@ def _fresh_modules(config, workdir: Path) -> Path:
     tree = load_tree(_make_init(config, workdir, print))
     module, params = from_pretrained(
         str(config.model.path),
-        task="causal_lm",
+        task=_model_task(config),
         peft=peft.config.from_flat_config(config.peft),
         seed=config.seed,
         log=lambda s: None,
     )
-    t = config.transfer
-    layers = module.config.num_layers
-    tree["modules"] = plug.slm_modules(_flatten(params), t.method, sites_of(config), layers)
+    tree["modules"] = _stacked(config, _flatten(params), module.config)
     return save_tree(tree, out)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from pifi_jax import peft
 from pifi_jax.bridge import adapt, plug
-from pifi_jax.bridge.prune import Selection
+from pifi_jax.bridge.seq2seq_bridge import selection_from_json
 from pifi_jax.hub import from_pretrained
 from pifi_jax.hub.pretrained import _flatten, _unflatten
 from pifi_jax.models import registry
@@ -70,6 +70,10 @@ class TransferModel(nn.Module):
     def peft_config(self):
         return self.peft_bridge.peft_config
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.peft_bridge.is_encoder_decoder
+
     @nn.compact
     def __call__(self, *args, deterministic=True, **kwargs):
         # the two subtrees as given (nested dicts of params are scopes to flax, not variables)
@@ -97,11 +101,11 @@ class _Frozen:
         self.value = value
 
 
-def _selection(bridge_dir: Path) -> Selection:
+def _selection(bridge_dir: Path):
     record = bridge_dir / "bridge.json"
     if not record.is_file():
         raise FileNotFoundError(f"{record}: not a bridge directory (run the bridge stage first)")
-    return Selection.from_json(json.loads(record.read_text(encoding="utf-8"))["selection"])
+    return selection_from_json(json.loads(record.read_text(encoding="utf-8"))["selection"])
 
 
 class BridgeBuilder:
@@ -117,7 +121,7 @@ class BridgeBuilder:
             )
         module, params = from_pretrained(
             model_dir,
-            task="causal_lm",
+            task=model_task,
             dtype=dtype_of(config.model.dtype),
             mesh=mesh,
             logical_axis_rules=logical_axis_rules,
@@ -144,7 +148,7 @@ class BridgeBuilder:
             )
         trained = load_tree(bc.trained)
         flat = _flatten(params)
-        plugged = adapt.with_leaves(flat, adapt.llm_leaves(trained, module.config.num_layers))
+        plugged = adapt.with_leaves(flat, adapt.llm_leaves(trained, module.config))
         return BuiltModel(
             module,
             plugged,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pifi_jax.bridge.fisher_seq2seq import STACKS, Seq2SeqFisherScores, check_family, read_block
-from pifi_jax.bridge.prune import _top
+from pifi_jax.bridge.prune import Selection, _top
 from pifi_jax.hub.pretrained import _unflatten, abstract_params, open_checkpoint
 from pifi_jax.models import registry
 
@@ -64,6 +64,13 @@ class Seq2SeqSelection:
             else:
                 kw[f.name] = np.asarray(value, np.int64)
         return cls(**kw)
+
+
+def selection_from_json(record: dict):
+    """A bridge.json's kept indices: a T5 bridge's Seq2SeqSelection or a decoder's Selection."""
+    if "encoder_heads" in record:
+        return Seq2SeqSelection.from_json(record)
+    return Selection.from_json(record)
 
 
 def seq2seq_sizes(config, reduction: float) -> tuple[int, int, int]:
@@ -103,7 +110,8 @@ def seq2seq_bridge_config(config, selection: Seq2SeqSelection):
     )
 
 
-def _columns(heads: np.ndarray, d_kv: int) -> np.ndarray:
+def head_columns(heads: np.ndarray, d_kv: int) -> np.ndarray:
+    """The projection columns of `heads` (each d_kv wide)."""
     return (np.asarray(heads)[:, None] * d_kv + np.arange(d_kv)[None]).reshape(-1)
 
 
@@ -123,7 +131,7 @@ def prune_block(flat: dict, config, selection: Seq2SeqSelection, stack: str, i: 
             out[path] = value[:, self_heads]
         elif parts[1] in ("SelfAttention", "EncDecAttention"):
             heads = self_heads if parts[1] == "SelfAttention" else selection.cross_heads[i]
-            cols = _columns(heads, config.d_kv)
+            cols = head_columns(heads, config.d_kv)
             out[path] = value[np.ix_(cols, hid)] if parts[2] == "o" else value[np.ix_(hid, cols)]
         elif parts[1] == "DenseReluDense":
             out[path] = value[np.ix_(units, hid)] if parts[2] == "wo" else value[np.ix_(hid, units)]

@@ -1,0 +1,268 @@
+"""Bridge transfer of LoRA modules between T5 models (pifi_jax/bridge/seq2seq_plug.py).
+
+References: transformers' T5ForConditionalGeneration (forward hooks give each site's input and
+output activations; Hugging Face PEFT loads the exported adapter), NumPy transcriptions of the
+ridge fit and of the depth map, and the zeroed dense LLM (tests/test_bridge_t5.py) that the
+pruned bridge equals.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import pifi_jax
+from pifi_jax.bridge import adapt, fisher_seq2seq, seq2seq_bridge
+from pifi_jax.bridge import seq2seq_plug as s2s
+from pifi_jax.hub.pretrained import _flatten
+from tests.test_bridge_t5 import VOCAB, _logits, _zeroed_t5, make_batches, write_t5
+
+TARGETS = ("q", "v", "wi")
+SITES = (
+    "encoder.q", "decoder.q", "cross.q", "encoder.v", "decoder.v", "cross.v",
+    "encoder.wi", "decoder.wi",
+)  # fmt: skip
+# Each site's input and output module in transformers' T5 (block index {i}).
+HF_SITES = {
+    "encoder.q": ("encoder.block.{i}.layer.0.layer_norm", "encoder.block.{i}.layer.0.SelfAttention.q"),
+    "encoder.v": ("encoder.block.{i}.layer.0.layer_norm", "encoder.block.{i}.layer.0.SelfAttention.v"),
+    "decoder.q": ("decoder.block.{i}.layer.0.layer_norm", "decoder.block.{i}.layer.0.SelfAttention.q"),
+    "decoder.v": ("decoder.block.{i}.layer.0.layer_norm", "decoder.block.{i}.layer.0.SelfAttention.v"),
+    "cross.q": ("decoder.block.{i}.layer.1.layer_norm", "decoder.block.{i}.layer.1.EncDecAttention.q"),
+    "cross.v": ("encoder.final_layer_norm", "decoder.block.{i}.layer.1.EncDecAttention.v"),
+    "encoder.wi": ("encoder.block.{i}.layer.1.layer_norm", "encoder.block.{i}.layer.1.DenseReluDense.wi"),
+    "decoder.wi": ("decoder.block.{i}.layer.2.layer_norm", "decoder.block.{i}.layer.2.DenseReluDense.wi"),
+}  # fmt: skip
+SOURCE_SIDE = ("encoder.", "EncDecAttention.k", "EncDecAttention.v")
+
+
+def write_slm(directory):
+    """A 12-wide T5 with 2 encoder and 2 decoder blocks (the LLM: 16 wide, 2 and 3)."""
+    torch.manual_seed(3)
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=12, d_kv=4, d_ff=20, num_layers=2, num_decoder_layers=2,
+        num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def lora_config():
+    return pifi_jax.peft.LoraConfig(r=2, lora_alpha=4.0, target_modules=list(TARGETS))
+
+
+@pytest.fixture(scope="module")
+def t5_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t5_transfer")
+    slm_torch = write_slm(root / "slm")
+    llm_torch = write_t5(root / "llm", gated=False, tied=True, seed=1)
+    quiet = dict(task="seq2seq", log=lambda s: None)
+    slm = pifi_jax.from_pretrained(str(root / "slm"), **quiet)
+    llm = pifi_jax.from_pretrained(str(root / "llm"), **quiet)
+    # the SLM's LoRA modules, trained-looking: B random instead of zero
+    _, peft_params = pifi_jax.peft.wrap(*slm, lora_config(), seed=0)
+    rng = np.random.default_rng(0)
+    flat = {
+        p: (rng.normal(size=v.shape).astype(np.float32) * 0.5 if p.endswith("lora_b") else v)
+        for p, v in _flatten(peft_params).items()
+    }
+    sites = s2s.sites_for(TARGETS, slm[0].config)
+    modules = s2s.slm_modules(flat, sites, slm[0].config)
+    batches = make_batches(4)
+    plug = s2s.fit_plug(slm, llm, batches, sites)
+    scores = fisher_seq2seq.seq2seq_fisher_scores(str(root / "llm"), batches, log=lambda s: None)
+    return {
+        "root": root, "slm": slm, "llm": llm, "slm_torch": slm_torch, "llm_torch": llm_torch,
+        "modules": modules, "plug": plug, "batches": batches, "scores": scores,
+    }  # fmt: skip
+
+
+def test_sites_expand_peft_targets_and_refuse_the_rest(t5_pair):
+    config = t5_pair["slm"][0].config
+    assert set(s2s.sites_for(TARGETS, config)) == set(SITES)
+    with pytest.raises(ValueError, match=r"supports the targets \['q', 'k', 'v', 'wi'\].*'o'"):
+        s2s.sites_for(["q", "o"], config)
+    with pytest.raises(ValueError, match="'wi_0'"):
+        s2s.sites_for(["wi_0"], config)  # a relu T5 has wi, not the gated pair
+    with pytest.raises(ValueError, match="a T5 pair carries LoRA only"):
+        s2s.check_sites("adapter", ["encoder.q"])
+    with pytest.raises(ValueError, match="lack encoder/block_0/layer_0/SelfAttention/q/lora_a"):
+        s2s.slm_modules({}, ["encoder.q"], config)
+
+
+def _hf_activations(model, batch, names):
+    """{module name: [real tokens, width]} of transformers' T5 (forward hooks)."""
+    got, hooks = {}, []
+    modules = dict(model.named_modules())
+    for name in names:
+        hook = lambda m, i, o, name=name: got.__setitem__(name, o.detach().numpy())  # noqa: E731
+        hooks.append(modules[name].register_forward_hook(hook))
+    tgt = torch.tensor(batch["target_ids"], dtype=torch.long)
+    start = torch.zeros((tgt.shape[0], 1), dtype=torch.long)
+    with torch.no_grad():
+        model(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+            decoder_input_ids=torch.cat([start, tgt[:, :-1]], dim=1),
+            decoder_attention_mask=torch.tensor(batch["target_mask"]),
+            use_cache=False,
+        )
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, value in got.items():
+        source = name.startswith(SOURCE_SIDE[0]) or name.endswith(SOURCE_SIDE[1:])
+        real = batch["attention_mask" if source else "target_mask"] > 0
+        out[name] = value.astype(np.float64)[real]
+    return out
+
+
+def _numpy_ridge(x, y, ridge=1e-3):
+    gram = x.T @ x
+    lam = ridge * np.trace(gram) / gram.shape[0]
+    return np.linalg.inv(gram + lam * np.eye(len(gram))) @ x.T @ y
+
+
+def test_w_plug_is_the_ridge_map_of_each_sites_activations_in_transformers(t5_pair):
+    slm, llm = t5_pair["slm_torch"], t5_pair["llm_torch"]
+    # the depth maps, transcribed: LLM block j takes SLM block floor(j * L_slm / L_llm)
+    maps = {"encoder": [0, 1], "decoder": [0, 0, 1]}
+    for site in SITES:
+        stack = "encoder" if site.startswith("encoder") else "decoder"
+        rows = {k: [] for k in ("xs", "xl", "ys", "yl")}
+        for batch in t5_pair["batches"]:
+            names = [n.format(i=i) for n in HF_SITES[site] for i in range(3)]
+            a_s = _hf_activations(
+                slm, batch, [n for n in set(names) if n in dict(slm.named_modules())]
+            )
+            a_l = _hf_activations(
+                llm, batch, [n for n in set(names) if n in dict(llm.named_modules())]
+            )
+            x, y = HF_SITES[site]
+            for j, i in enumerate(maps[stack]):
+                rows["xs"].append(a_s[x.format(i=i)])
+                rows["xl"].append(a_l[x.format(i=j)])
+                rows["ys"].append(a_s[y.format(i=i)])
+                rows["yl"].append(a_l[y.format(i=j)])
+        xs, xl, ys, yl = (np.concatenate(rows[k]) for k in ("xs", "xl", "ys", "yl"))
+        got = t5_pair["plug"][site]
+        assert got["in"].shape == (16, 12) and got["out"].shape[0] == ys.shape[1]
+        np.testing.assert_allclose(got["in"], _numpy_ridge(xl, xs), atol=2e-4, rtol=2e-3)
+        np.testing.assert_allclose(got["out"], _numpy_ridge(ys, yl), atol=2e-4, rtol=2e-3)
+
+
+def _trainable(t5_pair, r):
+    llm_config = t5_pair["llm"][0].config
+    selection = seq2seq_bridge.select_seq2seq(t5_pair["scores"], llm_config, r)
+    tree = adapt.init_transfer(t5_pair["modules"], t5_pair["plug"], selection, llm_config)
+    return selection, tree
+
+
+def test_plugged_modules_equal_the_carried_loras_in_hugging_face_peft(t5_pair, tmp_path):
+    import peft as hf_peft
+
+    _, trainable = _trainable(t5_pair, 4)
+    module, params = adapt.plugged_llm(t5_pair["llm"], lora_config(), trainable)
+    adapt.export_llm_adapter(module, params, tmp_path / "adapter")
+    theirs = hf_peft.PeftModel.from_pretrained(t5_pair["llm_torch"], str(tmp_path / "adapter"))
+    weights = {n: p.detach().numpy() for n, p in theirs.named_parameters() if "lora_" in n}
+    assert len(weights) == 2 * (2 * 8 + 5)  # A, B of q, v in 8 attentions and of wi in 5 MLPs
+    maps = {"encoder": [0, 1], "decoder": [0, 0, 1]}
+    modules, plug = t5_pair["modules"], t5_pair["plug"]
+    for site in SITES:
+        stack = "encoder" if site.startswith("encoder") else "decoder"
+        for j, i in enumerate(maps[stack]):
+            hf = "base_model.model." + HF_SITES[site][1].format(i=j)
+            a = plug[site]["in"] @ np.asarray(modules[site]["a"][i])  # by hand: P_in A, B P_out
+            b = np.asarray(modules[site]["b"][i]) @ plug[site]["out"]
+            np.testing.assert_allclose(weights[f"{hf}.lora_A.default.weight"].T, a, atol=1e-6)
+            np.testing.assert_allclose(weights[f"{hf}.lora_B.default.weight"].T, b, atol=1e-6)
+    batch = t5_pair["batches"][0]
+    tgt = torch.tensor(batch["target_ids"], dtype=torch.long)
+    with torch.no_grad():
+        want = theirs(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+            decoder_input_ids=torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], dim=1),
+            decoder_attention_mask=torch.tensor(batch["target_mask"]),
+        ).logits.numpy()
+    real = batch["target_mask"] > 0
+    got = _logits(module, params, batch)
+    np.testing.assert_allclose(got[real], want[real], atol=3e-5)
+    plain = _logits(*t5_pair["llm"], batch)
+    assert np.abs(plain[real] - got[real]).max() > 1e-2  # the modules change the LLM
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_the_bridge_starts_as_the_zeroed_llm_with_the_plugged_loras(t5_pair, r):
+    llm_module, llm_params = t5_pair["llm"]
+    selection, trainable = _trainable(t5_pair, r)
+    small = seq2seq_bridge.prune_seq2seq(
+        str(t5_pair["root"] / "llm"), selection, log=lambda s: None
+    )
+    peft_bridge, bridge_params = pifi_jax.peft.wrap(*small, lora_config(), seed=0)
+    leaves = adapt.bridge_leaves(trainable, selection, llm_module.config)
+    bridge_params = adapt.with_leaves(_flatten(bridge_params), leaves)
+    dense = _zeroed_t5(llm_params, llm_module.config, selection) if r > 1 else llm_params
+    peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, lora_config(), seed=0)
+    plugged = adapt.with_leaves(
+        _flatten(peft_llm_params), adapt.llm_leaves(trainable, llm_module.config)
+    )
+    for batch in t5_pair["batches"]:
+        real = batch["target_mask"] > 0
+        got = _logits(peft_bridge, bridge_params, batch)[real]
+        want = _logits(peft_llm, plugged, batch)[real]
+        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
+    # the bridge's leaves, by hand: A_b = W_down A_l (the kept rows), B_b = B_l's kept columns
+    llm_leaves = adapt.llm_leaves(trainable, llm_module.config)
+    hid, d_kv = selection.hidden, llm_module.config.d_kv
+    cols = lambda heads: (np.asarray(heads)[:, None] * d_kv + np.arange(d_kv)).ravel()  # noqa: E731
+    kept = {
+        "decoder/block_1/layer_1/EncDecAttention/q": cols(selection.cross_heads[1]),
+        "encoder/block_0/layer_0/SelfAttention/v": cols(selection.encoder_heads),
+        "decoder/block_2/layer_0/SelfAttention/q": cols(selection.decoder_heads),
+        "decoder/block_2/layer_2/DenseReluDense/wi": selection.decoder_ffn[2],
+    }
+    for path, columns in kept.items():
+        a_l, b_l = (np.asarray(llm_leaves[f"{path}/lora_{x}"]) for x in "ab")
+        np.testing.assert_allclose(np.asarray(leaves[f"{path}/lora_a"]), a_l[hid], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(leaves[f"{path}/lora_b"]), b_l[:, columns])
+
+
+def test_adapting_a_t5_bridge_differentiates_no_llm_weight(t5_pair):
+    llm_module, llm_params = t5_pair["llm"]
+    selection, trainable = _trainable(t5_pair, 4)
+    small = seq2seq_bridge.prune_seq2seq(
+        str(t5_pair["root"] / "llm"), selection, log=lambda s: None
+    )
+    peft_bridge, bridge_params = pifi_jax.peft.wrap(*small, lora_config(), seed=0)
+    frozen = _flatten(bridge_params)
+    kw = dict(module=peft_bridge, selection=selection, llm_config=llm_module.config)
+    batch = {k: jnp.asarray(v) for k, v in t5_pair["batches"][0].items()}
+
+    def loss(t):
+        return adapt.adapt_loss(t, frozen, batch, **kw)
+
+    # the loss is the bridge's mean target-token cross-entropy
+    params = adapt.with_leaves(frozen, adapt.bridge_leaves(trainable, selection, llm_module.config))
+    logits = _logits(peft_bridge, params, t5_pair["batches"][0])
+    mask = t5_pair["batches"][0]["target_mask"] > 0
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = np.take_along_axis(logp, t5_pair["batches"][0]["target_ids"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss(trainable)), -picked[mask].mean(), rtol=1e-5)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable)
+    inputs = [tuple(v.aval.shape) for v in jaxpr.jaxpr.invars]
+    assert inputs == [tuple(np.shape(x)) for x in jax.tree.leaves(trainable)]
+    consts = {tuple(np.shape(c)) for c in jaxpr.consts}
+    llm_kernels = {
+        tuple(np.shape(v)) for p, v in _flatten(llm_params).items() if p.endswith("kernel")
+    }
+    own = {tuple(np.shape(x)) for x in jax.tree.leaves((trainable, frozen, batch))}
+    assert not ((set(inputs) | consts) & (llm_kernels - own))
+    grads = jax.grad(loss)(trainable)
+    for path, g in _flatten(grads).items():
+        assert np.abs(np.asarray(g)).max() > 0, path
