@@ -89,6 +89,8 @@ def from_pretrained(
     peft=None,
     scan_layers: bool = False,
     remat_policy: str = "none",
+    frozen_dtype: Any = None,
+    trainable_rules=None,
     log=print,
 ) -> tuple[nn.Module, dict]:
     """Builds the model for `task` and loads its weights from a Hugging Face checkpoint.
@@ -111,6 +113,12 @@ def from_pretrained(
         leading layers axis (the checkpoint's per-layer tensors are stacked as they load).
       remat_policy: decoders only: gradient checkpointing of each layer ("none", "full", "dots",
         "dots_no_batch"; models/stack.py REMAT_POLICIES).
+      frozen_dtype: storage dtype (e.g. jnp.bfloat16) of the weights that will not train, each
+        converted as it is read, so the model never exists in float32 first. What trains:
+        `trainable_rules` (partition rules, first match wins, e.g. [(".*/bias", "trainable"),
+        (".*", "frozen")]), by default the PEFT method's (peft.trainable_rules: its new leaves
+        and the heads it trains stay in param_dtype); with neither, everything trains and
+        frozen_dtype changes nothing.
     Returns:
       (module, params): `module.apply({"params": params}, input_ids=..., attention_mask=...,
       token_type_ids=...)`.
@@ -133,6 +141,8 @@ def from_pretrained(
         module = module.clone(scan_layers=scan_layers, remat_policy=remat_policy)
     # A scanned stack loads layer by layer into the unrolled layout, then stacks (see convert.py).
     abstract = abstract_params(module.clone(scan_layers=False) if scan_layers else module)
+    if frozen_dtype is not None:
+        abstract = _frozen_storage(module, abstract, peft, trainable_rules, frozen_dtype)
     shardings = stacked_shardings = None
     if mesh is not None:
         shardings = parallel.param_shardings(abstract, family.PARAM_AXES, mesh, logical_axis_rules)
@@ -160,6 +170,27 @@ def from_pretrained(
 
         return wrap(module, params, peft, seed=seed)
     return module, params
+
+
+def _frozen_storage(module, abstract: dict, peft_config, rules, frozen_dtype) -> dict:
+    """`abstract` with every tensor that `rules` (or the PEFT method's rules) leave frozen in
+    `frozen_dtype`. The PEFT rules are read off the PEFT model's plan, which needs only the
+    tensors' paths and shapes, so nothing is loaded for them."""
+    from pifi_jax import partition  # noqa: PLC0415
+
+    if rules is None and peft_config is not None:
+        from pifi_jax import peft  # noqa: PLC0415 (peft builds on hub: imported when needed)
+
+        plan = peft.make_plan(peft_config, module.config, abstract)
+        peft_module = peft.PeftModel(module, plan, peft_config)
+        rules = peft.trainable_rules(peft_module, _unflatten(abstract))
+    if rules is None:
+        return abstract
+    labels = partition.label_leaves(_unflatten(abstract), [tuple(r) for r in rules])
+    return {
+        path: jax.ShapeDtypeStruct(a.shape, frozen_dtype) if labels[path] == "frozen" else a
+        for path, a in abstract.items()
+    }
 
 
 def _plain_model(module: nn.Module, params: dict) -> tuple[nn.Module, dict]:

@@ -92,6 +92,9 @@ class Pretrained:
             peft=method,
             scan_layers=config.model.get("scan_layers", False),
             remat_policy=config.model.get("remat_policy", "none"),
+            # frozen weights read straight into their storage dtype (no float32 copy first)
+            frozen_dtype=dtype_of(config.model.frozen_dtype) if config.model.frozen_dtype else None,
+            trainable_rules=None if method is not None else config.train.trainable_rules,
             log=log,
         )
         built = BuiltModel(module, params, registry.family_for(module.config.model_type).PARAM_AXES)
