@@ -374,3 +374,11 @@ def apply_overrides(config, items: Sequence[tuple[str, Any] | str]) -> None:
         if isinstance(value, str) and not isinstance(current, str):
             value = type(current)(ast.literal_eval(value))
         node[key] = value
+
+
+def publish(text: str, out: str) -> None:
+    """Prints a report section and appends it to the markdown file `out` ("-": print only)."""
+    print(text)
+    if out != "-":
+        with open(out, "a", encoding="utf-8") as f:
+            f.write("\n" + text)

@@ -157,11 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file to append, or -")
     args = parser.parse_args(argv)
-    text = report(measure(args), args)
-    print(text)
-    if args.out != "-":
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    common.publish(report(measure(args), args), args.out)
 
 
 if __name__ == "__main__":

@@ -177,11 +177,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file to append, or -")
     args = parser.parse_args(argv)
-    text = report(measure(args.repeats), args.repeats)
-    print(text)
-    if args.out != "-":
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    common.publish(report(measure(args.repeats), args.repeats), args.out)
 
 
 if __name__ == "__main__":

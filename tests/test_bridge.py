@@ -684,6 +684,27 @@ def test_bridge_starts_as_the_zeroed_llm_with_the_plugged_modules(pair, transfer
     assert np.abs(plain[real] - got[real]).max() > 1e-3
 
 
+def assert_differentiates_no_llm_weight(loss, trainable, others, llm_params) -> None:
+    """No LLM weight enters the differentiated program of `loss` (of the trainable tree): its
+    inputs are exactly the trainable arrays, and no input or constant has the shape of an LLM
+    kernel that none of the trainable, frozen-bridge and batch arrays (`others`) has; and every
+    trainable leaf gets a gradient."""
+    import jax
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable)
+    inputs = [tuple(v.aval.shape) for v in jaxpr.jaxpr.invars]
+    assert inputs == [tuple(np.shape(x)) for x in jax.tree.leaves(trainable)]
+    consts = {tuple(np.shape(c)) for c in jaxpr.consts}
+    llm_kernels = {
+        tuple(np.shape(v)) for p, v in _flatten(llm_params).items() if p.endswith("kernel")
+    }
+    own = {tuple(np.shape(x)) for x in jax.tree.leaves((trainable, others))}
+    assert not ((set(inputs) | consts) & (llm_kernels - own))
+    grads = jax.grad(loss)(trainable)
+    for path, g in _flatten(grads).items():
+        assert np.abs(np.asarray(g)).max() > 0, path
+
+
 def test_adaptation_trains_modules_plug_and_down_without_the_llm(pair, transfer):
     import jax
     import optax
@@ -696,20 +717,7 @@ def test_adaptation_trains_modules_plug_and_down_without_the_llm(pair, transfer)
     def loss(t):
         return bridge.adapt_loss(t, frozen, batch, **kw)
 
-    # no LLM weight enters the differentiated program: its inputs are exactly the trainable,
-    # frozen-bridge and batch arrays, and no input or constant has an LLM kernel's shape
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable)
-    inputs = [tuple(v.aval.shape) for v in jaxpr.jaxpr.invars]
-    assert inputs == [tuple(np.shape(x)) for x in jax.tree.leaves(trainable)]
-    consts = {tuple(np.shape(c)) for c in jaxpr.consts}
-    llm_kernels = {
-        tuple(np.shape(v)) for p, v in _flatten(llm_params).items() if p.endswith("kernel")
-    }
-    own = {tuple(np.shape(x)) for x in jax.tree.leaves((trainable, frozen, batch))}
-    assert not ((set(inputs) | consts) & (llm_kernels - own))
-    grads = jax.grad(loss)(trainable)
-    for path, g in _flatten(grads).items():
-        assert np.abs(np.asarray(g)).max() > 0, path
+    assert_differentiates_no_llm_weight(loss, trainable, (frozen, batch), llm_params)
     opt = optax.adam(3e-2)
     state = opt.init(trainable)
     first = float(loss(trainable))
