@@ -6,6 +6,8 @@ ridge fit and of the depth map, and the zeroed dense LLM (tests/test_bridge_t5.p
 pruned bridge equals.
 """
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,14 @@ def test_sites_expand_peft_targets_and_refuse_the_rest(t5_pair):
         s2s.sites_for(["q", "o"], config)
     with pytest.raises(ValueError, match="'wi_0'"):
         s2s.sites_for(["wi_0"], config)  # a relu T5 has wi, not the gated pair
+    gated = SimpleNamespace(is_gated_act=True)
+    assert s2s.sites_for(["wi_0", "wi_1"], gated) == (
+        "encoder.wi_0", "decoder.wi_0", "encoder.wi_1", "decoder.wi_1",
+    )  # fmt: skip
+    assert s2s.SITES["decoder.wi_1"].path(2) == "decoder/block_2/layer_2/DenseReluDense/wi_1"
+    assert s2s.SITES["cross.k"].input_path(1) == "encoder/final_layer_norm"
+    with pytest.raises(ValueError, match="'wi'"):
+        s2s.sites_for(["wi"], gated)
     with pytest.raises(ValueError, match="a T5 pair carries LoRA only"):
         s2s.check_sites("adapter", ["encoder.q"])
     with pytest.raises(ValueError, match="lack encoder/block_0/layer_0/SelfAttention/q/lora_a"):
