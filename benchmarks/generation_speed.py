@@ -78,7 +78,7 @@ def measure(args) -> dict:
                 jax.block_until_ready(pifi_jax.generate(module, params, ids, mask, **kw))
             )
 
-        def torch_gen(ids=ids, mask=mask, method=method):
+        def torch_gen(ids=ids, mask=mask, method=method, n=n):
             with torch.no_grad():
                 out = theirs.generate(
                     input_ids=torch.as_tensor(ids, dtype=torch.long),
@@ -94,7 +94,7 @@ def measure(args) -> dict:
         start = time.perf_counter()
         first = ours()
         compile_s = time.perf_counter() - start
-        torch_gen()  # warm-up
+        torch_gen(n=2)  # warm-up (a short call: eager PyTorch has nothing to compile)
         times = {"pifi_jax": [], "transformers": []}
         for _ in range(args.rounds):
             for name, fn in (("pifi_jax", ours), ("transformers", torch_gen)):
