@@ -71,10 +71,7 @@ def check_config(config) -> None:
             "transfer.method='prefix': set peft.prefix_projection=false (the SLM's prefix MLP "
             "has no counterpart in the LLM; its table is what carries over)"
         )
-    if is_seq2seq(config):
-        s2s.check_sites(t.method, sites_of(config))
-    else:
-        plug.check_sites(t.method, sites_of(config))
+    (s2s if is_seq2seq(config) else plug).check_sites(t.method, sites_of(config))
 
 
 def _model_config(path):
