@@ -10,7 +10,8 @@ modules + W_plug + W_down trained through the bridge), evaluate (the modules plu
 LLM, scored, exported as a PEFT adapter). Running the command again skips finished stages and
 resumes the trainer's. `--stage=study` adds the paper's comparison: LoRA on the LLM directly,
 the modules plugged without the bridge, the bridge alone without SLM modules, and prints the
-table.
+table. Several stages run one process each (--noisolate_stages: all in this one); transfer.json
+records each one's peak host memory.
 """
 
 from absl import app, flags
@@ -25,6 +26,12 @@ _STAGE = flags.DEFINE_string(
     "all (the five stages), study (they and the comparison runs: llm_peft, direct, bridge_only),"
     " or one stage.",
 )
+_ISOLATE = flags.DEFINE_bool(
+    "isolate_stages",
+    True,
+    "With more than one stage, run each in its own process: one process does not give a real"
+    " pair's host memory back between stages.",
+)
 
 
 def main(argv):
@@ -36,7 +43,8 @@ def main(argv):
     named = {"all": procedure.STAGES, "study": procedure.STAGES + procedure.STUDY}
     stages = named.get(_STAGE.value, (_STAGE.value,))
     workdir = _WORKDIR.value or f"runs/transfer_{config.task}"
-    results = procedure.run(config, workdir, stages)
+    isolate = _ISOLATE.value and len(stages) > 1
+    results = procedure.run(config, workdir, stages, isolate=isolate)
     for stage, metrics in results.items():
         shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
         print(f"{stage}: {shown}")

@@ -205,6 +205,39 @@ def test_one_stage_alone_needs_its_inputs(pair, tiny_pair_files, tmp_path):
         procedure.run(config, tmp_path, stages=("prune",))
 
 
+def test_isolated_stages_run_each_in_a_fresh_process(pair, tiny_pair_files, tmp_path):
+    import os
+
+    from pifi_jax.bridge import procedure
+
+    config = _config(pair, tiny_pair_files)
+    lines = []
+    procedure.run(config, tmp_path, ("fisher", "bridge"), log=lines.append, isolate=True)
+    assert (tmp_path / "fisher.npz").is_file() and (tmp_path / "bridge" / "bridge.json").is_file()
+    pids = [int(re.search(r"ran in process (\d+)", line).group(1)) for line in lines]
+    assert len(pids) == 2 and len({*pids, os.getpid()}) == 3
+    peaks = json.loads((tmp_path / "transfer.json").read_text())[procedure.HOST_PEAK]
+    assert set(peaks) == {"fisher", "bridge"} and all(v > 2**20 for v in peaks.values())
+    # a stage's error in its process is raised here, message and type intact
+    with pytest.raises(FileNotFoundError, match="run the adapt stage first"):
+        procedure.run(config, tmp_path, stages=("evaluate",), isolate=True)
+
+
+def test_the_study_table_shows_each_isolated_stages_peak_host_memory(tmp_path):
+    from pifi_jax.bridge import procedure
+
+    summary = {
+        "slm": {"validation/accuracy": 0.5, "test/accuracy": 0.25},
+        "direct": {"test/accuracy": 0.75},
+        procedure.HOST_PEAK: {"slm": 3 * 2**30},
+    }
+    (tmp_path / "transfer.json").write_text(json.dumps(summary))
+    table = procedure.study_table(tmp_path, "accuracy").splitlines()
+    assert table[0].endswith("| peak host GiB |") and table[1] == "|---|---:|---:|---:|"
+    assert table[2] == "| PEFT on the SLM | 50.00 | 25.00 | 3.00 |"
+    assert table[3] == "| transferred, without the bridge | - | 75.00 | - |"
+
+
 def test_adapters_transfer_through_every_stage(pair, tiny_pair_files, tmp_path):
     """transfer.method=adapter: Houlsby adapters of the SLM carried into the LLM through the
     bridge; the LLM's adapters are saved in pifi_jax's native format and load onto it."""
