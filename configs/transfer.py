@@ -73,8 +73,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.peft.prefix_projection = False
     # causal_lm for a decoder pair, seq2seq for a T5 pair (from the model's config).
     config.objective = "auto"
-    # Prompt tokens at most, and generated tokens (the answers are short).
+    # Prompt tokens at most, target tokens at most (the answers are a word or two, eos
+    # included), the static row lengths (the largest holds the longest prompt + target: CB's
+    # premises reach 256 tokens), and generated tokens.
     config.data.max_length = 256
+    config.data.max_target_length = 8
+    config.data.buckets = (64, 128, 256, 264)
     # A T5 pair's target lengths (a decoder pair's targets ride in `buckets`).
     config.data.target_buckets = (16, 64)
     config.generation.max_new_tokens = 8

@@ -52,6 +52,21 @@ def test_config_parses_with_and_without_runlocal(path):
         locked.no_such_field = 1
 
 
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=CONFIG_IDS)
+def test_a_causal_configs_largest_bucket_holds_the_longest_prompt_and_target(path):
+    """A decoder-only run's rows are prompt (cut to max_length) + target (max_target_length at
+    most): a largest bucket below their sum refuses long rows of the config's own task."""
+    module = _module(path)
+    for config in (module.get_config(), module.get_config("runlocal")):
+        if (
+            config.get("objective") not in ("causal_lm", "auto")
+            or "max_target_length" not in config.data
+        ):
+            continue
+        longest = config.data.max_length + config.data.max_target_length
+        assert max(config.data.buckets) >= longest, (path.name, tuple(config.data.buckets))
+
+
 def _config_target(node: ast.AST) -> str | None:
     """ "config.a.b" for an attribute chain rooted at the name `config`, else None."""
     names = []
