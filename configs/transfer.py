@@ -21,8 +21,9 @@ Stage 1 alone (PEFT on the SLM) is an ordinary run:
 One stage at a time: `--stage=slm|fisher|bridge|adapt|evaluate` (default all; each finished stage
 is skipped, each trainer stage resumes from its checkpoints).
 
-The paper's T5 pairs (encoder-decoders, with the network; LoRA only, on q and v of every
-attention by default, each stack depth-mapped alone; the objective turns seq2seq by itself):
+The paper's T5 pairs (encoder-decoders, with the network; LoRA, on q and v of every attention
+by default, or method=adapter, no prefix; each stack depth-mapped alone; the objective turns
+seq2seq by itself):
     python -m launch.transfer --config=configs/transfer.py:slm=google-t5/t5-base,llm=google-t5/t5-3b,task=superglue_rte
     python -m launch.transfer --config=configs/transfer.py:slm=google-t5/t5-large,llm=google-t5/t5-11b,task=boolq
 

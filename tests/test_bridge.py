@@ -640,10 +640,10 @@ def _bridge_run(pair, transfer, r):
     return selection, peft_bridge, _flatten(peft_params), trainable
 
 
-def _restricted(leaves: dict, selection, config) -> dict:
+def restricted(leaves: dict, selection, width: int) -> dict:
     """The LLM's adapter leaves with their writes to the dropped residual dimensions removed
     (the zeroed LLM keeps those dimensions at zero, as the bridge, which lacks them, does)."""
-    drop = np.setdiff1d(np.arange(config.hidden_size), selection.hidden)
+    drop = np.setdiff1d(np.arange(width), selection.hidden)
     out = {}
     for path, value in leaves.items():
         value = np.array(value)
@@ -670,7 +670,7 @@ def test_bridge_starts_as_the_zeroed_llm_with_the_plugged_modules(pair, transfer
     peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, transfer["peft"], seed=0)
     leaves = bridge.llm_leaves(trainable, llm_module.config)
     if transfer["method"] == "adapter":
-        leaves = _restricted(leaves, selection, llm_module.config)
+        leaves = restricted(leaves, selection, llm_module.config.hidden_size)
     llm_params_plugged = bridge.adapt.with_leaves(_flatten(peft_llm_params), leaves)
     for batch in transfer["batches"]:
         real = batch["attention_mask"] > 0

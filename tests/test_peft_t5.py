@@ -116,3 +116,63 @@ def test_generation_with_lora_matches_hf_peft(tmp_path):
         module, params, ids, mask, max_new_tokens=NEW, eos_token_id=(), pad_token_id=PAD
     )
     np.testing.assert_array_equal(np.asarray(ours), theirs)
+
+
+# HF module names of the sub-layer outputs each adapter kind follows in T5.
+ADAPTER_SITES = {
+    "houlsby": r".*\.block\.\d+\.layer\.\d+\.((SelfAttention|EncDecAttention)\.o|DenseReluDense\.wo)",
+    "pfeiffer": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
+}
+
+
+@pytest.mark.parametrize("kind", list(ADAPTER_SITES))
+def test_bottleneck_adapters_equal_hooks_on_transformers_t5(tmp_path, kind):
+    """Hugging Face PEFT has no bottleneck adapters, so the reference is transformers' T5 with a
+    forward hook on each site's projection adding up(relu(down(out))): same logits within 1e-5
+    for random adapter weights; identity at init; Houlsby also trains every layer_norm."""
+    import re
+
+    torch_model = tiny_t5(CASE).eval()
+    torch_model.save_pretrained(tmp_path / "base")
+    batch = padded_pairs()
+    config = peft.AdapterConfig(kind=kind, bottleneck_size=3)
+    module, params = pifi_jax.from_pretrained(
+        tmp_path / "base", task="seq2seq", peft=config, log=lambda *_: None
+    )
+    start = np.asarray(module.apply({"params": params}, *batch))
+    np.testing.assert_allclose(start, torch_outputs(torch_model, *batch)[0], atol=1e-5)
+
+    flat = partition.flatten(params)
+    rng = np.random.default_rng(3)
+    for path in [p for p in flat if "/adapter_" in p]:
+        flat[path] = 0.3 * rng.standard_normal(flat[path].shape).astype(np.float32)
+    hosts = sorted({p.rsplit("/adapter_", 1)[0] for p in flat if "/adapter_" in p})
+    projection = {"SelfAttention": "o", "EncDecAttention": "o", "DenseReluDense": "wo"}
+    modules = dict(torch_model.named_modules())
+    hooked = []
+    for host in hosts:
+        name = f"{hf_module_name(host)}.{projection[host.rsplit('/', 1)[-1]]}"
+        assert re.fullmatch(ADAPTER_SITES[kind], name), name
+        hooked.append(name)
+        w = {k: torch.as_tensor(np.asarray(flat[f"{host}/adapter_{k}"])) for k in (
+            "down/kernel", "down/bias", "up/kernel", "up/bias")}  # fmt: skip
+
+        def add(_, __, out, w=w):
+            h = torch.relu(out @ w["down/kernel"] + w["down/bias"])
+            return out + h @ w["up/kernel"] + w["up/bias"]
+
+        modules[name].register_forward_hook(add)
+    blocks = torch_model.config.num_layers + torch_model.config.num_decoder_layers
+    assert len(hooked) == (
+        blocks if kind == "pfeiffer" else 2 * blocks + torch_model.config.num_decoder_layers
+    )
+    moved = np.asarray(module.apply({"params": partition.unflatten(flat)}, *batch))
+    assert np.abs(moved - start).max() > 1e-2
+    np.testing.assert_allclose(moved, torch_outputs(torch_model, *batch)[0], atol=1e-5, rtol=1e-5)
+
+    named = dict(torch_model.named_parameters())
+    d, m = torch_model.config.d_model, 3
+    expected = len(hooked) * (d * m + m + m * d + d)
+    if kind == "houlsby":
+        expected += sum(p.numel() for n, p in named.items() if "layer_norm" in n)
+    assert _trainable(module, params) == expected

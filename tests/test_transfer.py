@@ -159,11 +159,43 @@ def test_a_t5_pair_transfers_lora_through_every_stage(tiny_pair_files, tmp_path,
     again = procedure.run(config, run, procedure.STAGES, log=lambda *a: None)
     assert again["evaluate"] == results["evaluate"]
     # what a T5 pair cannot carry, refused by name
-    with pytest.raises(ValueError, match="a T5 pair carries LoRA only"):
-        procedure.run(_config((slm, llm), tiny_pair_files, method="adapter"), tmp_path / "r2")
+    with pytest.raises(ValueError, match="no prefix tuning for T5"):
+        procedure.run(_config((slm, llm), tiny_pair_files, method="prefix"), tmp_path / "r2")
     with pytest.raises(ValueError, match=r"T5 LoRA supports the targets .* got 'o'"):
         targets = ["--config.peft.target_modules=q,o"]
         procedure.run(_config((slm, llm), tiny_pair_files, targets), tmp_path / "r3")
+
+
+@pytest.mark.slow  # the adapter sites are tested against transformers in test_transfer_t5.py
+def test_a_t5_pair_transfers_houlsby_adapters_through_every_stage(tiny_pair_files, tmp_path):
+    from pifi_jax.bridge import procedure
+    from pifi_jax.bridge.run import load_tree
+    from tests.conftest import write_tiny_seq2seq
+
+    slm = write_tiny_seq2seq(tmp_path / "slm", "t5")
+    llm = write_tiny_t5_llm(tmp_path / "llm")
+    config = _config((slm, llm), tiny_pair_files, method="adapter")
+    assert procedure.sites_of(config) == (
+        "encoder.o", "decoder.o", "cross.o", "encoder.wo", "decoder.wo",
+    )  # fmt: skip
+    run = tmp_path / "run"
+    results = procedure.run(config, run, procedure.STAGES, log=lambda *a: None)
+    for stage in ("slm", "adapt", "evaluate"):
+        assert "test/rougeL" in results[stage], stage
+    start, end = load_tree(run / "transfer_init.npz"), load_tree(run / "adapt/adapter/transfer.npz")
+    assert np.abs(np.asarray(end["down"]) - np.asarray(start["down"])).max() > 0
+    assert set(start["plug"]) == set(procedure.sites_of(config))
+    # the LLM's adapters (pifi_jax's format) load into the T5 LLM and change its outputs
+    from pifi_jax import peft
+    from pifi_jax.hub import from_pretrained
+    from tests.test_bridge_t5 import _logits
+
+    base = from_pretrained(llm, task="seq2seq", log=lambda s: None)
+    module, params = peft.wrap(*base, peft.config.from_flat_config(config.peft), seed=3)
+    loaded = peft.load_adapter(module, params, run / "evaluate" / "adapter")
+    batch = {"input_ids": np.array([[4, 5, 6, 3]]), "attention_mask": np.ones((1, 4), np.int32),
+             "target_ids": np.array([[7, 8, 3]]), "target_mask": np.ones((1, 3), np.int32)}  # fmt: skip
+    assert np.abs(_logits(module, loaded, batch) - _logits(*base, batch)).max() > 1e-4
 
 
 @pytest.mark.slow  # GPT-2's sites are tested against transformers in tests/test_bridge_gpt2.py

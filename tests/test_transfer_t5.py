@@ -1,4 +1,5 @@
-"""Bridge transfer of LoRA modules between T5 models (pifi_jax/bridge/seq2seq_plug.py).
+"""Bridge transfer of LoRA modules and bottleneck adapters between T5 models
+(pifi_jax/bridge/seq2seq_plug.py).
 
 References: transformers' T5ForConditionalGeneration (forward hooks give each site's input and
 output activations; Hugging Face PEFT loads the exported adapter), NumPy transcriptions of the
@@ -6,6 +7,7 @@ ridge fit and of the depth map, and the zeroed dense LLM (tests/test_bridge_t5.p
 pruned bridge equals.
 """
 
+import copy
 from types import SimpleNamespace
 
 import jax
@@ -99,8 +101,10 @@ def test_sites_expand_peft_targets_and_refuse_the_rest(t5_pair):
     assert s2s.SITES["cross.k"].input_path(1) == "encoder/final_layer_norm"
     with pytest.raises(ValueError, match="'wi'"):
         s2s.sites_for(["wi"], gated)
-    with pytest.raises(ValueError, match="a T5 pair carries LoRA only"):
+    with pytest.raises(ValueError, match=r"T5 adapter sites are .*got \['encoder.q'\]"):
         s2s.check_sites("adapter", ["encoder.q"])
+    with pytest.raises(ValueError, match="no prefix tuning for T5"):
+        s2s.check_sites("prefix", ["encoder.q"])
     with pytest.raises(ValueError, match="lack encoder/block_0/layer_0/SelfAttention/q/lora_a"):
         s2s.slm_modules({}, ["encoder.q"], config)
 
@@ -179,7 +183,8 @@ def test_plugged_modules_equal_the_carried_loras_in_hugging_face_peft(t5_pair, t
     _, trainable = _trainable(t5_pair, 4)
     module, params = adapt.plugged_llm(t5_pair["llm"], lora_config(), trainable)
     adapt.export_llm_adapter(module, params, tmp_path / "adapter")
-    theirs = hf_peft.PeftModel.from_pretrained(t5_pair["llm_torch"], str(tmp_path / "adapter"))
+    base = copy.deepcopy(t5_pair["llm_torch"])  # PEFT injects its layers in place
+    theirs = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     weights = {n: p.detach().numpy() for n, p in theirs.named_parameters() if "lora_" in n}
     assert len(weights) == 2 * (2 * 8 + 5)  # A, B of q, v in 8 attentions and of wi in 5 MLPs
     maps = {"encoder": [0, 1], "decoder": [0, 0, 1]}
@@ -266,3 +271,157 @@ def test_adapting_a_t5_bridge_differentiates_no_llm_weight(t5_pair):
     picked = np.take_along_axis(logp, t5_pair["batches"][0]["target_ids"][..., None], -1)[..., 0]
     np.testing.assert_allclose(float(loss(trainable)), -picked[mask].mean(), rtol=1e-5)
     assert_differentiates_no_llm_weight(loss, trainable, (frozen, batch), llm_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bottleneck adapters (Houlsby: after every o and wo): each site's input and output is its
+# projection's output in transformers' T5.
+HF_ADAPTER_SITES = {
+    "encoder.o": "encoder.block.{i}.layer.0.SelfAttention.o",
+    "decoder.o": "decoder.block.{i}.layer.0.SelfAttention.o",
+    "cross.o": "decoder.block.{i}.layer.1.EncDecAttention.o",
+    "encoder.wo": "encoder.block.{i}.layer.1.DenseReluDense.wo",
+    "decoder.wo": "decoder.block.{i}.layer.2.DenseReluDense.wo",
+}
+
+
+def adapter_config():
+    return pifi_jax.peft.AdapterConfig(kind="houlsby", bottleneck_size=3, train_layernorms=False)
+
+
+@pytest.fixture(scope="module")
+def t5_adapters(t5_pair):
+    _, peft_params = pifi_jax.peft.wrap(*t5_pair["slm"], adapter_config(), seed=0)
+    rng = np.random.default_rng(1)
+    flat = {  # trained-looking: every adapter leaf random (up and the biases start at zero)
+        p: (rng.normal(size=v.shape).astype(np.float32) * 0.5 if "/adapter_" in p else v)
+        for p, v in _flatten(peft_params).items()
+    }
+    sites = s2s.adapter_sites_for("houlsby")
+    modules = s2s.slm_modules(flat, sites, t5_pair["slm"][0].config)
+    plug = s2s.fit_plug(t5_pair["slm"], t5_pair["llm"], t5_pair["batches"], sites)
+    return {"flat": flat, "sites": sites, "modules": modules, "plug": plug}
+
+
+def test_adapter_sites_and_their_w_plug_in_transformers(t5_pair, t5_adapters):
+    assert set(t5_adapters["sites"]) == set(HF_ADAPTER_SITES)
+    assert s2s.adapter_sites_for("pfeiffer") == ("encoder.wo", "decoder.wo")
+    assert s2s.adapter_sites_for("houlsby", ["o"]) == ("encoder.o", "decoder.o", "cross.o")
+    with pytest.raises(ValueError, match=r"projections \['o', 'wo'\].*\['q'\]"):
+        s2s.adapter_sites_for("houlsby", ["q"])
+    with pytest.raises(ValueError, match="T5 adapter sites are"):
+        s2s.check_sites("adapter", ["encoder.q"])
+    with pytest.raises(ValueError, match="no prefix tuning for T5"):
+        s2s.check_sites("prefix", ["encoder.q"])
+    with pytest.raises(ValueError, match="lack encoder/block_0/layer_1/DenseReluDense/adapter_"):
+        s2s.slm_modules({}, ["encoder.wo"], t5_pair["slm"][0].config)
+    modules = t5_adapters["modules"]
+    assert modules["cross.o"]["down"].shape == (2, 12, 3)  # [SLM decoder blocks, d_s, m]
+    assert modules["encoder.wo"]["up_bias"].shape == (2, 12)
+    # W_plug: ridge maps between the projection's outputs, LLM -> SLM (in) and SLM -> LLM (out)
+    maps = {"encoder": [0, 1], "decoder": [0, 0, 1]}
+    slm, llm = t5_pair["slm_torch"], t5_pair["llm_torch"]
+    for site, name in HF_ADAPTER_SITES.items():
+        stack = site.split(".")[0].replace("cross", "decoder")
+        ys, yl = [], []
+        for batch in t5_pair["batches"]:
+            a_s = _hf_activations(slm, batch, [name.format(i=i) for i in range(2)])
+            a_l = _hf_activations(llm, batch, [name.format(i=j) for j in range(len(maps[stack]))])
+            for j, i in enumerate(maps[stack]):
+                ys.append(a_s[name.format(i=i)])
+                yl.append(a_l[name.format(i=j)])
+        ys, yl = np.concatenate(ys), np.concatenate(yl)
+        got = t5_adapters["plug"][site]
+        assert got["in"].shape == (16, 12) and got["out"].shape == (12, 16)
+        np.testing.assert_allclose(got["in"], _numpy_ridge(yl, ys), atol=2e-4, rtol=2e-3)
+        np.testing.assert_allclose(got["out"], _numpy_ridge(ys, yl), atol=2e-4, rtol=2e-3)
+
+
+def _adapter_trainable(t5_pair, t5_adapters, r):
+    llm_config = t5_pair["llm"][0].config
+    selection = seq2seq_bridge.select_seq2seq(t5_pair["scores"], llm_config, r)
+    modules, plug = t5_adapters["modules"], t5_adapters["plug"]
+    return selection, adapt.init_transfer(modules, plug, selection, llm_config)
+
+
+def test_plugged_adapters_equal_the_carried_adapters_hooked_into_transformers(
+    t5_pair, t5_adapters, tmp_path
+):
+    _, trainable = _adapter_trainable(t5_pair, t5_adapters, 4)
+    module, params = adapt.plugged_llm(t5_pair["llm"], adapter_config(), trainable)
+    maps = {"encoder": [0, 1], "decoder": [0, 0, 1]}
+    modules, plug = t5_adapters["modules"], t5_adapters["plug"]
+    hf = dict(t5_pair["llm_torch"].named_modules())
+    handles = []
+    for site, name in HF_ADAPTER_SITES.items():
+        stack = site.split(".")[0].replace("cross", "decoder")
+        for j, i in enumerate(maps[stack]):
+            m = {k: np.asarray(v[i]) for k, v in modules[site].items()}
+            p_in, p_out = plug[site]["in"], plug[site]["out"]
+            w = {  # by hand: act(h P_in D + d) (U P_out) + u P_out
+                "down": p_in @ m["down"], "d": m["down_bias"],
+                "up": m["up"] @ p_out, "u": m["up_bias"] @ p_out,
+            }  # fmt: skip
+            w = {k: torch.tensor(v) for k, v in w.items()}
+
+            def hook(_, __, out, w=w):
+                return out + torch.relu(out @ w["down"] + w["d"]) @ w["up"] + w["u"]
+
+            handles.append(hf[name.format(i=j)].register_forward_hook(hook))
+    batch = t5_pair["batches"][0]
+    tgt = torch.tensor(batch["target_ids"], dtype=torch.long)
+    try:
+        with torch.no_grad():
+            want = t5_pair["llm_torch"](
+                input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                attention_mask=torch.tensor(batch["attention_mask"]),
+                decoder_input_ids=torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], dim=1),
+                decoder_attention_mask=torch.tensor(batch["target_mask"]),
+            ).logits.numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(handles) == 2 * 2 + 3 * 3  # encoder: o, wo; decoder: o, cross o, wo
+    real = batch["target_mask"] > 0
+    got = _logits(module, params, batch)
+    np.testing.assert_allclose(got[real], want[real], atol=3e-5)
+    assert np.abs(_logits(*t5_pair["llm"], batch)[real] - got[real]).max() > 1e-2
+    # exported in pifi_jax's native format (PEFT has no bottleneck adapters), and reloaded
+    out = adapt.export_llm_adapter(module, params, tmp_path / "adapter")
+    fresh, fresh_params = pifi_jax.peft.wrap(*t5_pair["llm"], adapter_config(), seed=5)
+    loaded = pifi_jax.peft.load_adapter(fresh, fresh_params, out)
+    np.testing.assert_allclose(_logits(fresh, loaded, batch)[real], got[real], atol=1e-6)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_the_bridge_starts_as_the_zeroed_llm_with_the_plugged_adapters(t5_pair, t5_adapters, r):
+    from tests.test_bridge import restricted
+
+    llm_module, llm_params = t5_pair["llm"]
+    selection, trainable = _adapter_trainable(t5_pair, t5_adapters, r)
+    assert trainable["down"].shape == (len(selection.hidden), 16)
+    small = seq2seq_bridge.prune_seq2seq(
+        str(t5_pair["root"] / "llm"), selection, log=lambda s: None
+    )
+    peft_bridge, bridge_params = pifi_jax.peft.wrap(*small, adapter_config(), seed=0)
+    leaves = adapt.bridge_leaves(trainable, selection, llm_module.config)
+    bridge_params = adapt.with_leaves(_flatten(bridge_params), leaves)
+    dense = _zeroed_t5(llm_params, llm_module.config, selection) if r > 1 else llm_params
+    peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, adapter_config(), seed=0)
+    llm_leaves = adapt.llm_leaves(trainable, llm_module.config)
+    plugged = adapt.with_leaves(
+        _flatten(peft_llm_params), restricted(llm_leaves, selection, llm_module.config.d_model)
+    )
+    for batch in t5_pair["batches"]:
+        real = batch["target_mask"] > 0
+        got = _logits(peft_bridge, bridge_params, batch)[real]
+        want = _logits(peft_llm, plugged, batch)[real]
+        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
+    # the bridge's leaves, by hand: D_b = W_down D_l, U_b and u_b the kept residual dimensions
+    hid = selection.hidden
+    host = "decoder/block_1/layer_1/EncDecAttention"
+    d_l, u_l, ub_l = (np.asarray(llm_leaves[f"{host}/adapter_{k}"]) for k in (
+        "down/kernel", "up/kernel", "up/bias"))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(leaves[f"{host}/adapter_down/kernel"]), d_l[hid])
+    np.testing.assert_allclose(np.asarray(leaves[f"{host}/adapter_up/kernel"]), u_l[:, hid])
+    np.testing.assert_allclose(np.asarray(leaves[f"{host}/adapter_up/bias"]), ub_l[hid])

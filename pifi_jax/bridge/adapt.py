@@ -1,6 +1,6 @@
 """Stage 4: the SLM's modules, W_plug and W_down trained through the bridge; the LLM is never
-touched. A decoder pair's modules are plug.py's; a T5 pair's LoRA modules are seq2seq_plug.py's
-(its sites, per-stack depth maps and kept columns), chosen from the LLM's config.
+touched. A decoder pair's modules are plug.py's; a T5 pair's (LoRA or adapters) are
+seq2seq_plug.py's (its sites, per-stack depth maps and kept columns), chosen from the LLM's config.
 
 Trainable tree (`init_transfer`), per site (plug.py: a LoRA target, or the projection an adapter
 follows):

@@ -126,8 +126,10 @@ def sites_of(config) -> tuple[str, ...]:
     with peft.target_modules empty, the family's defaults (LoRA: PEFT's, adapters: arch.py)."""
     arch = _family(config.model.path)
     names = tuple(n.strip() for n in str(config.peft.target_modules).split(",") if n.strip())
-    if arch == s2s.FAMILY:  # T5: LoRA targets, each at every site of its projection
-        s2s.check_sites(config.transfer.method, s2s.SITES)  # refuses adapters and a prefix
+    if arch == s2s.FAMILY:  # T5: each LoRA target or adapter projection at all its sites
+        if config.transfer.method == "adapter":
+            return s2s.adapter_sites_for(config.peft.method.removeprefix("adapter_"), names)
+        s2s.check_sites(config.transfer.method, s2s.SITES)  # refuses a prefix
         slm_config = _model_config(config.model.path)
         return s2s.sites_for(names or peft.targets.LORA_TARGETS[slm_config.model_type], slm_config)
     if config.transfer.method == "prefix":

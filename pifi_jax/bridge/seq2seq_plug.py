@@ -1,4 +1,5 @@
-"""W_plug, depth and the bridge's leaves for an encoder-decoder (T5) pair: LoRA modules.
+"""W_plug, depth and the bridge's leaves for an encoder-decoder (T5) pair: LoRA modules and
+bottleneck adapters.
 
 plug.py's rules, for a model with two stacks. A LoRA module of SLM block i adds x_s A B to a
 projection's output; in LLM block j of the same stack (served by i = depth_map(L_slm, L_llm) of
@@ -28,8 +29,17 @@ encoder's states at the real source tokens, the decoder's at the real target tok
 forced, the target shifted right behind decoder_start_token_id, as the loss has it), pooled over
 the LLM blocks of the site's stack and their SLM blocks.
 
-Bottleneck adapters and prefix tuning have no T5 implementation in pifi_jax.peft, so a T5 pair
-carries LoRA only.
+Bottleneck adapters (`ADAPTER_SITES`) follow a sub-layer's output projection, so their input and
+output are that projection's output, a contribution to the residual stream:
+
+    encoder.o, decoder.o    a block's self-attention output (Houlsby)
+    cross.o                 a decoder block's cross-attention output (Houlsby)
+    encoder.wo, decoder.wo  a block's feed-forward output (Houlsby and Pfeiffer)
+
+As for a decoder pair (plug.py), an adapter's P_in and P_out are two ridge fits between the same
+two spaces, the projection's outputs in the LLM and the SLM, one each way; in the bridge its down
+projection takes W_down on the left and its up projection and bias keep the kept residual
+dimensions. Prefix tuning has no T5 implementation in pifi_jax.peft and is refused.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from pifi_jax.models import t5
 FAMILY = "t5"
 ATTENTION = ("q", "k", "v")
 FEED_FORWARD = ("wi", "wi_0", "wi_1")
+OUTPUTS = ("o", "wo")  # the projections bottleneck adapters follow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +69,27 @@ class Site:
     stack: str  # the stack whose blocks hold the projection
     sublayer: int  # the block's layer_<k> holding it
     inner: str  # SelfAttention | EncDecAttention | DenseReluDense
-    projection: str  # q, k, v, wi, wi_0, wi_1
-    columns: str  # what its output columns are: "self" heads, "cross" heads or "ffn" units
+    projection: str  # q, k, v, wi, wi_0, wi_1; o, wo (adapters)
+    # What its output columns are: "self" heads, "cross" heads, "ffn" units, or the residual
+    # stream ("hidden": an adapter's site).
+    columns: str
+
+    @property
+    def method(self) -> str:
+        return "adapter" if self.columns == "hidden" else "lora"
+
+    def host(self, block: int) -> str:
+        """The module that holds the projection (and an adapter's leaves)."""
+        return f"{self.stack}/block_{block}/layer_{self.sublayer}/{self.inner}"
 
     def path(self, block: int) -> str:
         """The projection's flax module path in `block`."""
-        return f"{self.stack}/block_{block}/layer_{self.sublayer}/{self.inner}/{self.projection}"
+        return f"{self.host(block)}/{self.projection}"
 
     def input_path(self, block: int) -> str:
-        """The module whose output is the projection's input."""
+        """The module whose output is the module's input (an adapter's: its projection)."""
+        if self.method == "adapter":
+            return self.path(block)
         if self.inner == "EncDecAttention" and self.projection in ("k", "v"):
             return "encoder/final_layer_norm"  # the memory, the same for every decoder block
         return f"{self.stack}/block_{block}/layer_{self.sublayer}/layer_norm"
@@ -85,6 +108,16 @@ def _site_table() -> dict[str, Site]:
 
 
 SITES = _site_table()
+ADAPTER_SITES = {
+    "encoder.o": Site("encoder", 0, "SelfAttention", "o", "hidden"),
+    "decoder.o": Site("decoder", 0, "SelfAttention", "o", "hidden"),
+    "cross.o": Site("decoder", 1, "EncDecAttention", "o", "hidden"),
+    "encoder.wo": Site("encoder", 1, "DenseReluDense", "wo", "hidden"),
+    "decoder.wo": Site("decoder", 2, "DenseReluDense", "wo", "hidden"),
+}
+# The sites of each adapter kind (pifi_jax.peft.targets.ADAPTER_TARGETS["t5"]).
+ADAPTER_KINDS = {"houlsby": tuple(ADAPTER_SITES), "pfeiffer": ("encoder.wo", "decoder.wo")}
+_ALL_SITES = {**SITES, **ADAPTER_SITES}
 
 
 def is_seq2seq(config) -> bool:
@@ -110,18 +143,44 @@ def sites_for(targets: Iterable[str], config) -> tuple[str, ...]:
     return tuple(out)
 
 
-def check_sites(method: str, sites: Iterable[str]) -> tuple[str, ...]:
-    """The sites of a T5 pair's modules, refused unless LoRA at known sites."""
-    sites = tuple(sites)
-    if method != "lora":
+def adapter_sites_for(kind: str, targets: Iterable[str] = ()) -> tuple[str, ...]:
+    """The sites of `kind` (houlsby | pfeiffer) adapters on a T5 model: the kind's, or those of
+    the projections `targets` names (o: every attention's output, wo: every feed-forward's)."""
+    targets = tuple(targets)
+    if not targets:
+        return ADAPTER_KINDS[kind]
+    bad = [t for t in targets if t not in OUTPUTS]
+    if bad:
         raise ValueError(
-            f"transfer.method={method!r}: a T5 pair carries LoRA only (pifi_jax has no "
-            "bottleneck adapters or prefix tuning for T5); use transfer.method=lora"
+            f"bridge transfer of T5 adapters supports the projections {list(OUTPUTS)} (the "
+            f"sub-layers' outputs); got {bad}"
         )
-    unknown = [s for s in sites if s not in SITES]
+    return tuple(s for s in ADAPTER_SITES if ADAPTER_SITES[s].projection in targets)
+
+
+def check_sites(method: str, sites: Iterable[str]) -> tuple[str, ...]:
+    """The sites of a T5 pair's modules, refused unless LoRA or adapters at known sites."""
+    sites = tuple(sites)
+    tables = {"lora": SITES, "adapter": ADAPTER_SITES}
+    if method not in tables:
+        raise ValueError(
+            f"transfer.method={method!r}: a T5 pair carries LoRA or bottleneck adapters (pifi_jax "
+            "has no prefix tuning for T5); use transfer.method=lora or adapter"
+        )
+    unknown = [s for s in sites if s not in tables[method]]
     if unknown or not sites:
-        raise ValueError(f"T5 LoRA sites are {sorted(SITES)}; got {list(sites)}")
+        raise ValueError(f"T5 {method} sites are {sorted(tables[method])}; got {list(sites)}")
     return sites
+
+
+def method_of_sites(sites: Iterable[str]) -> str:
+    """lora or adapter: the method whose sites `sites` are (refused when they mix or are unknown)."""
+    sites = tuple(sites)
+    methods = {_ALL_SITES[s].method for s in sites if s in _ALL_SITES}
+    if len(methods) != 1 or any(s not in _ALL_SITES for s in sites):
+        raise ValueError(f"T5 sites of one method (LoRA: {sorted(SITES)}, adapters: "
+                         f"{sorted(ADAPTER_SITES)}); got {list(sites)}")  # fmt: skip
+    return methods.pop()
 
 
 def depth(config, stack: str) -> int:
@@ -169,7 +228,7 @@ def fit_plug(
     """{site: {"in": P_in [d_l, d_s], "out": P_out [out_s, out_l]}} (float32), fitted as the
     module docstring says. slm, llm: (module, params) of the two plain T5 models; batches: seq2seq
     dicts (input_ids, attention_mask, target_ids, target_mask)."""
-    sites = check_sites("lora", sites)
+    sites = check_sites(method_of_sites(sites), sites)
     (slm_module, slm_params), (llm_module, llm_params) = slm, llm
     for role, m in (("SLM", slm_module), ("LLM", llm_module)):
         if not is_seq2seq(m.config):
@@ -177,7 +236,7 @@ def fit_plug(
     maps = {s: depth_map(depth(slm_module.config, s), depth(llm_module.config, s)) for s in STACKS}
     pairs = {}  # (site, "x" | "y") -> [(SLM path, LLM path)] over the LLM's blocks
     for name in sites:
-        site = SITES[name]
+        site = _ALL_SITES[name]
         mapping = maps[site.stack]
         pairs[(name, "x")] = [
             (site.input_path(i), site.input_path(j)) for j, i in enumerate(mapping)
@@ -207,22 +266,34 @@ def fit_plug(
 
 
 def leaf_paths(site: str, block: int) -> dict[str, str]:
-    base = SITES[site].path(block)
-    return {"a": f"{base}/lora_a", "b": f"{base}/lora_b"}
+    """{leaf: flat parameter path} of the module of `site` in `block` (plug.LEAF_SIDES' names)."""
+    s = _ALL_SITES[site]
+    if s.method == "lora":
+        base = s.path(block)
+        return {"a": f"{base}/lora_a", "b": f"{base}/lora_b"}
+    base = s.host(block)
+    return {
+        "down": f"{base}/adapter_down/kernel",
+        "down_bias": f"{base}/adapter_down/bias",
+        "up": f"{base}/adapter_up/kernel",
+        "up_bias": f"{base}/adapter_up/bias",
+    }
 
 
 def slm_modules(flat: dict, sites: Iterable[str], config) -> dict[str, dict]:
-    """{site: {"a": [blocks, d_s, r], "b": [blocks, r, out_s]}}: a T5 PeftModel's LoRA leaves
-    (flat params) stacked over the blocks of each site's stack."""
+    """{site: {leaf: [blocks, ...]}} (LoRA: a [d_s, r], b [r, out_s]; adapters: down, down_bias,
+    up, up_bias): a T5 PeftModel's modules (flat params) stacked over the blocks of each site's
+    stack."""
     out = {}
-    for name in check_sites("lora", sites):
-        rows = {"a": [], "b": []}
-        for i in range(depth(config, SITES[name].stack)):
+    method = method_of_sites(sites)
+    for name in check_sites(method, sites):
+        rows = {leaf: [] for leaf in plug_lib.LEAF_SIDES[method]}
+        for i in range(depth(config, _ALL_SITES[name].stack)):
             for leaf, path in leaf_paths(name, i).items():
                 if path not in flat:
                     raise ValueError(
-                        f"the SLM's LoRA modules lack {path} (sites {list(sites)}): are they "
-                        "LoRA modules of this model, on these targets?"
+                        f"the SLM's {method} modules lack {path} (sites {list(sites)}): are "
+                        "they modules of this method and model, at these sites?"
                     )
                 rows[leaf].append(np.asarray(flat[path], np.float32))
         out[name] = {leaf: np.stack(v) for leaf, v in rows.items()}
@@ -235,22 +306,25 @@ def carried(modules: dict, plug: dict, llm_config) -> dict[tuple[str, int, str],
     out = {}
     for name, stacked in modules.items():
         p_in, p_out = jnp.asarray(plug[name]["in"]), jnp.asarray(plug[name]["out"])
-        slm_blocks = stacked["a"].shape[0]
-        for j, i in enumerate(depth_map(slm_blocks, depth(llm_config, SITES[name].stack))):
-            for leaf, side in plug_lib.LEAF_SIDES["lora"].items():
+        site = _ALL_SITES[name]
+        slm_blocks = next(iter(stacked.values())).shape[0]
+        for j, i in enumerate(depth_map(slm_blocks, depth(llm_config, site.stack))):
+            for leaf, side in plug_lib.LEAF_SIDES[site.method].items():
                 value = jnp.asarray(stacked[leaf][i])
                 out[(name, j, leaf)] = plug_lib.carry(value, side, p_in, p_out)
     return out
 
 
 def assemble(values: dict[tuple[str, int, str], jax.Array]) -> dict[str, jax.Array]:
-    """Flat LoRA leaves of a T5 PeftModel from per-block values (`carried`'s keys)."""
+    """Flat PEFT leaves of a T5 PeftModel from per-block values (`carried`'s keys)."""
     return {leaf_paths(name, j)[leaf]: v for (name, j, leaf), v in values.items()}
 
 
 def kept_columns(selection, llm_config, site: str, block: int) -> np.ndarray:
     """The output columns of `site` that bridge block `block` keeps (seq2seq_bridge.py)."""
-    s = SITES[site]
+    s = _ALL_SITES[site]
+    if s.columns == "hidden":  # an adapter's output: the residual stream
+        return np.asarray(selection.hidden)
     if s.columns == "ffn":
         units = selection.encoder_ffn if s.stack == "encoder" else selection.decoder_ffn
         return np.asarray(units[block])

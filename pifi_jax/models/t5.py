@@ -45,6 +45,9 @@ slots are positions: the targets of a batch are padded on the right.
 
 PEFT: every projection (q, k, v, o, wi, wi_0, wi_1, wo, lm_head) is a layers.Linear, so LoRA, DoRA
 and IA3 apply as Hugging Face PEFT applies them (its T5 defaults: LoRA on q, v; IA3 on k, v, wo).
+Bottleneck adapters follow o (self- and cross-attention, Houlsby) and wo (Houlsby and Pfeiffer),
+on the sub-layer's branch before the residual sum (`bottleneck_adapter` in SelfAttention,
+CrossAttention and DenseReluDense); Houlsby trains every layer_norm too.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from pifi_jax.layers import (
     padding_bias,
     self_attention_inputs,
 )
+from pifi_jax.layers.peft_hooks import bottleneck_adapter
 from pifi_jax.models import config_utils
 
 MODEL_TYPES = ("t5", "mt5")
@@ -264,7 +268,9 @@ class SelfAttention(nn.Module):
             )  # [q, kv]
             position_bias = jnp.transpose(table(buckets), (2, 0, 1))[None]  # [1, heads, q, kv]
         bias = position_bias if mask_bias is None else position_bias + mask_bias
-        return _attend(cfg, query, key, value, bias, deterministic, kw), position_bias, cache
+        out = _attend(cfg, query, key, value, bias, deterministic, kw)
+        out = bottleneck_adapter(self, out)  # Houlsby adapters, where planned
+        return out, position_bias, cache
 
 
 class CrossAttention(nn.Module):
@@ -287,7 +293,8 @@ class CrossAttention(nn.Module):
             memory_kv = (_heads(cfg, memory, "k", kw), _heads(cfg, memory, "v", kw))
         key, value = (t.astype(self.dtype) for t in memory_kv)  # [batch, source, heads, d_kv]
         bias = padding_bias(source_mask, self.dtype)  # [batch, 1, 1, source]
-        return _attend(cfg, query, key, value, bias, deterministic, kw), memory_kv
+        out = _attend(cfg, query, key, value, bias, deterministic, kw)
+        return bottleneck_adapter(self, out), memory_kv  # Houlsby adapters, where planned
 
 
 class DenseReluDense(nn.Module):
@@ -307,7 +314,8 @@ class DenseReluDense(nn.Module):
         else:
             h = act(Linear(cfg.d_ff, **kw, name="wi")(x))  # [batch, length, d_ff]
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        return Linear(cfg.d_model, **kw, name="wo")(h)
+        h = Linear(cfg.d_model, **kw, name="wo")(h)
+        return bottleneck_adapter(self, h)  # Houlsby / Pfeiffer adapters, where planned
 
 
 class Sublayer(nn.Module):

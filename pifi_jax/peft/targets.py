@@ -92,6 +92,10 @@ ADAPTER_TARGETS = {
         "houlsby": r".*\.layers\.\d+\.((self|encoder)_attn\.out_proj|fc2)",
         "pfeiffer": r".*\.layers\.\d+\.fc2",
     },
+    "t5": {
+        "houlsby": r".*\.block\.\d+\.layer\.\d+\.((SelfAttention|EncDecAttention)\.o|DenseReluDense\.wo)",
+        "pfeiffer": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
+    },
 }
 # Families whose self-attention takes prefix keys/values (`layers.peft_hooks.prefix_block`), by
 # the path suffix of that module. BERT, RoBERTa, ELECTRA and the decoders as Hugging Face PEFT
