@@ -203,8 +203,6 @@ def measure(
     require_cuda: refuse to run on the CPU (a full-size case there would take hours and say
     nothing about the GPU comparison).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
     cuda = torch.cuda.is_available()
     if require_cuda and not cuda:
         raise RuntimeError(
@@ -224,7 +222,12 @@ def measure(
         torch.set_num_threads(threads)
 
 
-def _measure(case, variant, *, steps, warmup, dtype, device) -> dict:
+def prepare_step(case: common.Case, variant: str, *, dtype: str, device: torch.device):
+    """(step, sync, info) of a case: `step()` runs one training step and returns its loss,
+    `sync(loss)` waits for the device; info: parameter counts. The first call of a "compile"
+    step compiles."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
     cuda = device.type == "cuda"
     compute = _DTYPES[dtype]
     if cuda:
@@ -258,6 +261,15 @@ def _measure(case, variant, *, steps, warmup, dtype, device) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    info = {"trainable_params": n_trainable, "frozen_params": n_total - n_trainable}
+    return step, sync, info
+
+
+def _measure(case, variant, *, steps, warmup, dtype, device) -> dict:
+    cuda = device.type == "cuda"
+    step, sync, info = prepare_step(case, variant, dtype=dtype, device=device)
     losses = []
 
     def step_and_keep():
@@ -269,8 +281,6 @@ def _measure(case, variant, *, steps, warmup, dtype, device) -> dict:
     final_loss = float(losses[-1].detach().float().cpu())
     if not math.isfinite(final_loss):
         raise FloatingPointError(f"{case.label} torch {variant}: the loss is {final_loss}")
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
     return {
         "framework": f"torch {variant}",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -281,7 +291,6 @@ def _measure(case, variant, *, steps, warmup, dtype, device) -> dict:
         "compile_s": timing.first_s - timing.median_s if variant == "compile" else None,
         "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_kind": "max_memory_allocated" if cuda else None,
-        "trainable_params": n_trainable,
-        "frozen_params": n_total - n_trainable,
+        **info,
         "loss": final_loss,
     }

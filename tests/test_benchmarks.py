@@ -275,3 +275,41 @@ def test_row_5_steps_the_batch_down_until_both_frameworks_fit(tmp_path, monkeypa
     assert entry["case"].batch == 2 and entry["out_of_memory_at"] == [8, 4]
     assert report["errors"] == []
     assert "2 × 16 (batch 8, 4: out of memory)" in out.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/cpu_speed.py (issue 16): pifi_jax vs PyTorch on the CPU, interleaved in one process
+
+
+def test_cpu_speed_ratio_is_against_the_best_torch_variant():
+    from benchmarks import cpu_speed
+
+    case = common.Case(0, "lora", 32, 64, common.BERT_SMOKE)
+    result = {
+        "pifi_jax": {"first_s": 9.0, "times": [0.5, 0.4, 0.6]},
+        "torch eager": {"first_s": 1.0, "times": [0.7, 0.8, 0.9]},
+        "torch compile": {"first_s": 30.0, "times": [0.45, 0.5, 0.55]},
+    }
+    rows = {r[1]: r for r in cpu_speed.row_table(case, result)}
+    assert rows["pifi_jax"][5] == "1.00x" and rows["pifi_jax"][6] == "no"  # 0.5 / 0.5
+    assert rows["pifi_jax"][3] == f"{32 * 64 / 0.5:,.0f}"
+    result["torch compile"]["times"] = [0.9, 1.0]
+    rows = {r[1]: r for r in cpu_speed.row_table(case, result)}
+    assert rows["pifi_jax"][5] == "1.60x" and rows["pifi_jax"][6] == "yes"  # 0.8 / 0.5
+    assert rows["torch eager"][5] == ""
+    with pytest.raises(SystemExit):
+        cpu_speed.parse_args(["--methods=full,dora"])
+
+
+@pytest.mark.slow  # 12 s; the harness, not the library
+def test_cpu_speed_smoke_runs_every_method_in_both_frameworks(capsys):
+    from benchmarks import cpu_speed
+
+    args = ["--smoke", "--rounds=1", "--torch-variants=eager"]
+    report = cpu_speed.main(args)
+    rows = [line.split("|")[2:4] for line in report.splitlines() if line.startswith("| ")]
+    cells = {(case.strip().split()[0], fw.strip()) for case, fw in rows[1:]}
+    for method in cpu_speed.METHODS:
+        for framework in ("pifi_jax", "torch eager"):
+            assert (method, framework) in cells, (method, framework)
+    assert "harness check" in report
