@@ -61,7 +61,7 @@ def test_every_stage_runs_and_a_second_run_skips_them(
     table = procedure.study_table(tmp_path, "rougeL").splitlines()
     assert len(table) == 2 + 5 and table[1] == "|---|---:|---:|"
     direct = summary["direct"]["test/rougeL"]
-    assert f"{100 * direct:.2f}" in next(r for r in table if "without the bridge" in r)
+    assert f"| {direct:.2f} |" in next(r for r in table if "without the bridge" in r)
     # the bridge-alone ablation starts from untrained modules (B = 0), the SLM's are trained
     from pifi_jax.bridge.run import load_tree as _load
 
@@ -259,12 +259,12 @@ def test_the_study_table_shows_each_isolated_stages_peak_host_memory(tmp_path):
     from pifi_jax.bridge import procedure
 
     summary = {
-        "slm": {"validation/accuracy": 0.5, "test/accuracy": 0.25},
-        "direct": {"test/accuracy": 0.75},
+        "slm": {"validation/exact_match": 50.0, "test/exact_match": 25.0},  # 0..100, as logged
+        "direct": {"test/exact_match": 75.0},
         procedure.HOST_PEAK: {"slm": 3 * 2**30},
     }
     (tmp_path / "transfer.json").write_text(json.dumps(summary))
-    table = procedure.study_table(tmp_path, "accuracy").splitlines()
+    table = procedure.study_table(tmp_path, "exact_match").splitlines()
     assert table[0].endswith("| peak host GiB |") and table[1] == "|---|---:|---:|---:|"
     assert table[2] == "| PEFT on the SLM | 50.00 | 25.00 | 3.00 |"
     assert table[3] == "| transferred, without the bridge | - | 75.00 | - |"

@@ -491,7 +491,8 @@ def study_table(workdir: str | Path, metric: str) -> str:
         if stage in summary:
             r = summary[stage]
             val, test = r.get(f"validation/{metric}"), r.get(f"test/{metric}")
-            cells = ["-" if v is None else f"{100 * v:.2f}" for v in (val, test)]
+            # generation metrics are already in 0..100 (text_metrics.generation_metrics)
+            cells = ["-" if v is None else f"{v:.2f}" for v in (val, test)]
             if peaks:
                 cells.append("-" if stage not in peaks else f"{peaks[stage] / 2**30:.2f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")

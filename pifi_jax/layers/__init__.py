@@ -1,5 +1,6 @@
 """Building blocks shared by every architecture. Imports nothing else from the package."""
 
+from pifi_jax.layers import cpu_rng
 from pifi_jax.layers.activations import activation, gated_activation, softmax
 from pifi_jax.layers.attention import (
     ATTENTION_IMPLEMENTATIONS,
@@ -17,6 +18,8 @@ from pifi_jax.layers.attention import (
 from pifi_jax.layers.linear import Linear
 from pifi_jax.layers.norms import RMSNorm
 from pifi_jax.layers.rotary import SUPPORTED_ROPE_TYPES, Rope
+
+cpu_rng.install()  # dropout masks: Threefry unrolled on the CPU (same bits, fused; cpu_rng.py)
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
