@@ -50,6 +50,8 @@ JAX_VARIANTS = {
     "xnnpack": {"xla_cpu_use_xnnpack": True},
     "onednn": {"xla_cpu_use_onednn": True},
     "fast_math": {"xla_cpu_enable_fast_math": True},
+    # JAX's own CPU lowering of the random bits (a rolled loop; pifi_jax.layers.cpu_rng)
+    "rolled_threefry": {},
 }
 LORA = {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ("query", "value")}
 IA3 = {
@@ -96,19 +98,23 @@ def cases(models, methods, lengths, batch: int, smoke: bool) -> list[common.Case
     return out
 
 
-def jax_line(case: common.Case, options: dict, fast_compile: bool):
-    """(step, sync, info): pifi_jax's donated train step of the case, compiled with `options`."""
+def jax_line(case: common.Case, options: dict, fast_compile: bool, rolled: bool = False):
+    """(step, sync, info): pifi_jax's donated train step of the case, compiled with `options`
+    (rolled: with JAX's own rolled lowering of the random bits)."""
+    import contextlib
+
     import jax
 
     from benchmarks import suite
+    from pifi_jax.layers import cpu_rng
 
     jitted, state, batch, rng, info = suite.prepare_jax_step(
         case, dtype="float32", total_steps=10_000, fast_compile=fast_compile
     )
     start = time.perf_counter()
-    compiled = jitted.lower(state, batch, rng).compile(
-        {**(suite._fast_options(fast_compile) or {}), **options}
-    )
+    with cpu_rng.rolled() if rolled else contextlib.nullcontext():
+        lowered = jitted.lower(state, batch, rng)
+    compiled = lowered.compile({**(suite._fast_options(fast_compile) or {}), **options})
     info = {**info, "compile_s": time.perf_counter() - start}
     holder = {"state": state}
     del state
@@ -226,7 +232,8 @@ def main(argv=None) -> str:
         lines = {}
         for variant in args.jax_variants:
             name = "pifi_jax" if variant == "default" else f"pifi_jax {variant}"
-            lines[name] = jax_line(case, JAX_VARIANTS[variant], args.smoke)
+            rolled = variant == "rolled_threefry"
+            lines[name] = jax_line(case, JAX_VARIANTS[variant], args.smoke, rolled)
         for variant in args.torch_variants:
             lines[f"torch {variant}"] = torch_line(case, variant)
         result = measure_row(case, lines, args.rounds)

@@ -96,3 +96,11 @@ def test_the_lowering_is_installed_and_unrolls_large_draws():
     big = jax.jit(lambda k: jax.random.bits(k, (256, 256))).lower(key).as_text()
     small = jax.jit(lambda k: jax.random.bits(k, (8,))).lower(key).as_text()
     assert "while" not in big and "while" in small
+
+
+def test_rolled_lowers_every_draw_as_the_loop():
+    fn = jax.jit(lambda k: jax.random.bits(k, (256, 256)))
+    key = jax.random.PRNGKey(0)
+    with cpu_rng.rolled():
+        text = jax.jit(lambda k: jax.random.bits(k, (256, 255))).lower(key).as_text()
+    assert "while" in text and "while" not in fn.lower(key).as_text()

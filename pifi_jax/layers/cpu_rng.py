@@ -23,6 +23,7 @@ each group followed by a key injection x0 += k[(i+1) % 3], x1 += k[(i+2) % 3] + 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -35,6 +36,7 @@ PARITY = 0x1BD11BDA
 UNROLL_MIN_SIZE = 1 << 14  # values per draw from which the rounds are unrolled
 ENV_OPT_OUT = "PIFI_JAX_ROLLED_THREEFRY"
 _installed = False
+_force_rolled = False  # `rolled()`: lower every draw as the loop (a before/after measurement)
 
 
 def _rotl(v, r: int):
@@ -87,8 +89,21 @@ def threefry2x32_rolled(k0, k1, x0, x1):
 
 def _lowering(ctx, k0, k1, x0, x1):
     size = math.prod(ctx.avals_out[0].shape)
-    fn = threefry2x32_unrolled if size >= UNROLL_MIN_SIZE else threefry2x32_rolled
+    unroll = size >= UNROLL_MIN_SIZE and not _force_rolled
+    fn = threefry2x32_unrolled if unroll else threefry2x32_rolled
     return jax.interpreters.mlir.lower_fun(fn, multiple_results=True)(ctx, k0, k1, x0, x1)
+
+
+@contextlib.contextmanager
+def rolled():
+    """Programs lowered inside draw with the rolled loop at every size (what JAX's own CPU
+    lowering emits): benchmarks/cpu_speed.py's before/after line."""
+    global _force_rolled
+    previous, _force_rolled = _force_rolled, True
+    try:
+        yield
+    finally:
+        _force_rolled = previous
 
 
 def install() -> bool:
