@@ -115,7 +115,9 @@ def jax_line(case: common.Case, options: dict, fast_compile: bool, rolled: bool 
     with cpu_rng.rolled() if rolled else contextlib.nullcontext():
         lowered = jitted.lower(state, batch, rng)
     compiled = lowered.compile({**(suite._fast_options(fast_compile) or {}), **options})
-    info = {**info, "compile_s": time.perf_counter() - start}
+    analysis = compiled.memory_analysis()
+    step_bytes = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+    info = {**info, "compile_s": time.perf_counter() - start, "step_bytes": step_bytes}
     holder = {"state": state}
     del state
 

@@ -313,3 +313,28 @@ def test_cpu_speed_smoke_runs_every_method_in_both_frameworks(capsys):
         for framework in ("pifi_jax", "torch eager"):
             assert (method, framework) in cells, (method, framework)
     assert "harness check" in report
+
+
+def test_cost_growth_table_and_sweeps():
+    from benchmarks import cost_growth
+
+    args = cost_growth.argparse.Namespace(batch=8, lengths=[32, 64], length=128, batches=[1, 4])
+    assert cost_growth.points(args) == [
+        ("length", 8, 32), ("length", 8, 64), ("batch", 1, 128), ("batch", 4, 128),
+    ]  # fmt: skip
+    rows = [{"sweep": "length", "batch": 8, "length": 32, "pifi_jax": 0.25, "torch eager": 0.5,
+             "jax_step_bytes": 3 * 2**20}]  # fmt: skip
+    cells = cost_growth.table(rows).splitlines()[2].split("|")[1:-1]
+    assert [c.strip() for c in cells] == [
+        "length", "8 x 32", "250", "500", "1,024", "512", "2.00x", "3.00 MiB",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # 10 s; the harness
+def test_cost_growth_smoke_draws_the_figure(tmp_path):
+    from benchmarks import cost_growth
+
+    rows = cost_growth.main(["--smoke", "--rounds=1", f"--plot={tmp_path / 'g.png'}"])
+    assert [r["sweep"] for r in rows] == ["length", "length", "batch", "batch"]
+    assert all(r["pifi_jax"] > 0 and r["torch eager"] > 0 and r["jax_step_bytes"] for r in rows)
+    assert (tmp_path / "g.png").stat().st_size > 10_000
