@@ -213,26 +213,38 @@ def test_plugged_modules_equal_the_carried_loras_in_hugging_face_peft(t5_pair, t
     assert np.abs(plain[real] - got[real]).max() > 1e-2  # the modules change the LLM
 
 
-@pytest.mark.parametrize("r", [1, 4])
-def test_the_bridge_starts_as_the_zeroed_llm_with_the_plugged_loras(t5_pair, r):
+def assert_bridge_equals_zeroed_llm(t5_pair, selection, trainable, peft_config, r, restrict=False):
+    """The pruned bridge with its leaves (returned) gives the logits of the dense LLM with the
+    dropped parts zeroed and the LLM's leaves plugged (restrict: only what the bridge keeps of
+    them, as for adapters, whose up projection writes every residual dimension)."""
+    from tests.test_bridge import restricted
+
     llm_module, llm_params = t5_pair["llm"]
-    selection, trainable = _trainable(t5_pair, r)
     small = seq2seq_bridge.prune_seq2seq(
         str(t5_pair["root"] / "llm"), selection, log=lambda s: None
     )
-    peft_bridge, bridge_params = pifi_jax.peft.wrap(*small, lora_config(), seed=0)
+    peft_bridge, bridge_params = pifi_jax.peft.wrap(*small, peft_config, seed=0)
     leaves = adapt.bridge_leaves(trainable, selection, llm_module.config)
     bridge_params = adapt.with_leaves(_flatten(bridge_params), leaves)
     dense = _zeroed_t5(llm_params, llm_module.config, selection) if r > 1 else llm_params
-    peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, lora_config(), seed=0)
-    plugged = adapt.with_leaves(
-        _flatten(peft_llm_params), adapt.llm_leaves(trainable, llm_module.config)
-    )
+    peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, peft_config, seed=0)
+    llm_leaves = adapt.llm_leaves(trainable, llm_module.config)
+    if restrict:
+        llm_leaves = restricted(llm_leaves, selection, llm_module.config.d_model)
+    plugged = adapt.with_leaves(_flatten(peft_llm_params), llm_leaves)
     for batch in t5_pair["batches"]:
         real = batch["target_mask"] > 0
         got = _logits(peft_bridge, bridge_params, batch)[real]
         want = _logits(peft_llm, plugged, batch)[real]
         np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
+    return leaves
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_the_bridge_starts_as_the_zeroed_llm_with_the_plugged_loras(t5_pair, r):
+    llm_module = t5_pair["llm"][0]
+    selection, trainable = _trainable(t5_pair, r)
+    leaves = assert_bridge_equals_zeroed_llm(t5_pair, selection, trainable, lora_config(), r)
     # the bridge's leaves, by hand: A_b = W_down A_l (the kept rows), B_b = B_l's kept columns
     llm_leaves = adapt.llm_leaves(trainable, llm_module.config)
     hid, d_kv = selection.hidden, llm_module.config.d_kv
@@ -395,28 +407,13 @@ def test_plugged_adapters_equal_the_carried_adapters_hooked_into_transformers(
 
 @pytest.mark.parametrize("r", [1, 4])
 def test_the_bridge_starts_as_the_zeroed_llm_with_the_plugged_adapters(t5_pair, t5_adapters, r):
-    from tests.test_bridge import restricted
-
-    llm_module, llm_params = t5_pair["llm"]
+    llm_module = t5_pair["llm"][0]
     selection, trainable = _adapter_trainable(t5_pair, t5_adapters, r)
     assert trainable["down"].shape == (len(selection.hidden), 16)
-    small = seq2seq_bridge.prune_seq2seq(
-        str(t5_pair["root"] / "llm"), selection, log=lambda s: None
+    leaves = assert_bridge_equals_zeroed_llm(
+        t5_pair, selection, trainable, adapter_config(), r, restrict=True
     )
-    peft_bridge, bridge_params = pifi_jax.peft.wrap(*small, adapter_config(), seed=0)
-    leaves = adapt.bridge_leaves(trainable, selection, llm_module.config)
-    bridge_params = adapt.with_leaves(_flatten(bridge_params), leaves)
-    dense = _zeroed_t5(llm_params, llm_module.config, selection) if r > 1 else llm_params
-    peft_llm, peft_llm_params = pifi_jax.peft.wrap(llm_module, dense, adapter_config(), seed=0)
     llm_leaves = adapt.llm_leaves(trainable, llm_module.config)
-    plugged = adapt.with_leaves(
-        _flatten(peft_llm_params), restricted(llm_leaves, selection, llm_module.config.d_model)
-    )
-    for batch in t5_pair["batches"]:
-        real = batch["target_mask"] > 0
-        got = _logits(peft_bridge, bridge_params, batch)[real]
-        want = _logits(peft_llm, plugged, batch)[real]
-        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
     # the bridge's leaves, by hand: D_b = W_down D_l, U_b and u_b the kept residual dimensions
     hid = selection.hidden
     host = "decoder/block_1/layer_1/EncDecAttention"
