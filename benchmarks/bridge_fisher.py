@@ -124,8 +124,14 @@ def main(argv=None):
             return "loading"
         if "forward" in message:
             return "forward"
-        if "backward" in message:  # what precedes the first backward line is the head
-            return "backward" if "head" in sampler.phases else "head"
+        if "output matrix" in message:
+            return "head_read"
+        if "head gradients" in message:
+            return "head"
+        if f"backward through layer {config.num_layers}/" in message:
+            return "last_layer"
+        if "backward" in message:
+            return "backward"
         return "loading"
 
     with PeakSampler() as sampler:
@@ -193,7 +199,9 @@ def main(argv=None):
             for key, name in (
                 ("loading", "reading the embedding, then layer 1's forward"),
                 ("forward", "in the forward (layers 2 .. L)"),
-                ("head", "reading the LM head, its gradients, layer L's backward"),
+                ("head_read", "reading the LM head (untied), after the forward"),
+                ("head", "the head's per-example gradients (one compiled program)"),
+                ("last_layer", "reading layer L again, its backward (the first compiled)"),
                 ("backward", "in the backward (layers L-1 .. 1)"),
                 ("embedding", "in the embedding's scatter"),
             )

@@ -8,6 +8,7 @@ zeroed, and transformers loading the saved bridge.
 
 from fractions import Fraction
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -759,17 +760,27 @@ def test_plugged_modules_export_as_an_adapter_of_the_llm(pair, transfer, tmp_pat
 
 def test_fisher_reads_the_llm_one_layer_at_a_time(llm, monkeypatch):
     """The pass never loads the model whole: layer tensors are read in one block per layer,
-    ascending (forward) then descending (backward), and the LM head only after the forward."""
+    ascending (forward) then descending (backward), and the LM head only after the forward;
+    an untied model's embedding is no longer held once a layer is read."""
     import re
 
     from pifi_jax.hub.files import CheckpointReader
 
-    order = []
+    order, vocab_matrices = [], []
     real_get = CheckpointReader.get
+    config = llm["model"].config
+    vocab_shape = (config.vocab_size, config.hidden_size)
+
+    def vocab_arrays():
+        return sum(a.shape == vocab_shape for a in jax.live_arrays())
+
+    before = vocab_arrays()  # the test's own models hold some
 
     def get(self, key):
         m = re.match(r"model\.layers\.(\d+)\.", key)
         order.append(int(m.group(1)) if m else key)
+        if m:  # vocabulary-sized arrays alive while a layer is read
+            vocab_matrices.append(vocab_arrays() - before)
         return real_get(self, key)
 
     monkeypatch.setattr(CheckpointReader, "get", get)
@@ -788,3 +799,5 @@ def test_fisher_reads_the_llm_one_layer_at_a_time(llm, monkeypatch):
     # forward 0..n-1, the LM head (untied), backward n-1..0
     assert reads == runs(list(range(n)) + head + list(reversed(range(n))))
     assert order.index(n - 1) < (order.index("lm_head.weight") if head else len(order))
+    tied = bool(config.tie_word_embeddings)
+    assert set(vocab_matrices) == {1 if tied else 0}, vocab_matrices  # tied: it is the head

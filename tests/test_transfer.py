@@ -434,5 +434,5 @@ def test_the_fisher_benchmark_runs_on_launch_transfers_batches(pair, tmp_path, c
     out = capsys.readouterr().out
     assert "| bridge logits finite | True |" in out
     phases = re.findall(r"\|   peak above the start (.+?), GiB \| (-?[\d.]+) \|", out)
-    assert len(phases) == 5 and all(float(v) >= 0 for _, v in phases)
+    assert len(phases) == 7 and all(float(v) >= 0 for _, v in phases)
     assert re.search(r"\| bridge at r = 16: hidden / heads / kv / MLP \| 12 / 1 / 1 / 16 \|", out)

@@ -328,6 +328,8 @@ def fisher_scores(
                 for k, b in enumerate(data)
             ]
         ]
+    if not tied:  # the embedding's Fisher comes from the input cotangents alone: drop it now
+        del embed
     fns = _LayerFns()
     for i in range(n_layers):
         module, flat = read_layer(reader, family, config, i)
@@ -343,9 +345,8 @@ def fisher_scores(
         log(f"fisher: forward through layer {i + 1}/{n_layers}")
 
     # 2. the head: squared per-example gradients of its weights, cotangents of its input
-    if not tied:
-        del embed  # untied: the embedding's Fisher comes from the input cotangents alone
     w = embed if tied else output_rows(reader, "lm_head.weight")
+    log(f"fisher: output matrix {tuple(w.shape)} {'tied' if tied else 'read'}")
     norm = _final_norm(arch, dims.eps)
 
     def head_backward(norm_params, w, acc, h, ids, loss_mask):
@@ -376,6 +377,7 @@ def fisher_scores(
         head_rows.append(np.asarray(rows))
     del w, norm_params
     states.pop()
+    log("fisher: head gradients done")
     norm_sq = {leaf: np.asarray(v, np.float64) for leaf, v in head_acc[0].items()}
     w_rows, w_full = (np.asarray(a, np.float64) for a in head_acc[1:])
     del head_acc
