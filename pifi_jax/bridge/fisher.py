@@ -15,13 +15,13 @@ Bounded memory. The model is never held whole:
      product recomputes its forward and gives that example's weight gradient (squared into an
      accumulator) and the cotangent of the layer's input; the layer is dropped.
 So memory holds, besides the boundary states, the largest of: the embedding and one layer (the
-forward); the output matrix (LM head, or the tied embedding) and an example's logits-sized
+forward; an untied embedding is dropped after the lookup, so there one layer); the output matrix (LM head, or the tied embedding) and an example's logits-sized
 buffers (the head: the squared gradient of the output matrix is summed over the vocabulary as
 normed' (delta delta') normed, never formed as a [d, vocab] matrix); one layer's weights, one
 example's gradient of them and their squared-gradient accumulator (the backward). Every layer is
-read twice (forward, backward). Measured on Qwen2.5-Coder-1.5B (docs/results.md): 2.44 GiB at
-the peak, 0.37x its weights, while the LM head is read and differentiated: above that bound
-(1.50 GiB there), by an amount not yet accounted for.
+read twice (forward, backward). Measured on Qwen2.5-Coder-1.5B (docs/results.md): 1.69 GiB at
+the peak, 0.26x its weights, during the head's per-example gradients: 0.19 GiB above that bound
+(1.50 GiB there), about what compiling the head's program takes beside its buffers.
 
 What pruning needs is reduced from H at once (`reduce_layer`), so nothing of H's size stays:
   hidden [d]      per residual-stream dimension: the embedding's columns (and the learned
