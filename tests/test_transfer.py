@@ -250,6 +250,13 @@ def test_isolated_stages_run_each_in_a_fresh_process(pair, tiny_pair_files, tmp_
     assert len(pids) == 2 and len({*pids, os.getpid()}) == 3
     peaks = json.loads((tmp_path / "transfer.json").read_text())[procedure.HOST_PEAK]
     assert set(peaks) == {"fisher", "bridge"} and all(v > 2**20 for v in peaks.values())
+    # run again, both are skipped: the peaks recorded when they ran stand
+    again = []
+    procedure.run(config, tmp_path, ("fisher", "bridge"), log=again.append, isolate=True)
+    assert [line.split(":")[0] for line in again if "done earlier, in process" in line] == [
+        "fisher", "bridge",
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "transfer.json").read_text())[procedure.HOST_PEAK] == peaks
     # a stage's error in its process is raised here, message and type intact
     with pytest.raises(FileNotFoundError, match="run the adapt stage first"):
         procedure.run(config, tmp_path, stages=("evaluate",), isolate=True)

@@ -221,7 +221,7 @@ def run_fisher(config, workdir: Path, log=print) -> Path:
             workdir / "depth_map.json", slm_config.num_layers, llm_config.num_layers
         )
     if out.is_file():
-        log(f"stage fisher: done earlier ({out})")
+        log(f"stage fisher: {loop.DONE_EARLIER} ({out})")
         return out
     t = config.transfer
     batches = task_batches(config, llm_tok, t.fisher_examples, t.fisher_batch_size)
@@ -234,7 +234,7 @@ def run_fisher(config, workdir: Path, log=print) -> Path:
 def run_bridge(config, workdir: Path, log=print) -> Path:
     out = workdir / "bridge"
     if (out / "bridge.json").is_file():
-        log(f"stage bridge: done earlier ({out})")
+        log(f"stage bridge: {loop.DONE_EARLIER} ({out})")
         return out
     t = config.transfer
     llm_config = _llm_config(str(t.llm))
@@ -423,14 +423,21 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _run_stage(config, workdir: Path, stage: str, log=print):
     """One stage; returns (its trainer metrics or None, this process's id, its peak resident
-    host memory in bytes so far)."""
-    out = _RUNNERS[stage](config, workdir, log)
+    host memory in bytes so far, whether it skipped work finished earlier)."""
+    skipped = []
+
+    def watch(message, *args, **kwargs):
+        if loop.DONE_EARLIER in str(message):
+            skipped.append(message)
+        return log(message, *args, **kwargs)
+
+    out = _RUNNERS[stage](config, workdir, watch)
     if isinstance(out, dict):
         out = {k: float(np.asarray(v)) for k, v in out.items()}
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak *= 1 if sys.platform == "darwin" else 1024
-    return (out if isinstance(out, dict) else None), os.getpid(), peak
+    return (out if isinstance(out, dict) else None), os.getpid(), peak, bool(skipped)
 
 
 def _run_isolated(config, workdir: Path, stage: str):
@@ -468,9 +475,12 @@ def run(config, workdir: str | Path, stages=STAGES, log=print, isolate: bool = F
     for stage in stages:
         summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else {}
         if isolate:
-            out, pid, peak = _run_isolated(config, workdir, stage)
-            log(f"{stage}: ran in process {pid}, peak host memory {peak / 2**30:.2f} GiB")
-            summary.setdefault(HOST_PEAK, {})[stage] = peak
+            out, pid, peak, skipped = _run_isolated(config, workdir, stage)
+            if skipped:  # the peak recorded when it ran stands
+                log(f"{stage}: {loop.DONE_EARLIER}, in process {pid}")
+            else:
+                log(f"{stage}: ran in process {pid}, peak host memory {peak / 2**30:.2f} GiB")
+                summary.setdefault(HOST_PEAK, {})[stage] = peak
         else:
             out = _run_stage(config, workdir, stage, log)[0]
         if out is not None:

@@ -663,12 +663,15 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
     return results
 
 
+DONE_EARLIER = "done earlier"  # what a runner logs when it skips finished work
+
+
 def train_unless_finished(config, workdir: str | Path, name: str, log=print) -> dict:
     """The results of the run in `workdir`: read from its results.json when it finished earlier,
     else trained now (resuming its checkpoints): how runners of many runs resume."""
     done = Path(workdir) / "results.json"
     if done.is_file():
-        log(f"{name}: done earlier ({done})")
+        log(f"{name}: {DONE_EARLIER} ({done})")
         return json.loads(done.read_text(encoding="utf-8"))
     log(f"{name}: training in {workdir}")
     return train_and_evaluate(config, workdir)
