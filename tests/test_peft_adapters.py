@@ -222,10 +222,8 @@ def test_adapter_errors(tiny_bert_dir):
             peft=peft.AdapterConfig(target_modules=("query",)),
             log=lambda *_: None,
         )
-    with pytest.raises(ValueError, match="no default target_modules for model_type 't5'"):
-        peft.adapters.plan(
-            peft.AdapterConfig(), "t5", ["encoder/block_0/layer_1/DenseReluDense/wo"]
-        )
+    with pytest.raises(ValueError, match="no default target_modules for model_type 'opt'"):
+        peft.adapters.plan(peft.AdapterConfig(), "opt", ["decoder/layers_0/fc2"])
     module, params = pifi_jax.from_pretrained(
         tiny_bert_dir, num_labels=2, peft=peft.AdapterConfig(bottleneck_size=2), log=lambda *_: None
     )
