@@ -151,7 +151,7 @@ def measure_row(case, lines: dict, rounds: int) -> dict:
             loss = step()
             sync(loss)
             out[name]["times"].append(time.perf_counter() - start)
-            out[name]["loss"] = float(loss)
+            out[name]["loss"] = float(loss.detach() if hasattr(loss, "detach") else loss)
     return out
 
 
