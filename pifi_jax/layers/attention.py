@@ -214,14 +214,20 @@ def dot_product_attention(
             scale=scale,
             implementation=backend,
         )
-    heads, kv_heads = query.shape[2], key.shape[2]
-    if heads != kv_heads:
-        # Grouped-query attention: each key/value head serves heads // kv_heads query heads.
-        key = jnp.repeat(key, heads // kv_heads, axis=2)
-        value = jnp.repeat(value, heads // kv_heads, axis=2)
+    batch, q_length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    groups = heads // kv_heads
     if scale is None:
-        scale = query.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key)  # [batch, heads, q, kv]
+        scale = head_dim**-0.5
+    if groups == 1:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key)  # [batch, heads, q, kv]
+    else:
+        # Grouped-query attention: kv head j serves query heads j * groups ... (j + 1) * groups - 1
+        # (transformers' repeat_kv order). The query heads are grouped instead of the keys and
+        # values repeated: repeating copies the whole key/value cache once per layer and step.
+        grouped = (query * scale).reshape(batch, q_length, kv_heads, groups, head_dim)
+        logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key)
+        logits = logits.reshape(batch, heads, q_length, key.shape[1])  # the same order
     if logit_softcap is not None:
         logits = jnp.tanh(logits / logit_softcap) * logit_softcap
     if bias is not None:
@@ -230,7 +236,11 @@ def dot_product_attention(
     probs = softmax(logits.astype(jnp.float32), -1).astype(query.dtype)
     if dropout_active:
         probs = dropout_module(probs, deterministic=deterministic)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # [batch, q, heads, head_dim]
+    if groups == 1:
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # [batch, q, heads, head_dim]
+    probs = probs.reshape(batch, kv_heads, groups, q_length, key.shape[1])
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, value)
+    return out.reshape(batch, q_length, heads, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,12 +261,25 @@ class KVCache:
     mask: [batch, max_length] int32, 1 where a real token was written (0: padding or not yet used).
     index: int32 scalar, the number of slots written so far (the same for every row: prompts are
         padded on the left, so every row's next token goes to slot `index`).
+    at: None for a cache of its own; in layer i's view of a stack's cache (`layer(i)`), i (an
+        int32 scalar, maybe traced). A view keeps the whole stack's arrays: `append` writes the
+        new keys/values into the stack at [i, :, index] and `keys_values()` reads layer i's
+        slice. Slicing layer i out, appending to the slice and writing the slice back would
+        make XLA copy the whole stack's cache once per layer and step (the slice is read while
+        the stack is updated), which cost a batch of 8 decoding SmolLM2 ~58 copies of 60 MB a
+        token; one small in-place update per layer copies nothing.
+    empty: True (static) for a cache from `create` until its first `advance`: a call on an
+        empty cache (the prefill) attends over its own keys only, not over every slot of the
+        cache (the rest are unwritten: masked, but read, and laid out for the einsums, at a
+        cost that grows with max_new_tokens).
     """
 
     key: jax.Array
     value: jax.Array
     mask: jax.Array
     index: jax.Array
+    at: jax.Array | None = None
+    empty: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(
@@ -278,6 +301,7 @@ class KVCache:
             value=jnp.zeros(shape, dtype),
             mask=jnp.zeros((batch, max_length), jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            empty=True,
         )
 
     @property
@@ -285,18 +309,32 @@ class KVCache:
         return self.mask.shape[1]
 
     def layer(self, i: int | jax.Array) -> "KVCache":
-        """Layer i's view of a stack's cache (i may be traced: a scanned stack)."""
-        return self.replace(key=self.key[i], value=self.value[i])
+        """Layer i's view of a stack's cache (i may be traced: a scanned stack); see `at`."""
+        if self.at is not None:
+            raise ValueError("layer(): this cache is already one layer's view")
+        return self.replace(at=jnp.asarray(i, jnp.int32))
 
     def set_layer(self, i: int | jax.Array, layer_cache: "KVCache") -> "KVCache":
-        """The stack's cache with layer i's keys and values replaced (mask and index unchanged)."""
-        return self.replace(
-            key=self.key.at[i].set(layer_cache.key), value=self.value.at[i].set(layer_cache.value)
-        )
+        """The stack's cache after layer i's view `layer_cache` wrote to it (mask and index
+        stay the stack's: `advance` moves them once for the whole stack)."""
+        if layer_cache.at is None:  # a layer's own cache (not a view): its slice goes in
+            return self.replace(
+                key=self.key.at[i].set(layer_cache.key),
+                value=self.value.at[i].set(layer_cache.value),
+            )
+        return self.replace(key=layer_cache.key, value=layer_cache.value)
+
+    def keys_values(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values [batch, max_length, kv_heads, head_dim]."""
+        if self.at is None:
+            return self.key, self.value
+        return self.key[self.at], self.value[self.at]
 
     def take_rows(self, rows: jax.Array) -> "KVCache":
         """The cache of batch rows `rows` [n] (beam search repeats and reorders beams); one
         layer's or a whole stack's."""
+        if self.at is not None:
+            raise ValueError("take_rows(): reorder the stack's cache, not one layer's view")
         axis = self.key.ndim - 4  # 1 for a stack's [layers, batch, ...], else 0
         return self.replace(
             key=jnp.take(self.key, rows, axis=axis),
@@ -312,16 +350,18 @@ class KVCache:
         mask = jax.lax.dynamic_update_slice(
             self.mask, attention_mask.astype(jnp.int32), (jnp.int32(0), self.index)
         )
-        return self.replace(mask=mask, index=self.index + length)
+        return self.replace(mask=mask, index=self.index + length, empty=False)
 
     def append(self, key: jax.Array, value: jax.Array, attention_mask: jax.Array | None):
         """One layer's cache with the new key/value [batch, length, kv_heads, head_dim] written at
         `index`, and the slots advanced."""
         start = (jnp.int32(0), self.index, jnp.int32(0), jnp.int32(0))
+        if self.at is not None:  # into the stack's arrays, at layer `at`
+            start, key, value = (self.at, *start), key[None], value[None]
         return self.replace(
             key=jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start),
             value=jax.lax.dynamic_update_slice(self.value, value.astype(self.value.dtype), start),
-        ).advance(attention_mask, key.shape[1])
+        ).advance(attention_mask, key.shape[-3])
 
     def positions(self, attention_mask: jax.Array | None, length: int) -> jax.Array:
         """Positions [batch, length] of `length` new tokens: each row counts its real tokens, the
@@ -403,7 +443,7 @@ def self_attention_inputs(
       0/1 (None: no padding).
     cache: one layer's KVCache: the new keys/values are written at its index and attention reads
       all its slots ([batch, max_length, ...]; unwritten and padding slots masked); the queries
-      sit at slots index .. index + length - 1.
+      sit at slots index .. index + length - 1. An empty cache's (the prefill): the new keys only.
     prefix: (keys, values) [batch, P, kv_heads, head_dim] in front of all of that (prefix tuning),
       as P earlier tokens in slots 0..P-1: every mask rule (causal, sliding window) sees them as
       such, which is how transformers treats the cache of P entries Hugging Face PEFT passes.
@@ -413,9 +453,11 @@ def self_attention_inputs(
     length = key.shape[1]
     mask, q_offset = attention_mask, 0
     if cache is not None:
+        empty = cache.empty
         cache = cache.append(key, value, attention_mask)
-        key, value, mask = cache.key, cache.value, cache.mask
-        q_offset = cache.index - length
+        if not empty:  # the queries attend over every slot (the unwritten ones masked)
+            (key, value), mask = cache.keys_values(), cache.mask
+            q_offset = cache.index - length
     if prefix is not None:
         n = prefix[0].shape[1]
         key = jnp.concatenate([prefix[0].astype(key.dtype), key], axis=1)

@@ -88,10 +88,10 @@ def make_layers(layer_cls, config, *, scan: bool, remat_policy: str, **kw):
 def run_layers(layers, x, attention_mask, positions, *, deterministic: bool, cache, num_layers):
     """Runs a stack from `make_layers` over x [batch, length, hidden]; returns (x, cache).
 
-    Unrolled: layer i reads and writes `cache.layer(i)`. Scanned: the same, with i a traced
-    index and the whole cache in the scan carry (each layer writes its slice back, so the scan
-    does not build a second cache as its output), and the layer's parameters sliced from the
-    stacked leaves by nn.scan.
+    Unrolled: layer i reads and writes `cache.layer(i)`, its view of the stack's cache (it
+    writes its new keys/values into the stack in place). Scanned: the same, with i a traced
+    index and the whole cache in the scan carry (so the scan does not build a second cache as
+    its output), and the layer's parameters sliced from the stacked leaves by nn.scan.
     """
 
     def call(layer, x, cache, i):
