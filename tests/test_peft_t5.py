@@ -3,7 +3,8 @@
 LoRA with PEFT's default T5 targets (q, v: the encoder's and the decoder's self-attention and the
 decoder's cross-attention) and IA3 with its defaults (k, v and wo, wo as a feed-forward module that
 scales its input), on the tiny v1.1 model of test_models_t5.py (gated-gelu, untied lm_head) with
-padded sources and targets. Our export loaded by `peft.PeftModel.from_pretrained` and a PEFT-saved
+padded sources and targets, and on the tiny mT5 with PEFT's mT5 defaults (IA3: k, v and wi_1, no
+feed-forward module). Our export loaded by `peft.PeftModel.from_pretrained` and a PEFT-saved
 adapter loaded by us give the same logits within 1e-5, and the trainable-parameter count equals
 PEFT's. Adapters are moved off their initialisation first (LoRA B != 0, IA3 != 1), so nothing
 passes by identity.
@@ -57,12 +58,19 @@ def _trainable(module, params) -> int:
     return sum(x.size for x in jax.tree.leaves(trainable))
 
 
+# mT5's IA3 defaults in PEFT differ from T5's: wi_1 instead of wo, and no feed-forward module.
+MT5_TARGETED = {"ia3": r".*\.((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wi_1)"}
+
+
+@pytest.mark.parametrize("case", [CASE, "mt5"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_same_logits_as_hf_peft_both_ways(tmp_path, method):
+def test_same_logits_as_hf_peft_both_ways(tmp_path, method, case):
     import re
 
     ours_config, (hf_class, hf_fields), targeted = METHODS[method]
-    tiny_t5(CASE).save_pretrained(tmp_path / "base")
+    if case == "mt5":
+        targeted = MT5_TARGETED.get(method, targeted)
+    tiny_t5(case).save_pretrained(tmp_path / "base")
     batch = padded_pairs()
     quiet = dict(task="seq2seq", log=lambda *_: None)
 
@@ -76,14 +84,14 @@ def test_same_logits_as_hf_peft_both_ways(tmp_path, method):
     )
     params = _perturbed(params)
     peft.save_adapter(module, params, tmp_path / "ours", format="peft")
-    loaded = hf_peft.PeftModel.from_pretrained(tiny_t5(CASE), tmp_path / "ours").eval()
+    loaded = hf_peft.PeftModel.from_pretrained(tiny_t5(case), tmp_path / "ours").eval()
     ours = np.asarray(module.apply({"params": params}, *batch))
-    assert np.abs(ours - torch_outputs(tiny_t5(CASE), *batch)[0]).max() > 1e-2
+    assert np.abs(ours - torch_outputs(tiny_t5(case), *batch)[0]).max() > 1e-2
     np.testing.assert_allclose(ours, torch_outputs(loaded, *batch)[0], atol=1e-5, rtol=1e-5)
 
     # PEFT -> ours, with the trainable-parameter count PEFT reports for the same method.
     hf_config = getattr(hf_peft, hf_class)(task_type="SEQ_2_SEQ_LM", **hf_fields)
-    torch_model = hf_peft.get_peft_model(tiny_t5(CASE), hf_config).eval()
+    torch_model = hf_peft.get_peft_model(tiny_t5(case), hf_config).eval()
     assert _trainable(module, params) == torch_model.get_nb_trainable_parameters()[0]
     torch_model.save_pretrained(tmp_path / "theirs")
     config = peft.read_adapter_config(tmp_path / "theirs")

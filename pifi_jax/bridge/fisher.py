@@ -15,9 +15,10 @@ Bounded memory. The model is never held whole:
      product recomputes its forward and gives that example's weight gradient (squared into an
      accumulator) and the cotangent of the layer's input; the layer is dropped.
 So memory holds, besides the boundary states, the largest of: the embedding and one layer (the
-forward; an untied embedding is dropped after the lookup, so there one layer); the output matrix (LM head, or the tied embedding) and an example's logits-sized
-buffers (the head: the squared gradient of the output matrix is summed over the vocabulary as
-normed' (delta delta') normed, never formed as a [d, vocab] matrix); one layer's weights, one
+forward; an untied embedding is dropped after the lookup, so there one layer); the output
+matrix (LM head, or the tied embedding) and an example's logits-sized buffers (the head: the
+squared gradient of the output matrix is summed over the vocabulary as normed' (delta delta')
+normed, never formed as a [d, vocab] matrix); one layer's weights, one
 example's gradient of them and their squared-gradient accumulator (the backward). Every layer is
 read twice (forward, backward). Measured on Qwen2.5-Coder-1.5B (docs/results.md): 1.69 GiB at
 the peak, 0.26x its weights, during the head's per-example gradients: 0.19 GiB above that bound
@@ -228,8 +229,8 @@ def output_rows(reader, key: str) -> jax.Array:
 
 def _example_head(norm, norm_params, w, h, ids, loss_mask, full: bool, rows_ids=None):
     """One example through the final norm and the output matrix w [vocab, d] (the tied
-    embedding, or the LM head in its checkpoint layout): the squared gradient of -log p(targets) with respect to the
-    norm's weights ({leaf: [d]}) and to w, and the cotangent of h [length, d].
+    embedding, or the LM head in its checkpoint layout): the squared gradient of -log p(targets)
+    with respect to the norm's weights ({leaf: [d]}) and to w, and the cotangent of h [length, d].
 
     The gradient of w is normed' delta (delta = dloss/dlogits [length, vocab]); what pruning needs
     is its squared sum over the vocabulary, sum_v (normed' delta)[k, v]^2 = normed[:, k]'

@@ -11,6 +11,7 @@ mechanically from our parameter paths (`bert/encoder/layer_0/attention/self/quer
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -34,6 +35,7 @@ LORA_TARGETS = {
     "falcon": ("query_key_value",),
     "gpt2": ("c_attn",),
     "t5": ("q", "v"),
+    "mt5": ("q", "v"),
     "bart": ("q_proj", "v_proj"),
 }
 IA3_TARGETS = {
@@ -50,6 +52,8 @@ IA3_TARGETS = {
     "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
     "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
     "t5": (("k", "v", "wo"), ("wo",)),
+    # Hugging Face PEFT's mT5 defaults: wi_1 scaled at its output, no feed-forward module.
+    "mt5": (("k", "v", "wi_1"), ()),
     "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
 }
 # Bottleneck adapters: the projections whose output passes through one (regexes on HF names), per
@@ -97,6 +101,7 @@ ADAPTER_TARGETS = {
         "pfeiffer": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
     },
 }
+ADAPTER_TARGETS["mt5"] = ADAPTER_TARGETS["t5"]  # the same block layout
 # Families whose self-attention takes prefix keys/values (`layers.peft_hooks.prefix_block`), by
 # the path suffix of that module. BERT, RoBERTa, ELECTRA and the decoders as Hugging Face PEFT
 # does it (a cache of P entries in front; the decoders' masks see it as P earlier tokens).
@@ -137,9 +142,20 @@ PROMPT_FAMILIES = (
 HEAD_MODULES = ("classifier", "score", "qa_outputs")
 
 
+@functools.cache
+def _literal_names() -> frozenset[str]:
+    """Module names ending in `_<digits>` that are not list indices (T5's wi_0, GPT-2's ln_1)."""
+    from pifi_jax.models import registry
+
+    families = {registry.family_for(t) for t in registry.supported_model_types()}
+    return frozenset(n for f in families for n in getattr(f, "LITERAL_NAMES", ()))
+
+
 def hf_module_name(path: str) -> str:
-    """`bert/encoder/layer_0/attention/self/query` -> `bert.encoder.layer.0.attention.self.query`."""
-    return _INDEX.sub(r".\1", path).replace("/", ".")
+    """`bert/encoder/layer_0/attention/self/query` -> `bert.encoder.layer.0.attention.self.query`
+    (T5's `DenseReluDense/wi_1` stays `DenseReluDense.wi_1`)."""
+    literal = _literal_names()
+    return ".".join(p if p in literal else _INDEX.sub(r".\1", p) for p in path.split("/"))
 
 
 def name_matches(name: str, spec) -> bool:
