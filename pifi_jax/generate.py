@@ -238,8 +238,10 @@ def _generate(
 
     eos_ids = jnp.asarray(eos, jnp.int32)
     if method == "beam":
+        # Slots every beam of a row shares: the prompt's (an encoder-decoder's: the start token).
+        shared = 1 if getattr(module, "is_encoder_decoder", False) else input_ids.shape[1]
         return _beam_search(
-            step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, length_penalty
+            step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, length_penalty, shared
         )
 
     def choose(logits, index):
@@ -328,10 +330,13 @@ def _gather(x, indices):
     return jnp.take_along_axis(x, indices, axis=1)
 
 
-def _beam_search(step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, length_penalty):
+def _beam_search(
+    step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, length_penalty, shared_slots
+):
     """transformers' beam search (see the module docstring); logits [batch, vocab] of the prompts
-    and their cache (a KVCache or a Seq2SeqCache). Returns the best finished hypothesis per row
-    [batch, max_new_tokens]."""
+    and their cache (a KVCache, Seq2SeqCache or PifiCache), whose first `shared_slots` slots are
+    the same for all beams of a row (not moved when beams are reordered). Returns the best
+    finished hypothesis per row [batch, max_new_tokens]."""
     batch, vocab = logits.shape
     beams = num_beams
     keep = max(2, 1 + int(eos_ids.shape[0])) * beams  # candidates per step
@@ -383,7 +388,7 @@ def _beam_search(step, logits, cache, num_beams, max_new_tokens, eos_ids, pad, l
         stop = ~jnp.any(improvable) | jnp.all(ends)
 
         rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)  # [batch * beams]
-        cache = cache.take_rows(rows)
+        cache = cache.reorder_beams(rows, shared_slots)
         next_tokens = jax.lax.dynamic_index_in_dim(running, index, axis=2, keepdims=False)
         logits, cache = step(next_tokens.reshape(-1), cache)
         return (

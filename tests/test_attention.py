@@ -143,3 +143,37 @@ def test_whole_decoder_with_sliding_window_matches_native(tmp_path, monkeypatch)
     # Left-padding rows attend to nothing; compare the real tokens.
     keep = np.asarray(mask, bool)
     np.testing.assert_allclose(fused[keep], native[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_reorder_beams_moves_only_the_slots_after_the_prompt():
+    """KVCache.reorder_beams equals take_rows when each row's beams share the prompt's slots,
+    and gathers only the later slots (no gather reads the prompt's)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pifi_jax.layers import KVCache
+
+    batch, beams, prompt, slots = 2, 3, 5, 9
+    rng = np.random.default_rng(0)
+    cache = KVCache.create(batch * beams, slots, 2, 4, layers=3)
+    keys = rng.standard_normal(cache.key.shape).astype(np.float32)
+    # Every beam of a row holds its row's prompt keys; the later slots differ per beam.
+    keys[:, :, :prompt] = np.repeat(keys[:, ::beams, :prompt], beams, axis=1)
+    mask = rng.integers(0, 2, cache.mask.shape).astype(np.int32)
+    cache = cache.replace(key=jnp.asarray(keys), value=jnp.asarray(-keys), mask=jnp.asarray(mask))
+    rows = jnp.asarray([2, 2, 0, 4, 3, 3])  # within each row's beams
+    ours, theirs = cache.reorder_beams(rows, prompt), cache.take_rows(rows)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def gather_operands(jaxpr):  # sub-jaxprs (jnp.take's pjit) included
+        for e in jaxpr.eqns:
+            if e.primitive.name == "gather":
+                yield e.invars[0].aval.shape
+            for sub in jax.core.jaxprs_in_params(e.params):
+                yield from gather_operands(sub)
+
+    jaxpr = jax.make_jaxpr(lambda c: c.reorder_beams(rows, prompt))(cache).jaxpr
+    gathered = list(gather_operands(jaxpr))
+    key_gathers = [s for s in gathered if len(s) == 5]
+    assert key_gathers and all(s[2] == slots - prompt for s in key_gathers), gathered

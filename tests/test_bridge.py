@@ -762,13 +762,25 @@ def test_fisher_reads_the_llm_one_layer_at_a_time(llm, monkeypatch):
     """The pass never loads the model whole: layer tensors are read in one block per layer,
     ascending (forward) then descending (backward), and the LM head only after the forward;
     an untied model's embedding is no longer held once a layer is read."""
+    _check_layer_reads(llm["dir"], llm["model"], llm["batches"], monkeypatch)
+
+
+def test_fisher_drops_an_untied_embedding_after_the_lookup(tmp_path, monkeypatch):
+    """The untied case of the test above in the default set (its fixture's untied model is
+    slow: a torch per-example reference): no vocabulary-sized array is alive while any layer is
+    read, in the forward or the backward."""
+    model = write_llm(tmp_path, family="llama", tied=False)
+    _check_layer_reads(tmp_path, model, make_batches(), monkeypatch)
+
+
+def _check_layer_reads(directory, model, batches, monkeypatch):
     import re
 
     from pifi_jax.hub.files import CheckpointReader
 
     order, vocab_matrices = [], []
     real_get = CheckpointReader.get
-    config = llm["model"].config
+    config = model.config
     vocab_shape = (config.vocab_size, config.hidden_size)
 
     def vocab_arrays():
@@ -784,7 +796,7 @@ def test_fisher_reads_the_llm_one_layer_at_a_time(llm, monkeypatch):
         return real_get(self, key)
 
     monkeypatch.setattr(CheckpointReader, "get", get)
-    bridge.fisher_scores(str(llm["dir"]), llm["batches"][:1], log=lambda s: None)
+    bridge.fisher_scores(str(directory), batches[:1], log=lambda s: None)
 
     def runs(items):  # consecutive repeats merged
         out = []
@@ -793,7 +805,7 @@ def test_fisher_reads_the_llm_one_layer_at_a_time(llm, monkeypatch):
                 out.append(item)
         return out
 
-    n = llm["model"].config.num_hidden_layers
+    n = config.num_hidden_layers
     head = ["lm_head.weight"] if "lm_head.weight" in order else []
     reads = [x for x in runs(order) if isinstance(x, int) or x == "lm_head.weight"]
     # forward 0..n-1, the LM head (untied), backward n-1..0

@@ -214,7 +214,8 @@ def test_lora_trains_the_score_head_and_exports_it_to_hf_peft(tmp_path):
     loaded = hf_peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     ids, mask = padded_batch()
     logits = ours(module, params, ids, mask)
-    np.testing.assert_allclose(torch_logits(loaded, ids, mask), logits, atol=1e-5)
+    # float32 rounding on logits up to ~12 (LoRA B perturbed by 0.5): relative as well.
+    np.testing.assert_allclose(torch_logits(loaded, ids, mask), logits, atol=1e-5, rtol=1e-5)
     # And back: the adapter file loads into a fresh PEFT model of ours.
     fresh, fresh_params = pifi_jax.from_pretrained(
         tmp_path / "base",

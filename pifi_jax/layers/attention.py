@@ -342,6 +342,29 @@ class KVCache:
             mask=jnp.take(self.mask, rows, axis=0),
         )
 
+    def reorder_beams(self, rows: jax.Array, shared_slots: int) -> "KVCache":
+        """`take_rows(rows)` for a reorder in which every row continues a row of the same
+        prompt (beam search: rows [n] of n, each one of its own prompt's beams): the first
+        `shared_slots` slots (the prompt's, static) hold the same keys in all of them and stay
+        where they are; only the later slots and the mask are gathered. (Gathering every slot
+        every step was most of beam search's cost on long prompts.)"""
+        if shared_slots <= 0:
+            return self.take_rows(rows)
+        if self.at is not None:
+            raise ValueError("reorder_beams(): reorder the stack's cache, not one layer's view")
+        slots = self.key.ndim - 3  # the slot axis (2 for a stack's [layers, batch, ...], else 1)
+
+        def gather(x):
+            later = jax.lax.slice_in_dim(x, shared_slots, None, axis=slots)
+            later = jnp.take(later, rows, axis=slots - 1)
+            return jax.lax.dynamic_update_slice_in_dim(x, later, shared_slots, axis=slots)
+
+        return self.replace(
+            key=gather(self.key),
+            value=gather(self.value),
+            mask=jnp.take(self.mask, rows, axis=0),
+        )
+
     def advance(self, attention_mask: jax.Array | None, length: int) -> "KVCache":
         """Marks `length` new slots as written, with their padding mask [batch, length] (None: all
         real tokens)."""
@@ -424,6 +447,12 @@ class Seq2SeqCache:
             cross_value=jnp.take(self.cross_value, rows, axis=1),
             cross_mask=jnp.take(self.cross_mask, rows, axis=0),
         )
+
+    def reorder_beams(self, rows: jax.Array, shared_slots: int) -> "Seq2SeqCache":
+        """`take_rows(rows)` for beam search's reorder within each source's beams: the cross
+        keys/values (one source's for all its beams) stay; the self-attention cache moves its
+        slots after `shared_slots` (KVCache.reorder_beams)."""
+        return self.replace(self_attn=self.self_attn.reorder_beams(rows, shared_slots))
 
 
 def self_attention_inputs(

@@ -320,6 +320,12 @@ class PifiCache:
     def take_rows(self, rows: jax.Array) -> PifiCache:
         return PifiCache(self.slm.take_rows(rows), self.layer.take_rows(rows))
 
+    def reorder_beams(self, rows: jax.Array, shared_slots: int) -> PifiCache:
+        return PifiCache(
+            self.slm.reorder_beams(rows, shared_slots),
+            self.layer.reorder_beams(rows, shared_slots),
+        )
+
 
 class PifiCausalLM(_PifiParts, nn.Module):
     """A decoder SLM with the plug-in between its last hidden state and its LM head:
