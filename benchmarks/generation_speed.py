@@ -56,6 +56,19 @@ def prompts(tokenizer, batch: int) -> tuple:
     return ids, mask
 
 
+def rows_of(spec: str) -> tuple:
+    """The rows of `--rows`: "greedy:1,beam:8" -> (("greedy", 1), ("beam", 8)); "": all."""
+    if not spec:
+        return ROWS
+    out = []
+    for item in spec.split(","):
+        method, _, batch = item.partition(":")
+        if method not in ("greedy", "beam") or not batch.isdigit():
+            raise ValueError(f"--rows: {item!r} is not greedy:N or beam:N")
+        out.append((method, int(batch)))
+    return tuple(out)
+
+
 def measure(args) -> dict:
     import jax
     import numpy as np
@@ -76,7 +89,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     n = args.new_tokens
     results = {}
-    for method, batch in ROWS:
+    for method, batch in rows_of(args.rows):
         ids, mask = prompts(tokenizer, batch)
         kw = dict(max_new_tokens=n, method=method, num_beams=4, eos_token_id=())
 
@@ -160,6 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="asset:smollm2")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", default="", help='e.g. "greedy:8,beam:8" (default: all four)')
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file to append, or -")
     args = parser.parse_args(argv)

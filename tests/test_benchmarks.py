@@ -338,3 +338,25 @@ def test_cost_growth_smoke_draws_the_figure(tmp_path):
     assert [r["sweep"] for r in rows] == ["length", "length", "batch", "batch"]
     assert all(r["pifi_jax"] > 0 and r["torch eager"] > 0 and r["jax_step_bytes"] for r in rows)
     assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
+def test_generation_speed_rows_and_report():
+    """--rows picks rows by name (bad ones refused by name); the report's ratio is pifi_jax's
+    tokens/s over transformers' and agreement is shown for greedy rows only."""
+    import argparse
+
+    from benchmarks import generation_speed as gs
+
+    assert gs.rows_of("") == gs.ROWS
+    assert gs.rows_of("beam:8,greedy:1") == (("beam", 8), ("greedy", 1))
+    with pytest.raises(ValueError, match="'sample:2'"):
+        gs.rows_of("sample:2")
+    args = argparse.Namespace(rounds=1, new_tokens=16)
+    results = {
+        ("greedy", 8): {"pifi_jax": 2.0, "transformers": 5.0, "compile_s": 3.0, "agree": 0.75},
+        ("beam", 1): {"pifi_jax": 4.0, "transformers": 2.0, "compile_s": 3.0, "agree": None},
+    }
+    table = [line for line in gs.report(results, args).splitlines() if line.startswith("| ")]
+    greedy, beam = table[-2], table[-1]
+    assert "| 64.0 | 25.6 | 2.50x |" in greedy and "75.0%" in greedy  # 8 x 16 tokens
+    assert "| 4.0 | 8.0 | 0.50x |" in beam and beam.endswith("| - |")
