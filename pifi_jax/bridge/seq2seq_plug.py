@@ -57,7 +57,7 @@ from pifi_jax.bridge.fisher_seq2seq import STACKS, decoder_inputs
 from pifi_jax.bridge.mapping import depth_map
 from pifi_jax.bridge.seq2seq_bridge import head_columns
 from pifi_jax.models import t5
-from pifi_jax.peft.targets import ADAPTER_TARGETS, name_matches
+from pifi_jax.peft.targets import ADAPTER_TARGETS, hf_module_name, name_matches
 
 FAMILY = "t5"
 ATTENTION = ("q", "k", "v")
@@ -117,15 +117,11 @@ ADAPTER_SITES = {
     "decoder.wo": Site("decoder", 2, "DenseReluDense", "wo", "hidden"),
 }
 
-
-def _hf_module_name(site: Site) -> str:
-    """The Hugging Face module name of a site in block 0 (what PEFT's target patterns match)."""
-    return f"{site.stack}.block.0.layer.{site.sublayer}.{site.inner}.{site.projection}"
-
-
-# The sites of each adapter kind: those PEFT's default T5 targets of the kind match.
+# The sites of each adapter kind: those PEFT's default T5 targets of the kind match (in block 0).
 ADAPTER_KINDS = {
-    kind: tuple(s for s, site in ADAPTER_SITES.items() if name_matches(_hf_module_name(site), rx))
+    kind: tuple(
+        s for s, site in ADAPTER_SITES.items() if name_matches(hf_module_name(site.path(0)), rx)
+    )
     for kind, rx in ADAPTER_TARGETS["t5"].items()
 }
 _ALL_SITES = {**SITES, **ADAPTER_SITES}

@@ -67,11 +67,16 @@ def path_to_hf_key(
     """
     module, _, leaf = path.rpartition("/")
     hf_leaf, transpose = _HF_LEAF.get(leaf, (leaf, False))
-    parts = [
-        p if p in literal_names else _INDEX_UNDERSCORE.sub(r".\1", p) for p in module.split("/")
-    ]
-    key = ".".join(parts) + "." + hf_leaf if module else hf_leaf
+    key = hf_module_path(module, literal_names) + "." + hf_leaf if module else hf_leaf
     return key, transpose and not _matches(in_out_kernels, key)
+
+
+def hf_module_path(module: str, literal_names: Sequence[str] = ()) -> str:
+    """`encoder/layer_0/attention` -> `encoder.layer.0.attention`; a part in `literal_names`
+    (T5's `wi_1`, GPT-2's `ln_1`) keeps its underscore."""
+    return ".".join(
+        p if p in literal_names else _INDEX_UNDERSCORE.sub(r".\1", p) for p in module.split("/")
+    )
 
 
 def _matches(patterns: Sequence[str], name: str) -> bool:

@@ -15,7 +15,6 @@ import functools
 import re
 from collections.abc import Iterable
 
-_INDEX = re.compile(r"_(\d+)(?=/|$)")
 DEFAULT_LAYER_PATTERNS = ("layer", "layers", "h", "block", "blocks")
 
 # Defaults per Hugging Face model_type, as Hugging Face PEFT defines them. Where PEFT has none
@@ -154,8 +153,9 @@ def _literal_names() -> frozenset[str]:
 def hf_module_name(path: str) -> str:
     """`bert/encoder/layer_0/attention/self/query` -> `bert.encoder.layer.0.attention.self.query`
     (T5's `DenseReluDense/wi_1` stays `DenseReluDense.wi_1`)."""
-    literal = _literal_names()
-    return ".".join(p if p in literal else _INDEX.sub(r".\1", p) for p in path.split("/"))
+    from pifi_jax.hub.convert import hf_module_path
+
+    return hf_module_path(path, _literal_names())
 
 
 def name_matches(name: str, spec) -> bool:
